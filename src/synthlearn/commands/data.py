@@ -1,0 +1,83 @@
+"""Data verbs: ``verify-data``, ``make-phantoms``, ``show``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _shape(text: str) -> int | tuple[int, int, int]:
+    parts = [p for p in text.replace(",", "x").split("x") if p]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be N or XxYxZ (e.g. 64 or 128x192x192), found {text!r}")
+    if len(sizes) == 1:
+        return sizes[0]
+    if len(sizes) == 3:
+        return tuple(sizes)  # type: ignore[return-value]
+    raise argparse.ArgumentTypeError(f"shape must be N or XxYxZ, found {text!r}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from synthlearn.data.verify import verify_study
+
+    report = verify_study(args.path, progress=not args.quiet)
+    text = report.format()
+    print(text, file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_make_phantoms(args: argparse.Namespace) -> int:
+    import torch
+
+    from synthlearn.data.phantom import make_phantom_study
+
+    torch.set_num_threads(1)  # generation is fastest single-threaded (2 threads oversubscribe, ENVIRONMENT.md)
+    out = make_phantom_study(args.out, preset=args.preset, cases_per_site=args.cases_per_site, shape=args.shape,
+                             seed=args.seed, progress=not args.quiet)
+    print(f"phantom study written to {out}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from synthlearn.report.grid import show_study
+
+    sites = args.sites.split(",") if args.sites else None
+    out = show_study(args.path, args.out, max_cases=args.max_cases, sites=sites)
+    print(f"picture written to {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify-data", help="check every file of a study; report all problems at once",
+                       description="Read every array of a study (data contract, BraTS-2021 folder or site folder) "
+                                   "and report every problem with case, file, expected and found. Writes nothing. "
+                                   "Exit 0 when clean, 1 when problems were found.")
+    p.add_argument("path", type=Path, help="study folder, site folder or BraTS-2021 folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("make-phantoms", help="write the offline multi-site glioma phantom study",
+                       description="Write the offline multi-site glioma phantom (PHANTOM.md) in the data contract.")
+    p.add_argument("--out", type=Path, required=True, help="output study folder (new or empty)")
+    p.add_argument("--preset", default="paper", choices=("paper", "tiny"),
+                   help="paper: the 8 CATphishing sites at 64^3; tiny: 3 train + 2 test sites at 32^3")
+    p.add_argument("--cases-per-site", type=int, default=None, help="cases per site (default: the preset's)")
+    p.add_argument("--shape", type=_shape, default=None, help="N or XxYxZ, e.g. 64 or 128x192x192")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_make_phantoms)
+
+    p = sub.add_parser("show", help="picture of cases x sequences with tumour contours",
+                       description="Draw a grid of cases (rows) by sequences (columns) at the slice of largest "
+                                   "tumour area, tumour outlined, labels in the row titles.")
+    p.add_argument("path", type=Path, help="study folder, site folder or BraTS-2021 folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--max-cases", type=int, default=8)
+    p.add_argument("--sites", default=None, help="comma-separated site names to show (default: all)")
+    p.set_defaults(handler=cmd_show)

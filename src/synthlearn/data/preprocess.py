@@ -1,0 +1,150 @@
+"""Preprocessing as in CATphishing: crop to the brain, z-score each sequence, fit to the working shape.
+
+One deterministic function, :func:`preprocess_case`, serves real and synthetic data alike, so that a
+model never sees a difference in preprocessing between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing settings.
+
+    Attributes:
+        shape: working shape ``(X, Y, Z)`` every case is brought to.
+        mode: ``fit`` scales a cropped case down (keeping its aspect ratio) only when it is larger than
+            ``shape``, then pads it centred; ``pad`` pads/crops centred without resampling; ``resize``
+            resamples to ``shape`` exactly (aspect ratio not kept).
+        crop: crop to the bounding box of the non-zero brain first.
+        zscore: z-score each sequence over the non-zero (brain) voxels.
+    """
+
+    shape: tuple[int, int, int] = (64, 64, 64)
+    mode: Literal["fit", "pad", "resize"] = "fit"
+    crop: bool = True
+    zscore: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or any(int(s) < 4 for s in self.shape):
+            raise ValueError(f"preprocess.shape must be 3 sizes >= 4, found {self.shape}")
+        if self.mode not in ("fit", "pad", "resize"):
+            raise ValueError(f"preprocess.mode must be fit, pad or resize, found {self.mode!r}")
+
+
+def brain_mask(images: np.ndarray) -> np.ndarray:
+    """``(C, X, Y, Z)`` -> ``(X, Y, Z)`` bool: voxels non-zero in any sequence."""
+    return np.any(images != 0, axis=0)
+
+
+def brain_bbox(images: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box (slices) of the non-zero brain of ``(C, X, Y, Z)`` images; whole array if empty."""
+    mask = brain_mask(images)
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)  # type: ignore[return-value]
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def crop_to_brain(images: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop ``(C, X, Y, Z)`` images (and ``(X, Y, Z)`` seg) to the brain's bounding box."""
+    box = brain_bbox(images)
+    return images[(slice(None), *box)], (seg[box] if seg is not None else None)
+
+
+def zscore_nonzero(images: np.ndarray) -> np.ndarray:
+    """Z-score each channel of ``(C, X, Y, Z)`` over the brain (non-zero in any channel); outside stays 0."""
+    mask = brain_mask(images)
+    out = np.zeros_like(images, dtype=np.float32)
+    if not mask.any():
+        return out
+    for c in range(images.shape[0]):
+        vals = images[c][mask].astype(np.float64)
+        sd = vals.std()
+        out[c][mask] = ((vals - vals.mean()) / (sd if sd > 1e-8 else 1.0)).astype(np.float32)
+    return out
+
+
+def _pad_crop_centered(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Centre-pad with zeros / centre-crop the last three axes of ``arr`` to ``shape``."""
+    spatial = arr.shape[-3:]
+    pads, slices = [], []
+    for have, want in zip(spatial, shape):
+        if have <= want:
+            before = (want - have) // 2
+            pads.append((before, want - have - before))
+            slices.append(slice(None))
+        else:
+            start = (have - want) // 2
+            pads.append((0, 0))
+            slices.append(slice(start, start + want))
+    arr = arr[(..., *slices)]
+    return np.pad(arr, [(0, 0)] * (arr.ndim - 3) + pads)
+
+
+def _resample(images: np.ndarray, seg: np.ndarray | None, size: tuple[int, int, int]):
+    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[None]
+    images = F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0].numpy()
+    if seg is not None:
+        s = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32))[None, None]
+        seg = F.interpolate(s, size=size, mode="nearest")[0, 0].numpy().astype(np.int64)
+    return images, seg
+
+
+def fit_to_shape(images: np.ndarray, seg: np.ndarray | None, shape: tuple[int, int, int], mode: str = "fit"):
+    """Bring ``(C, X, Y, Z)`` images and ``(X, Y, Z)`` seg to ``shape`` (see :class:`PreprocessConfig`)."""
+    shape = tuple(int(s) for s in shape)
+    spatial = images.shape[-3:]
+    if mode == "resize":
+        if tuple(spatial) != shape:
+            images, seg = _resample(images, seg, shape)
+    elif mode == "fit":
+        scale = min(1.0, *(w / h for w, h in zip(shape, spatial)))
+        if scale < 1.0:
+            size = tuple(max(1, min(w, int(round(h * scale)))) for w, h in zip(shape, spatial))
+            images, seg = _resample(images, seg, size)
+    elif mode != "pad":
+        raise ValueError(f"mode must be fit, pad or resize, found {mode!r}")
+    images = _pad_crop_centered(images, shape)
+    if seg is not None:
+        seg = _pad_crop_centered(seg, shape)
+    return images.astype(np.float32), seg
+
+
+def preprocess_case(
+    images: np.ndarray, seg: np.ndarray | None, cfg: PreprocessConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one preprocessing function for real and synthetic cases.
+
+    Args:
+        images: ``(4, X, Y, Z)`` raw intensities (0 outside the skull-stripped brain).
+        seg: ``(X, Y, Z)`` integer segmentation, or None.
+        cfg: the settings.
+
+    Returns:
+        ``(images, seg)``: ``(4, *cfg.shape)`` float32 and ``(*cfg.shape)`` int64 (or None).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (C, X, Y, Z), found shape {images.shape}")
+    if seg is not None and seg.shape != images.shape[1:]:
+        raise ValueError(f"seg shape {seg.shape} differs from image shape {images.shape[1:]}")
+    if cfg.crop:
+        images, seg = crop_to_brain(images, seg)
+    if cfg.zscore:
+        images = zscore_nonzero(images)
+    images, seg = fit_to_shape(images, seg, cfg.shape, cfg.mode)
+    if seg is not None:
+        seg = seg.astype(np.int64)
+    return images, seg

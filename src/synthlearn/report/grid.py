@@ -1,0 +1,126 @@
+"""Case grids: cases (rows) by sequences (columns) at the axial slice of largest tumour area.
+
+Used by ``synthlearn show`` for real, phantom and synthetic studies alike, and by the study report
+(synthetic beside real, CATphishing Fig. 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from synthlearn.data.contract import SEQUENCES, CaseRecord
+from synthlearn.data.io import read_case
+from synthlearn.data.layouts import open_study
+
+SEQUENCE_TITLES = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
+_LABEL_SHORT = {"idh": "IDH", "codeletion_1p19q": "1p/19q", "mgmt": "MGMT", "grade": "grade", "tumor_type": ""}
+
+
+def largest_tumour_slice(seg: np.ndarray | None, images: np.ndarray) -> int:
+    """Axial (last-axis) index with the largest tumour area; the brain's widest slice without a tumour.
+
+    Args:
+        seg: ``(X, Y, Z)`` segmentation or None.
+        images: ``(C, X, Y, Z)``.
+    """
+    if seg is not None and (seg > 0).any():
+        return int(np.argmax((seg > 0).sum(axis=(0, 1))))
+    return int(np.argmax((images != 0).any(axis=0).sum(axis=(0, 1))))
+
+
+def case_title(case: CaseRecord) -> str:
+    """``site/case`` and its known labels, e.g. ``tcga/tcga-003 | glioblastoma, IDH wildtype, grade 4``."""
+    parts = []
+    for col, short in _LABEL_SHORT.items():
+        value = case.labels.get(col)
+        if value is not None:
+            parts.append(f"{short} {value}".strip())
+    return f"{case.site}/{case.case_id}" + (" | " + ", ".join(parts) if parts else " | labels unknown")
+
+
+def pick_cases(cases: Sequence[CaseRecord], max_cases: int) -> list[CaseRecord]:
+    """Up to ``max_cases`` cases taken round-robin over sites (so every site shows), in a stable order."""
+    by_site: dict[str, list[CaseRecord]] = {}
+    for c in cases:
+        by_site.setdefault(c.site, []).append(c)
+    picked: list[CaseRecord] = []
+    i = 0
+    while len(picked) < max_cases and any(i < len(v) for v in by_site.values()):
+        for site_cases in by_site.values():
+            if i < len(site_cases) and len(picked) < max_cases:
+                picked.append(site_cases[i])
+        i += 1
+    return picked
+
+
+def draw_case_grid(cases: Sequence[CaseRecord], out: str | Path, title: str | None = None,
+                   row_titles: Sequence[str] | None = None) -> Path:
+    """Draw ``cases`` (rows) x sequences (columns) with the tumour outlined, and save a PNG.
+
+    The whole tumour (seg > 0) is outlined in yellow and the enhancing part (seg == 3) in red; intensities
+    are windowed per image to its 0.5-99.5th brain percentiles. Images are shown in radiological
+    orientation (patient left on the right, anterior up) assuming RAS+ voxel axes.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not cases:
+        raise ValueError("no cases to draw")
+    n = len(cases)
+    top_in = 0.55 if title else 0.25
+    height = 2.3 * n + 0.28 * n + top_in
+    fig, axes = plt.subplots(n, len(SEQUENCES), figsize=(2.3 * len(SEQUENCES), height), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - top_in / height, wspace=0.03,
+                        hspace=0.28 * n / (2.3 * n) * 1.0 + 0.02)
+    for r, case in enumerate(cases):
+        arrays = read_case(case)
+        z = largest_tumour_slice(arrays.seg, arrays.images)
+        for c, seq in enumerate(SEQUENCES):
+            ax = axes[r, c]
+            img = arrays.images[c][:, :, z]
+            brain = img[img != 0]
+            lo, hi = (np.percentile(brain, [0.5, 99.5]) if brain.size else (0.0, 1.0))
+            ax.imshow(np.rot90(img)[:, ::-1], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                      interpolation="nearest")
+            if arrays.seg is not None:
+                sl = arrays.seg[:, :, z]
+                for mask, colour in ((sl > 0, "yellow"), (sl == 3, "red")):
+                    if mask.any() and not mask.all():
+                        ax.contour(np.rot90(mask.astype(float))[:, ::-1], levels=[0.5], colors=colour,
+                                   linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.03, 0.97, SEQUENCE_TITLES.get(seq, seq), transform=ax.transAxes, color="white",
+                    fontsize=8, ha="left", va="top")
+        label = row_titles[r] if row_titles is not None else case_title(case)
+        axes[r, 0].text(0.0, 1.02, label, transform=axes[r, 0].transAxes, fontsize=8, ha="left", va="bottom")
+    if title:
+        fig.suptitle(title, fontsize=11, y=1 - 0.12 / height)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def show_study(path: str | Path, out: str | Path, max_cases: int = 8, sites: Sequence[str] | None = None) -> Path:
+    """Grid picture of up to ``max_cases`` cases of the study (any layout) at ``path``, saved to ``out``.
+
+    Raises:
+        ValueError: no cases (or none at the requested sites).
+    """
+    study = open_study(path)
+    cases = [c for c in study.cases if sites is None or c.site in sites]
+    if not cases:
+        raise ValueError(f"{path}: no cases to show" + (f" at sites {list(sites)}" if sites else ""))
+    broken = {(p.site, p.case_id) for p in study.problems if p.check == "missing-file"}
+    cases = [c for c in cases if (c.site, c.case_id) not in broken]
+    if not cases:
+        raise ValueError(f"{path}: every case misses a file; run `synthlearn verify-data {path}`")
+    picked = pick_cases(cases, max_cases)
+    return draw_case_grid(picked, out, title=f"{Path(path).name}: {len(picked)} of {len(cases)} cases")

@@ -1,0 +1,79 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from synthlearn.data.contract import SEQUENCES, Labels, normalize_label
+from synthlearn.data.io import read_case
+from synthlearn.data.layouts import StudyLayoutError, open_study
+from tests.data.brats import write_brats_copy
+
+
+def test_contract_study_reads_sites_roles_and_labels(tiny_study):
+    study = open_study(tiny_study)
+    meta = json.loads((tiny_study / "study.json").read_text())
+    assert study.layout == "contract"
+    assert [s.name for s in study.sites] == list(meta["sites"])
+    assert {s.role for s in study.sites} == {"train", "test"}
+    assert not study.problems
+    case = study.sites[0].cases[0]
+    assert list(case.images) == list(SEQUENCES)
+    assert case.labels.idh in ("mutant", "wildtype")
+    arrays = read_case(case)
+    assert arrays.images.shape[0] == 4 and arrays.images.dtype == np.float32
+    assert arrays.seg.shape == arrays.images.shape[1:]
+    assert set(np.unique(arrays.seg)) <= {0, 1, 2, 3}
+
+
+def test_brats_adapter_reads_one_site_and_maps_enhancing(tiny_study, tmp_path):
+    site_dir = tiny_study / open_study(tiny_study).sites[0].name
+    ids = write_brats_copy(site_dir, tmp_path / "BraTS2021", max_cases=3)
+    study = open_study(tmp_path / "BraTS2021")
+    assert study.layout == "brats" and len(study.sites) == 1
+    site = study.sites[0]
+    assert [c.case_id for c in site.cases] == sorted(ids)
+    contract = {c.case_id: c for c in open_study(tiny_study).sites[0].cases}
+    for case in site.cases:
+        assert case.images["t1c"].name == f"{case.case_id}_t1ce.nii.gz"
+        assert case.labels == contract[case.case_id].labels
+        brats, ref = read_case(case), read_case(contract[case.case_id])
+        np.testing.assert_array_equal(brats.seg, ref.seg)  # 4 mapped back to 3
+        np.testing.assert_allclose(brats.images, ref.images)
+
+
+def test_brats_without_labels_is_unlabelled(tiny_study, tmp_path):
+    site_dir = tiny_study / open_study(tiny_study).sites[0].name
+    write_brats_copy(site_dir, tmp_path / "b", max_cases=2)
+    (tmp_path / "b" / "labels.csv").unlink()
+    study = open_study(tmp_path / "b")
+    assert all(c.labels == Labels() for c in study.cases)
+    assert not study.problems
+
+
+def test_single_site_folder_and_folder_of_sites(tiny_study, tmp_path):
+    name = open_study(tiny_study).sites[0].name
+    shutil.copytree(tiny_study / name, tmp_path / "sites" / name)
+    site = open_study(tmp_path / "sites" / name)
+    assert site.layout == "site" and site.sites[0].name == name
+    sites = open_study(tmp_path / "sites")
+    assert sites.layout == "sites" and sites.sites[0].role == "external"
+
+
+def test_not_a_study_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("hi")
+    with pytest.raises(StudyLayoutError, match="not a study"):
+        open_study(tmp_path / "x")
+    with pytest.raises(FileNotFoundError):
+        open_study(tmp_path / "missing")
+
+
+def test_label_synonyms_and_invalid_values():
+    assert normalize_label("idh", "1") == "mutant"
+    assert normalize_label("idh", " WT ") == "wildtype"
+    assert normalize_label("grade", "IV") == "4"
+    assert normalize_label("tumor_type", "GBM") == "glioblastoma"
+    assert normalize_label("mgmt", "") is None
+    with pytest.raises(ValueError, match="idh='maybe'"):
+        normalize_label("idh", "maybe")
