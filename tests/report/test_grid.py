@@ -42,3 +42,10 @@ def test_case_title_lists_known_labels(tiny_study):
     title = case_title(case)
     assert case.case_id in title and case.labels.tumor_type in title
     assert read_case(case).seg is not None
+
+
+def test_pick_cases_alternates_tumour_types(tiny_study):
+    site = open_study(tiny_study).sites[0]
+    types = {c.labels.tumor_type for c in site.cases}
+    picked = pick_cases(site.cases, len(types))
+    assert {c.labels.tumor_type for c in picked} == types

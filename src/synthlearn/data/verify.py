@@ -75,6 +75,53 @@ def _fmt_shape(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
+def _value_problems(site: str, case, key: str, file, data: np.ndarray) -> list[Problem]:
+    """Non-finite values, segmentation values outside the allowed set, all-zero images."""
+    out = []
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_nan = int(np.isnan(data).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        out.append(Problem(site, case.case_id, str(file), "non-finite", "finite values",
+                           f"{n_nan} NaN and {n_inf} inf voxels"))
+    if key == "seg":
+        values = np.unique(data[finite])
+        allowed = set(case.seg_values)
+        bad = [v for v in values.tolist() if v not in allowed]
+        if bad:
+            shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+            out.append(Problem(site, case.case_id, str(file), "seg-values", f"values in {sorted(allowed)}",
+                               f"values {shown}"))
+    elif finite.any() and not np.any(data[finite]):
+        out.append(Problem(site, case.case_id, str(file), "empty-image", "a non-zero image", "all voxels zero"))
+    return out
+
+
+def _reference(loaded):
+    """The file whose shape and affine most of the case's files share (ties: contract order)."""
+    def agree(a, b):
+        return a[2] == b[2] and np.allclose(a[3], b[3], atol=AFFINE_ATOL)
+
+    return max(loaded, key=lambda item: sum(agree(item, other) for other in loaded))
+
+
+def _geometry_problems(site: str, case_id: str, loaded) -> list[Problem]:
+    """Shape and affine mismatches against the majority of the case's files (so the odd file is named)."""
+    if len(loaded) < 2:
+        return []
+    ref = _reference(loaded)
+    out = []
+    for key, file, shape, affine in loaded:
+        if shape != ref[2]:
+            out.append(Problem(site, case_id, str(file), "shape",
+                               f"shape {_fmt_shape(ref[2])} (as {ref[1].name})", f"shape {_fmt_shape(shape)}"))
+        elif not np.allclose(affine, ref[3], atol=AFFINE_ATOL):
+            diff = float(np.abs(affine - ref[3]).max())
+            out.append(Problem(site, case_id, str(file), "affine", f"the affine of {ref[1].name}",
+                               f"an affine differing by up to {diff:.4g} mm"))
+    return out
+
+
 def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
     """Check a study (any supported layout) and gather every problem.
 
@@ -98,7 +145,7 @@ def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
         shapes: Counter[str] = Counter()
         spacings: Counter[str] = Counter()
         for case in site.cases:
-            ref_shape = ref_affine = ref_file = None
+            loaded: list[tuple[str, Path, tuple[int, ...], np.ndarray]] = []
             for key, file in case.files().items():
                 if (site.name, case.case_id, str(file)) in missing:
                     continue
@@ -118,37 +165,13 @@ def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
                     problems.append(Problem(site.name, case.case_id, str(file), "dimensions", "a 3D volume",
                                             f"{data.ndim}D, shape {_fmt_shape(data.shape)}"))
                     continue
-                finite = np.isfinite(data)
-                if not finite.all():
-                    n_nan = int(np.isnan(data).sum())
-                    n_inf = int((~finite).sum()) - n_nan
-                    problems.append(Problem(site.name, case.case_id, str(file), "non-finite", "finite values",
-                                            f"{n_nan} NaN and {n_inf} inf voxels"))
-                if key == "seg":
-                    values = np.unique(data[finite])
-                    allowed = set(case.seg_values)
-                    bad = [v for v in values.tolist() if v not in allowed]
-                    if bad:
-                        shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
-                        problems.append(Problem(site.name, case.case_id, str(file), "seg-values",
-                                                f"values in {sorted(allowed)}", f"values {shown}"))
-                elif not np.any(data[finite]):
-                    problems.append(Problem(site.name, case.case_id, str(file), "empty-image",
-                                            "a non-zero image", "all voxels zero"))
-                if ref_shape is None:
-                    ref_shape, ref_affine, ref_file = data.shape, affine, file
-                    shapes[_fmt_shape(data.shape)] += 1
-                    spacings["x".join(f"{z:.3g}" for z in np.sqrt((affine[:3, :3] ** 2).sum(0)))] += 1
-                else:
-                    if data.shape != ref_shape:
-                        problems.append(Problem(site.name, case.case_id, str(file), "shape",
-                                                f"shape {_fmt_shape(ref_shape)} (as {Path(ref_file).name})",
-                                                f"shape {_fmt_shape(data.shape)}"))
-                    elif not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
-                        diff = float(np.abs(affine - ref_affine).max())
-                        problems.append(Problem(site.name, case.case_id, str(file), "affine",
-                                                f"the affine of {Path(ref_file).name}",
-                                                f"an affine differing by up to {diff:.4g} mm"))
+                problems.extend(_value_problems(site.name, case, key, file, data))
+                loaded.append((key, Path(file), data.shape, affine))
+            problems.extend(_geometry_problems(site.name, case.case_id, loaded))
+            if loaded:
+                ref = _reference(loaded)
+                shapes[_fmt_shape(ref[2])] += 1
+                spacings["x".join(f"{z:.3g}" for z in np.sqrt((ref[3][:3, :3] ** 2).sum(0)))] += 1
             bar.update(1)
         label_counts = {col: dict(sorted(Counter(c.labels.get(col) or "unknown" for c in site.cases).items()))
                         for col in LABEL_COLUMNS}

@@ -41,11 +41,27 @@ def case_title(case: CaseRecord) -> str:
     return f"{case.site}/{case.case_id}" + (" | " + ", ".join(parts) if parts else " | labels unknown")
 
 
+def _interleave_classes(cases: list[CaseRecord]) -> list[CaseRecord]:
+    """Reorder a site's cases so tumour types alternate (stable within a type)."""
+    by_type: dict[str, list[CaseRecord]] = {}
+    for c in cases:
+        by_type.setdefault(str(c.labels.tumor_type), []).append(c)
+    out: list[CaseRecord] = []
+    queues = [list(v) for v in by_type.values()]
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
 def pick_cases(cases: Sequence[CaseRecord], max_cases: int) -> list[CaseRecord]:
-    """Up to ``max_cases`` cases taken round-robin over sites (so every site shows), in a stable order."""
+    """Up to ``max_cases`` cases taken round-robin over sites (so every site shows) and, within a site,
+    alternating tumour types, in a stable order."""
     by_site: dict[str, list[CaseRecord]] = {}
     for c in cases:
         by_site.setdefault(c.site, []).append(c)
+    by_site = {k: _interleave_classes(v) for k, v in by_site.items()}
     picked: list[CaseRecord] = []
     i = 0
     while len(picked) < max_cases and any(i < len(v) for v in by_site.values()):
