@@ -74,3 +74,45 @@ def test_bad_config_and_input_are_refused():
         PreprocessConfig(mode="stretch")
     with pytest.raises(ValueError, match=r"\(C, X, Y, Z\)"):
         preprocess_case(np.zeros((8, 8, 8)), None, PreprocessConfig(shape=(8, 8, 8)))
+
+
+def test_reoriented_and_resampled_case_matches_the_original(tiny_study):
+    """A case stored LPS with flipped/permuted axes and at half the voxel size preprocesses like the original."""
+    from synthlearn.data.preprocess import to_canonical
+
+    case = open_study(tiny_study).cases[0]
+    a = read_case(case)
+    cfg = PreprocessConfig(shape=(32, 32, 32))
+    ref, ref_seg = preprocess_case(a.images, a.seg, cfg, affine=a.affine)
+
+    # LPS storage: flip x and y; permute to (y, x, z); the affine describes the same world positions
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3] = a.images.shape[1] - 1
+    flip[1, 3] = a.images.shape[2] - 1
+    img = a.images[:, ::-1, ::-1, :]
+    seg = a.seg[::-1, ::-1, :]
+    aff = a.affine @ flip
+    perm = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    img = img.transpose(0, 2, 1, 3)
+    seg = seg.transpose(1, 0, 2)
+    aff = aff @ perm
+    back, back_seg, back_aff = to_canonical(img.copy(), seg.copy(), aff)
+    np.testing.assert_array_equal(back, a.images)
+    np.testing.assert_allclose(back_aff, a.affine)
+    out, out_seg = preprocess_case(img.copy(), seg.copy(), cfg, affine=aff)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_array_equal(out_seg, ref_seg)
+
+    # resampling to the original spacing from a finer grid keeps the geometry
+    spacing = tuple(float(v) for v in np.sqrt((a.affine[:3, :3] ** 2).sum(0)))
+    cfg_sp = PreprocessConfig(shape=(32, 32, 32), spacing=spacing)
+    fine_aff = a.affine.copy()
+    fine_aff[:3, :3] /= 2
+    import torch
+    fine = torch.nn.functional.interpolate(torch.from_numpy(a.images)[None], scale_factor=2, mode="nearest")[0].numpy()
+    fine_seg = np.repeat(np.repeat(np.repeat(a.seg, 2, 0), 2, 1), 2, 2)
+    out2, seg2 = preprocess_case(fine, fine_seg, cfg_sp, affine=fine_aff)
+    assert out2.shape == ref.shape
+    assert abs(int((seg2 > 0).sum()) - int((ref_seg > 0).sum())) <= 0.1 * (ref_seg > 0).sum()
+    with pytest.raises(ValueError, match="no affine"):
+        preprocess_case(a.images, a.seg, cfg_sp)

@@ -43,7 +43,7 @@ class CaseDataset(Dataset):
         case = self.cases[index]
         arrays = read_case(case)
         seg = arrays.seg if arrays.seg is not None else np.zeros(arrays.images.shape[1:], np.int64)
-        image, seg = preprocess_case(arrays.images, seg, self.preprocess)
+        image, seg = preprocess_case(arrays.images, seg, self.preprocess, affine=arrays.affine)
         if self.cache:
             self._cache[index] = (image, seg)
         return image, seg

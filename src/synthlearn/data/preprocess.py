@@ -25,18 +25,26 @@ class PreprocessConfig:
             resamples to ``shape`` exactly (aspect ratio not kept).
         crop: crop to the bounding box of the non-zero brain first.
         zscore: z-score each sequence over the non-zero (brain) voxels.
+        canonical: reorient voxel axes to RAS+ (from the affine) first, so cases stored in other
+            orientations (LPS, flipped, permuted axes) reach the model as the training cases did.
+        spacing: resample to this voxel size in mm (from the affine) before cropping; None keeps the
+            stored grid (the CATphishing setting: crop, then fit to ``shape``).
     """
 
     shape: tuple[int, int, int] = (64, 64, 64)
     mode: Literal["fit", "pad", "resize"] = "fit"
     crop: bool = True
     zscore: bool = True
+    canonical: bool = True
+    spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(s) < 4 for s in self.shape):
             raise ValueError(f"preprocess.shape must be 3 sizes >= 4, found {self.shape}")
         if self.mode not in ("fit", "pad", "resize"):
             raise ValueError(f"preprocess.mode must be fit, pad or resize, found {self.mode!r}")
+        if self.spacing is not None and (len(self.spacing) != 3 or any(v <= 0 for v in self.spacing)):
+            raise ValueError(f"preprocess.spacing must be 3 positive sizes in mm or absent, found {self.spacing}")
 
 
 def brain_mask(images: np.ndarray) -> np.ndarray:
@@ -122,8 +130,48 @@ def fit_to_shape(images: np.ndarray, seg: np.ndarray | None, shape: tuple[int, i
     return images.astype(np.float32), seg
 
 
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes in mm, ``(3,)``, from a 4x4 affine."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def to_canonical(images: np.ndarray, seg: np.ndarray | None, affine: np.ndarray):
+    """Reorient ``(C, X, Y, Z)`` images and ``(X, Y, Z)`` seg so the voxel axes are RAS+.
+
+    Returns:
+        ``(images, seg, affine)`` with the affine of the reoriented grid. A RAS+ input is returned as is.
+    """
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(affine)
+    target = nio.axcodes2ornt(("R", "A", "S"))
+    transform = nio.ornt_transform(ornt, target)
+    if np.array_equal(transform, np.array([[0, 1], [1, 1], [2, 1]], dtype=transform.dtype)):
+        return images, seg, affine
+    spatial = images.shape[1:]
+    images = np.stack([nio.apply_orientation(ch, transform) for ch in images])
+    if seg is not None:
+        seg = nio.apply_orientation(seg, transform)
+    affine = affine @ nio.inv_ornt_aff(transform, spatial)
+    return np.ascontiguousarray(images), (np.ascontiguousarray(seg) if seg is not None else None), affine
+
+
+def resample_to_spacing(images: np.ndarray, seg: np.ndarray | None, affine: np.ndarray,
+                        spacing: tuple[float, float, float]):
+    """Resample to ``spacing`` mm (trilinear images, nearest seg); returns ``(images, seg, affine)``."""
+    current = voxel_spacing(affine)
+    target = np.asarray(spacing, dtype=float)
+    if np.allclose(current, target, rtol=1e-3):
+        return images, seg, affine
+    size = tuple(max(1, int(round(n * c / t))) for n, c, t in zip(images.shape[1:], current, target))
+    images, seg = _resample(images, seg, size)
+    new_affine = np.array(affine, dtype=float)
+    new_affine[:3, :3] = affine[:3, :3] / current * target
+    return images, seg, new_affine
+
+
 def preprocess_case(
-    images: np.ndarray, seg: np.ndarray | None, cfg: PreprocessConfig
+    images: np.ndarray, seg: np.ndarray | None, cfg: PreprocessConfig, affine: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The one preprocessing function for real and synthetic cases.
 
@@ -131,6 +179,8 @@ def preprocess_case(
         images: ``(4, X, Y, Z)`` raw intensities (0 outside the skull-stripped brain).
         seg: ``(X, Y, Z)`` integer segmentation, or None.
         cfg: the settings.
+        affine: ``(4, 4)`` voxel-to-world affine; needed for ``cfg.spacing``, used for ``cfg.canonical``
+            (without it the voxel axes are taken as already RAS+).
 
     Returns:
         ``(images, seg)``: ``(4, *cfg.shape)`` float32 and ``(*cfg.shape)`` int64 (or None).
@@ -140,6 +190,14 @@ def preprocess_case(
         raise ValueError(f"images must be (C, X, Y, Z), found shape {images.shape}")
     if seg is not None and seg.shape != images.shape[1:]:
         raise ValueError(f"seg shape {seg.shape} differs from image shape {images.shape[1:]}")
+    if affine is not None:
+        affine = np.asarray(affine, dtype=float)
+        if cfg.canonical:
+            images, seg, affine = to_canonical(images, seg, affine)
+        if cfg.spacing is not None:
+            images, seg, affine = resample_to_spacing(images, seg, affine, cfg.spacing)
+    elif cfg.spacing is not None:
+        raise ValueError("preprocess.spacing is set but no affine was given: the voxel size is unknown")
     if cfg.crop:
         images, seg = crop_to_brain(images, seg)
     if cfg.zscore:
