@@ -1,0 +1,257 @@
+"""The study report: ``report.md`` and a self-contained ``report.html`` (figures embedded as base64).
+
+Built from ``RUN_DIR/results.json`` (schema of ``synthlearn study run``) and the PNG figures found in the
+run folder. Nothing here computes a metric: the report shows what the run measured.
+
+Sections: comparison on the combined test sites (ACC, SEN, SPE, AUC with 95 % CI, McNemar p vs
+centralized, bytes from sites, rounds, wall time), AUC per test site, figures (ROC curves, confusion
+matrices, synthetic vs real grids, ...), fidelity (per-sequence Frechet distances, cross-site matrix,
+BRISQUE/PIQE) and privacy (membership inference with its negative and positive controls, copy rate) when
+an arm carries those blocks.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+#: order in which arms appear (others follow alphabetically)
+ARM_ORDER = ("centralized", "fedavg", "catphishing", "fedkd", "fedgan", "asyndgan", "local")
+METRICS = ("acc", "sen", "spe")
+
+
+def _arm_sort_key(name: str) -> tuple[int, str]:
+    base = name.split(":")[0].split("/")[0]
+    if base.startswith("local"):
+        base = "local"
+    return (ARM_ORDER.index(base) if base in ARM_ORDER else len(ARM_ORDER), name)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and math.isnan(value):
+            return "n/a"
+        if isinstance(value, int):
+            return f"{value:,}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if value != 0 and abs(value) < 10 ** (-digits):
+            return f"{value:.1e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "–"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _auc_cell(block: dict) -> str:
+    auc = block.get("auc")
+    ci = block.get("auc_ci") or [None, None]
+    if auc is None:
+        return "–"
+    if ci[0] is None:
+        return _num(auc)
+    return f"{_num(auc)} [{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+class _Doc:
+    """Collects the report once and renders it to Markdown and HTML."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[str, Any]] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("table", (header, rows)))
+
+    def figure(self, path: Path, caption: str) -> None:
+        self.blocks.append(("figure", (path, caption)))
+
+    def markdown(self, run_dir: Path) -> str:
+        out = []
+        for kind, data in self.blocks:
+            if kind == "h":
+                out.append("#" * data[0] + " " + data[1] + "\n")
+            elif kind == "p":
+                out.append(data + "\n")
+            elif kind == "table":
+                header, rows = data
+                out.append("| " + " | ".join(header) + " |")
+                out.append("|" + "|".join("---" for _ in header) + "|")
+                out.extend("| " + " | ".join(r) + " |" for r in rows)
+                out.append("")
+            elif kind == "figure":
+                path, caption = data
+                out.append(f"![{caption}]({path.relative_to(run_dir).as_posix()})\n\n*{caption}*\n")
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        body = []
+        for kind, data in self.blocks:
+            if kind == "h":
+                body.append(f"<h{data[0]}>{html.escape(data[1])}</h{data[0]}>")
+            elif kind == "p":
+                body.append(f"<p>{html.escape(data)}</p>")
+            elif kind == "table":
+                header, rows = data
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+            elif kind == "figure":
+                path, caption = data
+                b64 = base64.b64encode(path.read_bytes()).decode()
+                body.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(caption)}">'
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+                 "table{border-collapse:collapse;margin:1em 0;font-size:.9em}"
+                 "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+                 "th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}"
+                 "figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}"
+                 "figcaption{font-size:.85em;color:#555}h1{font-size:1.6em}h2{margin-top:2em}")
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _test_sites(arms: dict) -> list[str]:
+    sites: list[str] = []
+    for arm in arms.values():
+        for site in (arm.get("test") or {}):
+            if site != "combined" and site not in sites:
+                sites.append(site)
+    return sites
+
+
+def _comparison(doc: _Doc, results: dict) -> None:
+    arms = results.get("arms", {})
+    names = sorted(arms, key=_arm_sort_key)
+    doc.h(2, "Comparison on the held-out test sites (combined)")
+    header = ["arm", "ACC", "SEN", "SPE", "AUC [95% CI]", "McNemar p vs centralized", "bytes from sites",
+              "rounds", "wall time"]
+    rows = []
+    for name in names:
+        arm = arms[name]
+        comb = (arm.get("test") or {}).get("combined", {})
+        rows.append([name, *(_num(comb.get(m)) for m in METRICS), _auc_cell(comb),
+                     _num(arm.get("mcnemar_p_vs_centralized")), _bytes(arm.get("bytes_from_sites")),
+                     _num(arm.get("rounds")), _duration(arm.get("wall_s"))])
+    doc.table(header, rows)
+    doc.p("ACC, SEN, SPE at the 0.5 threshold; AUC with a bootstrap 95 % confidence interval. McNemar's test "
+          "compares each arm's correct/incorrect calls with centralized training on the same cases. "
+          "Bytes from sites: what crossed the site boundary, measured on the messages or files.")
+    sites = _test_sites(arms)
+    if sites:
+        doc.h(2, "AUC per test site")
+        rows = [[name, *(_auc_cell((arms[name].get("test") or {}).get(s, {})) for s in sites)] for name in names]
+        doc.table(["arm", *sites], rows)
+        doc.h(3, "ACC / SEN / SPE per test site")
+        rows = []
+        for name in names:
+            test = arms[name].get("test") or {}
+            rows.append([name, *("/".join(_num(test.get(s, {}).get(m), 2) for m in METRICS) for s in sites)])
+        doc.table(["arm", *sites], rows)
+
+
+def _flat_table(doc: _Doc, title: str, block: Any) -> None:
+    """Render a dict of dicts of scalars as a table (rows = outer keys); anything else as JSON text."""
+    if not isinstance(block, dict) or not block:
+        return
+    inner = [v for v in block.values() if isinstance(v, dict)]
+    if inner and len(inner) == len(block) and all(
+            all(not isinstance(x, (dict, list)) for x in v.values()) for v in inner):
+        cols: list[str] = []
+        for v in inner:
+            cols.extend(k for k in v if k not in cols)
+        doc.h(3, title)
+        doc.table(["", *cols], [[str(k), *(_num(v.get(c)) for c in cols)] for k, v in block.items()])
+        return
+    scalars = {k: v for k, v in block.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        doc.h(3, title)
+        doc.table(["", "value"], [[k, _num(v)] for k, v in scalars.items()])
+    for k, v in block.items():
+        if isinstance(v, dict):
+            _flat_table(doc, f"{title}: {k}", v)
+
+
+def _audits(doc: _Doc, results: dict) -> None:
+    for name in sorted(results.get("arms", {}), key=_arm_sort_key):
+        arm = results["arms"][name]
+        for key, title in (("diversity", "Diversity filter"), ("fidelity", "Fidelity"), ("privacy", "Privacy audit")):
+            if arm.get(key):
+                doc.h(2, f"{title} ({name})")
+                _flat_table(doc, title, arm[key])
+
+
+def _figure_caption(path: Path, run_dir: Path) -> str:
+    rel = path.relative_to(run_dir).with_suffix("").as_posix()
+    return rel.replace("/", " / ").replace("_", " ")
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``run_dir`` from its ``results.json`` and PNGs.
+
+    Raises:
+        FileNotFoundError: no ``results.json`` in ``run_dir``.
+        ValueError: ``results.json`` is not the study schema.
+    """
+    from synthlearn.data.io import atomic_write_text
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results; run `synthlearn study run --config FILE --out {run_dir}` first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(results, dict) or not isinstance(results.get("arms"), dict):
+        raise ValueError(f"{path}: expected an object with 'task' and 'arms', found keys "
+                         f"{list(results) if isinstance(results, dict) else type(results).__name__}")
+    doc = _Doc()
+    title = f"synthlearn study report: {results.get('task', '?')}"
+    doc.h(1, title)
+    meta = [f"run folder {run_dir.resolve()}", f"task {results.get('task', '?')}"]
+    if results.get("study"):
+        meta.append(f"study {results['study']}")
+    meta.append(f"written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+    doc.p("; ".join(meta))
+    _comparison(doc, results)
+    figures = sorted(p for p in run_dir.rglob("*.png") if not p.name.startswith("."))
+    if figures:
+        doc.h(2, "Figures")
+        for fig in figures:
+            doc.figure(fig, _figure_caption(fig, run_dir))
+    _audits(doc, results)
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    atomic_write_text(md_path, doc.markdown(run_dir))
+    atomic_write_text(html_path, doc.html(title))
+    return html_path, md_path
