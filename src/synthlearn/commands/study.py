@@ -1,0 +1,76 @@
+"""Study verbs: ``synthlearn study run --config FILE.toml --out RUN_DIR`` (``study report`` comes with the
+report issue)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from synthlearn.study import load_study_config, run_study
+
+    overrides: dict = {}
+    if args.study:
+        overrides["study"] = args.study
+    if args.arms:
+        overrides["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
+    cfg = load_study_config(args.config, overrides)
+    results = run_study(cfg, args.out, progress=not args.quiet, force=args.force)
+    print(format_summary(results))
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
+def format_summary(results: dict) -> str:
+    """A plain-text table of the combined test metrics per arm."""
+    lines = [f"task {results['task']}, test sites {', '.join(results.get('test_sites', []))}",
+             f"{'arm':<22}{'ACC':>7}{'SEN':>7}{'SPE':>7}{'AUC':>7}  {'95% CI':<15}{'McNemar p':>10}"
+             f"{'MB from sites':>15}{'wall s':>9}"]
+
+    def fmt(v, w=7, d=3):
+        return f"{v:>{w}.{d}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+    def row(name, block, info):
+        c = block["test"]["combined"]
+        ci = c.get("auc_ci")
+        ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+        return (f"{name:<22}{fmt(c['acc'])}{fmt(c['sen'])}{fmt(c['spe'])}{fmt(c['auc'])}  {ci_text:<15}"
+                f"{fmt(block.get('mcnemar_p_vs_centralized'), 10)}{fmt(info['bytes_from_sites'] / 1e6, 15, 2)}"
+                f"{fmt(info['wall_s'], 9, 0)}")
+
+    for arm, block in results["arms"].items():
+        lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
+        for site, sub in block.get("site_models", {}).items():
+            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": float("nan")}))
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    path = Path(args.run) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results (run `synthlearn study run` first)")
+    print(format_summary(json.loads(path.read_text())))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("study", help="run a multi-site study (all arms, same splits, one evaluation)")
+    sub = parser.add_subparsers(dest="study_command", metavar="STUDY_COMMAND")
+    run = sub.add_parser("run", help="train and evaluate every arm of a study config; re-runs skip complete arms")
+    run.add_argument("--config", required=True, help="study config TOML (e.g. configs/study_cpu.toml)")
+    run.add_argument("--out", required=True, help="run folder (results.json, one folder per arm)")
+    run.add_argument("--study", help="study folder (overrides the config's `study`)")
+    run.add_argument("--arms", help="comma-separated arms (overrides the config's `arms`)")
+    run.add_argument("--force", action="store_true", help="re-run arms that are already complete")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=cmd_run)
+    show = sub.add_parser("show", help="print the results table of a run folder")
+    show.add_argument("run", help="run folder")
+    show.set_defaults(handler=cmd_show)
+    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])

@@ -1,0 +1,134 @@
+"""Classification metrics as CATphishing reports them (paper 000, Tables 4 and 5): ACC, SEN, SPE and
+AUC with a bootstrap 95% confidence interval; for three classes also per-class and overall accuracy and
+the confusion matrix.
+
+A case's predicted class is the class with the highest probability. For a binary task SEN/SPE refer to
+the positive class (IDH-mutant); for more classes they are macro averages of one-vs-rest SEN/SPE and the
+AUC is the macro one-vs-rest AUC over the classes present. A metric that is undefined on the data (AUC
+with a single class present, SEN without positives) is ``None`` (JSON ``null``), never a made-up number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _check(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must be (N, K) with K >= 2, found shape {p.shape}")
+    if y.ndim != 1 or y.shape[0] != p.shape[0]:
+        raise ValueError(f"y_true must be (N,) matching probs (N, K), found {y.shape} and {p.shape}")
+    if y.size and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"y_true values must be in [0, {p.shape[1]}), found {sorted(set(y.tolist()))}")
+    return y, p
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """``(K, K)`` counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def roc_auc(y_true: Sequence[int], probs: np.ndarray, positive: int | None = 1) -> float | None:
+    """AUC of the ROC curve: binary (score = probability of ``positive``) or, with ``positive=None``,
+    macro one-vs-rest over the classes present. None when fewer than two classes are present."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _check(np.asarray(y_true), probs)
+    present = np.unique(y)
+    if present.size < 2:
+        return None
+    if positive is not None:
+        return float(roc_auc_score(y == positive, p[:, positive]))
+    return float(np.mean([roc_auc_score(y == k, p[:, k]) for k in present]))
+
+
+def bootstrap_auc_ci(y_true: Sequence[int], probs: np.ndarray, positive: int | None = 1, *, n_bootstrap: int = 1000,
+                     ci: float = 0.95, rng: np.random.Generator | None = None) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of :func:`roc_auc`: cases are resampled with replacement; resamples with a
+    single class are redrawn (up to ``10 * n_bootstrap`` draws). None when the AUC is undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _check(np.asarray(y_true), probs)
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), found {ci}")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, found {n_bootstrap}")
+    if np.unique(y).size < 2:
+        return None
+    rng = rng if rng is not None else np.random.default_rng(0)
+    values: list[float] = []
+    draws = 0
+    while len(values) < n_bootstrap and draws < 10 * n_bootstrap:
+        draws += 1
+        idx = rng.integers(0, y.size, y.size)
+        yb, pb = y[idx], p[idx]
+        present = np.unique(yb)
+        if present.size < 2:
+            continue
+        if positive is not None:
+            values.append(float(roc_auc_score(yb == positive, pb[:, positive])))
+        else:
+            values.append(float(np.mean([roc_auc_score(yb == k, pb[:, k]) for k in present])))
+    if not values:
+        return None
+    alpha = (1.0 - ci) / 2.0
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, positive: int | None = 1,
+                           class_names: Sequence[str] | None = None, n_bootstrap: int = 1000, ci: float = 0.95,
+                           seed: int = 0) -> dict:
+    """ACC, SEN, SPE, AUC (+ bootstrap CI) of case probabilities.
+
+    Args:
+        y_true: ``(N,)`` true class per case.
+        probs: ``(N, K)`` class probabilities.
+        positive: positive class for SEN/SPE/AUC of a binary task; None = macro one-vs-rest (K > 2).
+        class_names: names for the per-class entries (default ``"0".."K-1"``).
+        n_bootstrap: bootstrap resamples for the AUC CI.
+        ci: confidence level.
+        seed: seed of the bootstrap generator.
+
+    Returns:
+        ``{"n", "acc", "sen", "spe", "auc", "auc_ci": [lo, hi] | None, "confusion_matrix",
+        "class_names", "per_class_acc": {class: recall}}`` (values None where undefined).
+    """
+    y, p = _check(np.asarray(y_true), probs)
+    k = p.shape[1]
+    if positive is not None and not 0 <= positive < k:
+        raise ValueError(f"positive must be in [0, {k}), found {positive}")
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for {k} classes")
+    pred = p.argmax(axis=1)
+    cm = confusion_matrix(y, pred, k)
+    n = int(y.size)
+    out: dict = {"n": n, "acc": _ratio(np.trace(cm), n)}
+    if positive is not None:
+        pos, neg = y == positive, y != positive
+        out["sen"] = _ratio(np.sum(pred[pos] == positive), pos.sum())
+        out["spe"] = _ratio(np.sum(pred[neg] != positive), neg.sum())
+    else:
+        sens = [_ratio(cm[c, c], cm[c].sum()) for c in range(k)]
+        spes = [_ratio(np.delete(np.delete(cm, c, 0), c, 1).sum(), np.delete(cm, c, 0).sum()) for c in range(k)]
+        sens_v = [s for s in sens if s is not None]
+        spes_v = [s for s in spes if s is not None]
+        out["sen"] = float(np.mean(sens_v)) if sens_v else None
+        out["spe"] = float(np.mean(spes_v)) if spes_v else None
+    out["auc"] = roc_auc(y, p, positive)
+    ci_pair = bootstrap_auc_ci(y, p, positive, n_bootstrap=n_bootstrap, ci=ci, rng=np.random.default_rng(seed))
+    out["auc_ci"] = list(ci_pair) if ci_pair is not None else None
+    out["class_names"] = names
+    out["confusion_matrix"] = cm.tolist()
+    out["per_class_acc"] = {names[c]: _ratio(cm[c, c], cm[c].sum()) for c in range(k)}
+    return out

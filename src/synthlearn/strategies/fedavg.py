@@ -1,0 +1,316 @@
+"""The ``fedavg`` arm: Federated Averaging (McMahan et al. 2017) of the task model over the training sites.
+
+This module is the science, free of any federation runtime:
+
+- :func:`weighted_average`: the aggregation, ``w = sum_s n_s w_s / sum_s n_s`` per tensor (eq. in
+  Algorithm 1 of McMahan et al.), computed in float64;
+- :func:`site_update`: what a site does in a round: load the global weights, train ``local_epochs`` with
+  the shared trainer on its own cases, return the new weights and its number of training cases;
+- :func:`run_rounds_inprocess`: the same rounds without a network layer (tests, benchmarks).
+
+The arm itself (:func:`run`) runs the rounds on Flower (``synthlearn.federated``, simulation engine) by
+default. Every fold and stage of the k-fold ensemble is trained in the same federation: a round carries
+one state dict per network (``<stage>/fold-<k>``) and each is averaged with its own weights.
+
+Learning-rate schedule and data order follow the global epoch index ``(round - 1) * local_epochs + e``
+and a site keeps its own optimizer state (momentum) between rounds on its own disk, so FedAvg over a
+single site reproduces plain training on that site exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from synthlearn.data.contract import CaseRecord, SiteRecord
+from synthlearn.strategies.base import (
+    ArmContext,
+    ArmOutput,
+    DatasetCache,
+    TaskModel,
+    TrainingSetup,
+    init_model,
+    model_names,
+    split_name,
+    stage_data,
+)
+from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
+from synthlearn.training.trainer import train_model
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig:
+    """FedAvg settings (the ``[fedavg]`` table of a study config).
+
+    Attributes:
+        rounds: communication rounds (paper: 100).
+        local_epochs: epochs each site trains per round (paper: 1000 epochs / 100 rounds = 10).
+        backend: ``flower`` (Flower simulation engine, the real message path) or ``inprocess`` (the
+            same rounds as plain function calls; for tests and benchmarks).
+        start_timeout_s: seconds to wait for every site to connect before failing.
+        round_timeout_s: seconds to wait for the sites' replies in a round before failing.
+        threads_per_site: torch threads in each site's worker.
+        parallel_sites: sites training at the same time (0 = as many as CPU cores allow).
+        keep_site_optimizer_state: a site keeps its SGD momentum between rounds (on its own disk).
+    """
+
+    rounds: int = 2
+    local_epochs: int = 1
+    backend: Literal["flower", "inprocess"] = "flower"
+    start_timeout_s: float = 120.0
+    round_timeout_s: float = 3600.0
+    threads_per_site: int = 1
+    parallel_sites: int = 0
+    keep_site_optimizer_state: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"fedavg.rounds must be >= 1, found {self.rounds}")
+        if self.local_epochs < 1:
+            raise ValueError(f"fedavg.local_epochs must be >= 1, found {self.local_epochs}")
+        if self.backend not in ("flower", "inprocess"):
+            raise ValueError(f"fedavg.backend must be flower or inprocess, found {self.backend!r}")
+        if self.start_timeout_s <= 0 or self.round_timeout_s <= 0:
+            raise ValueError("fedavg.start_timeout_s and round_timeout_s must be > 0")
+        if self.threads_per_site < 1:
+            raise ValueError(f"fedavg.threads_per_site must be >= 1, found {self.threads_per_site}")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.rounds * self.local_epochs
+
+
+def weighted_average(states: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> StateDict:
+    """Weighted average of state dicts: ``sum_s weights[s] * states[s][k] / sum(weights)`` for every key.
+
+    Args:
+        states: state dicts with the same keys and shapes (torch tensors or numpy arrays).
+        weights: one non-negative weight per state (e.g. the site's number of training cases).
+
+    Returns:
+        The averaged state dict (torch tensors with each key's original dtype; integer entries are
+        rounded).
+
+    Raises:
+        ValueError: no states, mismatched keys/shapes, negative weights, or all weights zero.
+    """
+    if not states:
+        raise ValueError("weighted_average needs at least one state dict")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} state dicts but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or not np.isfinite(w).all():
+        raise ValueError(f"weights must be finite and >= 0, found {list(weights)}")
+    if w.sum() <= 0:
+        raise ValueError(f"weights sum to {w.sum()}: no site trained this model (all weights zero)")
+    keys = list(states[0].keys())
+    for i, s in enumerate(states[1:], start=1):
+        if list(s.keys()) != keys:
+            raise ValueError(f"state dict {i} has keys {sorted(set(s) ^ set(keys))} not shared with state dict 0")
+    out: StateDict = {}
+    for key in keys:
+        arrays = [torch.as_tensor(s[key]) for s in states]
+        shape = arrays[0].shape
+        if any(a.shape != shape for a in arrays):
+            raise ValueError(f"{key}: shapes differ between sites: {[tuple(a.shape) for a in arrays]}")
+        acc = torch.zeros(shape, dtype=torch.float64)
+        for a, wi in zip(arrays, w):
+            if wi > 0:
+                acc += a.detach().cpu().to(torch.float64) * float(wi)
+        acc /= float(w.sum())
+        dtype = arrays[0].dtype
+        out[key] = (acc.round() if not dtype.is_floating_point else acc).to(dtype)
+    return out
+
+
+@dataclasses.dataclass
+class SiteUpdate:
+    """A site's reply in a round: new weights, weights for averaging, training losses.
+
+    Attributes:
+        states: model name -> state dict after local training.
+        num_examples: model name -> number of training cases (0 = the site could not train it).
+        losses: model name -> mean training loss of the round's last epoch.
+    """
+
+    states: dict[str, StateDict]
+    num_examples: dict[str, int]
+    losses: dict[str, float]
+
+
+def aggregate(updates: Sequence[SiteUpdate]) -> dict[str, StateDict]:
+    """FedAvg of every model over the sites' updates, each weighted by its own ``num_examples``."""
+    if not updates:
+        raise ValueError("no site updates to aggregate")
+    names = list(updates[0].states)
+    return {name: weighted_average([u.states[name] for u in updates],
+                                   [u.num_examples[name] for u in updates]) for name in names}
+
+
+def initial_states(setup: TrainingSetup) -> dict[str, StateDict]:
+    """The global models before round 1 (same initialisation as every other arm)."""
+    return {name: {k: v.detach().clone() for k, v in init_model(setup, name).state_dict().items()}
+            for name in model_names(setup)}
+
+
+def site_update(global_states: Mapping[str, Mapping[str, torch.Tensor]], site_cases: Sequence[CaseRecord],
+                setup: TrainingSetup, cfg: FedAvgConfig, server_round: int, *, state_dir: str | Path | None = None,
+                cache: DatasetCache | None = None, progress: bool = False) -> SiteUpdate:
+    """One site's local training in round ``server_round`` (1-based), on its own cases only.
+
+    For every model (``<stage>/fold-<k>``) the site trains global epochs
+    ``[(round-1)*local_epochs, round*local_epochs)`` of a ``rounds*local_epochs`` schedule on its cases
+    of that fold's training split. With ``cfg.keep_site_optimizer_state`` the optimizer state of the
+    previous round is read from (and written to) ``state_dir``, the site's private folder.
+
+    Returns:
+        :class:`SiteUpdate`; a model the site has no labelled cases for comes back unchanged with
+        ``num_examples = 0``.
+    """
+    if not 1 <= server_round <= cfg.rounds:
+        raise ValueError(f"server_round must be in [1, {cfg.rounds}], found {server_round}")
+    cache = cache or DatasetCache(setup.preprocess)
+    data = stage_data(site_cases, setup)
+    start, stop = (server_round - 1) * cfg.local_epochs, server_round * cfg.local_epochs
+    states, counts, losses = {}, {}, {}
+    for name in model_names(setup):
+        stage, fold = split_name(name)
+        sd = data[stage]
+        idx = sd.training_indices(fold, setup.n_folds)
+        if name not in global_states:
+            raise ValueError(f"round {server_round}: global model {name!r} missing from the server's message")
+        if not idx:
+            states[name] = {k: torch.as_tensor(v) for k, v in global_states[name].items()}
+            counts[name], losses[name] = 0, float("nan")
+            continue
+        net = init_model(setup, name)
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in global_states[name].items()})
+        opt_path = Path(state_dir) / f"optimizer-{name.replace('/', '-')}.pt" if state_dir is not None else None
+        opt_state = None
+        if cfg.keep_site_optimizer_state and opt_path is not None and opt_path.is_file():
+            saved = load_checkpoint(opt_path, restore_rng=False)
+            if int(saved["round"]) == server_round - 1:
+                opt_state = saved["optimizer"]
+            else:
+                log.warning("%s: optimizer state of round %s ignored in round %d", opt_path, saved["round"],
+                            server_round)
+        outcome = train_model(net, cache.dataset([sd.cases[i] for i in idx]), [sd.targets[i] for i in idx],
+                              setup.train, seed=setup.seed, name=name, total_epochs=cfg.total_epochs,
+                              start_epoch=start, stop_epoch=stop, optimizer_state=opt_state, progress=progress,
+                              num_classes=sd.stage.num_classes)
+        if cfg.keep_site_optimizer_state and opt_path is not None:
+            save_checkpoint(opt_path, {"round": server_round, "optimizer": outcome.optimizer_state})
+        states[name] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        counts[name] = len(idx)
+        losses[name] = outcome.losses[-1] if outcome.losses else float("nan")
+    return SiteUpdate(states, counts, losses)
+
+
+def state_nbytes(states: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
+    """Bytes of the tensors of a set of state dicts (payload size without any message framing)."""
+    return int(sum(torch.as_tensor(t).numel() * torch.as_tensor(t).element_size()
+                   for s in states.values() for t in s.values()))
+
+
+@dataclasses.dataclass
+class ServerProgress:
+    """The server's resumable state after ``round`` rounds."""
+
+    round: int
+    states: dict[str, StateDict]
+    bytes_from_sites: int = 0
+    bytes_to_sites: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        import json
+
+        save_checkpoint(path, {"round": self.round, "states": self.states,
+                               "bytes_from_sites": self.bytes_from_sites, "bytes_to_sites": self.bytes_to_sites,
+                               "history": json.dumps(self.history)})
+
+    @classmethod
+    def load_or_start(cls, path: str | Path, setup: TrainingSetup) -> ServerProgress:
+        """The saved progress at ``path``, or round 0 with the initial models."""
+        import json
+
+        path = Path(path)
+        if path.is_file():
+            p = load_checkpoint(path, restore_rng=False)
+            log.info("fedavg: resuming after round %d from %s", int(p["round"]), path)
+            return cls(int(p["round"]), p["states"], int(p["bytes_from_sites"]), int(p["bytes_to_sites"]),
+                       json.loads(p["history"]))
+        return cls(0, initial_states(setup))
+
+
+def run_rounds_inprocess(sites: Sequence[SiteRecord], setup: TrainingSetup, cfg: FedAvgConfig,
+                         work_dir: str | Path, *, cache: DatasetCache | None = None, progress: bool = False,
+                         on_round: Callable[[int, float], None] | None = None) -> ServerProgress:
+    """FedAvg rounds as plain function calls (no network layer), resumable from ``work_dir``.
+
+    Bytes are the tensor payload of each site's update (no framing). ``on_round(round, seconds)`` is
+    called after each round.
+    """
+    work_dir = Path(work_dir)
+    cache = cache or DatasetCache(setup.preprocess)
+    progress_state = ServerProgress.load_or_start(work_dir / "server" / "global.pt", setup)
+    for rnd in range(progress_state.round + 1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        updates = []
+        for site in sites:
+            progress_state.bytes_to_sites += state_nbytes(progress_state.states)
+            upd = site_update(progress_state.states, site.cases, setup, cfg, rnd,
+                              state_dir=work_dir / "sites" / site.name, cache=cache, progress=progress)
+            progress_state.bytes_from_sites += state_nbytes(upd.states)
+            updates.append(upd)
+        progress_state.states = aggregate(updates)
+        progress_state.round = rnd
+        progress_state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0,
+                                       "loss": {s.name: u.losses for s, u in zip(sites, updates)}})
+        progress_state.save(work_dir / "server" / "global.pt")
+        if on_round is not None:
+            on_round(rnd, time.perf_counter() - t0)
+    return progress_state
+
+
+def task_model_from_states(states: Mapping[str, Mapping[str, torch.Tensor]], setup: TrainingSetup,
+                           info: dict | None = None) -> TaskModel:
+    """A :class:`TaskModel` from global state dicts."""
+    networks = {}
+    for name in model_names(setup):
+        net = init_model(setup, name)
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in states[name].items()})
+        networks[name] = net.eval()
+    return TaskModel(setup, networks, info)
+
+
+def run(ctx: ArmContext) -> ArmOutput:
+    """The FedAvg arm: rounds on Flower (or in process), then the final global model as a task model."""
+    cfg: FedAvgConfig = ctx.config.fedavg
+    if cfg.backend == "flower":
+        try:
+            from synthlearn.federated.simulation import run_fedavg_simulation
+        except ImportError as exc:  # pragma: no cover - federated/ or flwr absent
+            raise ImportError(f"fedavg.backend = 'flower' needs synthlearn.federated and flwr ({exc}); "
+                              "install flwr[simulation]==1.41.0 or set fedavg.backend = 'inprocess'") from exc
+        final = run_fedavg_simulation(ctx.train_sites, ctx.setup, cfg, ctx.arm_dir, progress=ctx.progress)
+    else:
+        final = run_rounds_inprocess(ctx.train_sites, ctx.setup, cfg, ctx.arm_dir, cache=ctx.cache,
+                                     progress=ctx.progress)
+    info = {"rounds": final.round, "history": final.history, "backend": cfg.backend,
+            "bytes_to_sites": final.bytes_to_sites}
+    model = task_model_from_states(final.states, ctx.setup, info)
+    model.save(ctx.arm_dir / "model")
+    return ArmOutput(models={ctx.name: model}, bytes_from_sites=final.bytes_from_sites, rounds=final.round,
+                     extra={"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend})

@@ -1,0 +1,417 @@
+"""Run a study: every requested arm on the same splits, the same task model and the same evaluation.
+
+``run_study(cfg, out)`` reads the study (training sites vs held-out test sites from the roles in
+``study.json``), runs each arm in ``cfg.arms`` in its own folder, applies every trained model to every
+test case, and writes ``out/results.json``::
+
+    {"task": str, "class_names": [...], "test_sites": [...],
+     "arms": {ARM: {"test": {SITE | "combined": {"acc", "sen", "spe", "auc", "auc_ci": [lo, hi], "n",
+                                                 "confusion_matrix", "per_class_acc", ...}},
+                    "mcnemar_p_vs_centralized": float | null, "bytes_from_sites": int, "rounds": int,
+                    "wall_s": float, ...}}}
+
+The ``local`` arm trains one model per training site: its block holds the mean over those models
+(``"summary": "mean over site models"``) and each model's own block under ``"site_models"``.
+
+Resumable: an arm whose folder holds ``arm.json`` is complete and is skipped on a re-run (after checking
+that it was run with the same training settings and data); an interrupted arm resumes from its
+checkpoints. ``results.json`` is rebuilt from the arms' saved predictions on every run.
+
+Arms plug in by name: :data:`ARMS` maps a name to a module with ``run(ctx: ArmContext) -> ArmOutput``;
+an unknown name ``x`` is looked up as ``synthlearn.strategies.x``, so a new strategy needs no change here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthlearn.config import ConfigError, load_toml, to_dict
+from synthlearn.data.contract import CaseRecord
+from synthlearn.data.io import atomic_write_text, write_json
+from synthlearn.data.preprocess import PreprocessConfig
+from synthlearn.models.classifier import ClassifierConfig
+from synthlearn.strategies.base import ArmContext, ArmOutput, DatasetCache, TaskModel, TrainingSetup
+from synthlearn.strategies.fedavg import FedAvgConfig
+from synthlearn.tasks import get_task
+from synthlearn.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: arm name -> module (or "module:function") implementing ``run(ctx) -> ArmOutput``
+ARMS: dict[str, str] = {
+    "centralized": "synthlearn.strategies.centralized",
+    "local": "synthlearn.strategies.local",
+    "fedavg": "synthlearn.strategies.fedavg",
+}
+
+REFERENCE_ARM = "centralized"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Evaluation settings (``[evaluate]``).
+
+    Attributes:
+        n_bootstrap: bootstrap resamples for the AUC confidence interval.
+        ci: confidence level.
+        figures: write ROC and confusion-matrix PNGs into ``<out>/figures``.
+    """
+
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    figures: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A study run (one TOML file; ``base = "other.toml"`` to inherit).
+
+    Attributes:
+        study: the study folder (relative paths are relative to the working directory); the CLI's
+            ``--study`` overrides it.
+        task: ``idh`` or ``tumor_type``.
+        arms: arms to run, in order (``centralized`` first: the others are tested against it).
+        seed: run seed (every arm uses it the same way).
+        n_folds: k-fold ensemble size (paper: 5).
+        description: free text saved with the run (e.g. measured size and run time).
+        preprocess: preprocessing (``[preprocess]``).
+        model: task network (``[model]``).
+        train: task-model training (``[train]``).
+        fedavg: FedAvg arm (``[fedavg]``).
+        evaluate: evaluation (``[evaluate]``).
+        arm_options: free tables for arms registered elsewhere (``[arm_options.<arm>]``), parsed by the arm.
+    """
+
+    study: str = "data/phantom"
+    task: str = "idh"
+    arms: tuple[str, ...] = ("centralized", "local", "fedavg")
+    seed: int = 0
+    n_folds: int = 5
+    description: str = ""
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ClassifierConfig = ClassifierConfig()
+    train: TrainConfig = TrainConfig()
+    fedavg: FedAvgConfig = FedAvgConfig()
+    evaluate: EvaluationConfig = EvaluationConfig()
+    arm_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        if not self.arms:
+            raise ValueError("arms must name at least one arm")
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms must not repeat, found {list(self.arms)}")
+        if self.n_folds < 1:
+            raise ValueError(f"n_folds must be >= 1, found {self.n_folds}")
+
+    @property
+    def setup(self) -> TrainingSetup:
+        return TrainingSetup(task=self.task, n_folds=self.n_folds, seed=self.seed, preprocess=self.preprocess,
+                             model=self.model, train=self.train)
+
+
+def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read a study config TOML (with ``base`` inheritance and optional overrides)."""
+    return load_toml(StudyConfig, path, overrides)
+
+
+def register_arm(name: str, target: str | Callable[[ArmContext], ArmOutput]) -> None:
+    """Register an arm: ``target`` is a module path (with ``run``), ``"module:function"`` or a callable."""
+    if callable(target):
+        _CALLABLES[name] = target
+    else:
+        ARMS[name] = target
+
+
+_CALLABLES: dict[str, Callable[[ArmContext], ArmOutput]] = {}
+
+
+def resolve_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
+    """The ``run`` function of arm ``name``.
+
+    Raises:
+        ValueError: no such arm (lists the known ones).
+    """
+    if name in _CALLABLES:
+        return _CALLABLES[name]
+    target = ARMS.get(name, f"synthlearn.strategies.{name}")
+    module_name, _, func = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ValueError(f"unknown arm {name!r}; known arms: {sorted(set(ARMS) | set(_CALLABLES))} "
+                             f"(or a module synthlearn.strategies.<arm> with run(ctx))") from None
+        raise
+    fn = getattr(module, func or "run", None)
+    if not callable(fn):
+        raise ValueError(f"arm {name!r}: {module_name} has no function {func or 'run'}(ctx)")
+    return fn
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str) -> dict[str, Any]:
+    """What must match for a complete arm to be reused: the training setup, the arm's own settings and
+    the data (by content)."""
+    d = to_dict(cfg.setup)
+    if arm == "fedavg":
+        d["fedavg"] = to_dict(cfg.fedavg)
+    d["arm_options"] = _clean(cfg.arm_options.get(arm, {}))
+    d["data_sha256"] = fingerprint_sha
+    return d
+
+
+def _predictions_csv(rows: list[dict[str, Any]], class_names: Sequence[str]) -> str:
+    fields = ["model", "site", "case_id", "true"] + [f"p_{c}" for c in class_names] + ["pred"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    return buf.getvalue()
+
+
+def read_predictions(path: str | Path, class_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``predictions.csv`` of an arm -> model label -> ``{"site", "case_id", "true" (-1 = unknown),
+    "probs" (N, K)}`` arrays in file order."""
+    out: dict[str, dict[str, list]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            d = out.setdefault(row["model"], {"site": [], "case_id": [], "true": [], "probs": []})
+            d["site"].append(row["site"])
+            d["case_id"].append(row["case_id"])
+            d["true"].append(class_names.index(row["true"]) if row["true"] else -1)
+            d["probs"].append([float(row[f"p_{c}"]) for c in class_names])
+    return {m: {"site": np.array(d["site"]), "case_id": np.array(d["case_id"]),
+                "true": np.array(d["true"], dtype=np.int64), "probs": np.array(d["probs"], dtype=np.float64)}
+            for m, d in out.items()}
+
+
+def predict_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRecord], cache: DatasetCache,
+                       *, progress: bool = False) -> list[dict[str, Any]]:
+    """Rows of ``predictions.csv``: every model on every test case."""
+    rows = []
+    dataset = cache.dataset(test_cases)
+    for label, model in models.items():
+        task = model.task
+        probs = model.predict(dataset, progress=progress)
+        for case, p in zip(test_cases, probs):
+            y = task.label(case.labels)
+            row = {"model": label, "site": case.site, "case_id": case.case_id,
+                   "true": task.class_names[y] if y is not None else "", "pred": task.class_names[int(np.argmax(p))]}
+            row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(task.class_names, p)})
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _metrics_block(pred: dict[str, Any], sites: Sequence[str], cfg: StudyConfig, reference: dict | None) -> dict:
+    from synthlearn.evaluate.classification import classification_metrics
+    from synthlearn.evaluate.stats import mcnemar_p, stuart_maxwell_p
+
+    task = get_task(cfg.task)
+    known = pred["true"] >= 0
+    test: dict[str, Any] = {}
+    for name in [*sites, "combined"]:
+        sel = known & ((pred["site"] == name) if name != "combined" else True)
+        test[name] = classification_metrics(pred["true"][sel], pred["probs"][sel], positive=task.positive_class,
+                                            class_names=task.class_names, n_bootstrap=cfg.evaluate.n_bootstrap,
+                                            ci=cfg.evaluate.ci, seed=cfg.seed)
+    block: dict[str, Any] = {"test": test, "mcnemar_p_vs_centralized": None}
+    if reference is not None:
+        ref = {(s, c): i for i, (s, c) in enumerate(zip(reference["site"], reference["case_id"]))}
+        pairs = [(i, ref[(s, c)]) for i, (s, c) in enumerate(zip(pred["site"], pred["case_id"]))
+                 if known[i] and (s, c) in ref]
+        if pairs:
+            a, b = (np.array(x) for x in zip(*pairs))
+            y = pred["true"][a]
+            pa, pb = pred["probs"][a].argmax(1), reference["probs"][b].argmax(1)
+            block["mcnemar_p_vs_centralized"] = mcnemar_p(pa == y, pb == y)
+            if task.num_classes > 2:
+                block["stuart_maxwell_p_vs_centralized"] = stuart_maxwell_p(pa, pb, task.num_classes)
+    return block
+
+
+def _mean_block(blocks: dict[str, dict]) -> dict:
+    """Mean of several models' test metrics (the ``local`` arm's summary)."""
+    first = next(iter(blocks.values()))
+    test = {}
+    for site in first["test"]:
+        entry: dict[str, Any] = {}
+        for key in ("acc", "sen", "spe", "auc"):
+            vals = [b["test"][site][key] for b in blocks.values() if b["test"][site][key] is not None]
+            entry[key] = float(np.mean(vals)) if vals else None
+        cis = [b["test"][site]["auc_ci"] for b in blocks.values() if b["test"][site]["auc_ci"] is not None]
+        entry["auc_ci"] = [float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))] if cis else None
+        entry["n"] = first["test"][site]["n"]
+        test[site] = entry
+    return {"test": test, "mcnemar_p_vs_centralized": None, "summary": "mean over site models"}
+
+
+def build_results(cfg: StudyConfig, out: str | Path) -> dict:
+    """Assemble ``results.json`` (and the figures) from the complete arms' folders."""
+    out = Path(out)
+    task = get_task(cfg.task)
+    arm_infos, preds = {}, {}
+    for arm in cfg.arms:
+        info_path = out / arm / "arm.json"
+        if info_path.is_file():
+            arm_infos[arm] = json.loads(info_path.read_text())
+            preds[arm] = read_predictions(out / arm / "predictions.csv", task.class_names)
+    test_sites = json.loads((out / "splits.json").read_text())["test"] if (out / "splits.json").is_file() else []
+    reference = None
+    if REFERENCE_ARM in preds:
+        reference = next(iter(preds[REFERENCE_ARM].values()))
+    results: dict[str, Any] = {"task": cfg.task, "class_names": list(task.class_names), "test_sites": test_sites,
+                               "reference_arm": REFERENCE_ARM, "arms": {}}
+    for arm, info in arm_infos.items():
+        models = preds[arm]
+        ref = reference if arm != REFERENCE_ARM else None
+        blocks = {label: _metrics_block(p, test_sites, cfg, ref) for label, p in models.items()}
+        if list(blocks) == [arm]:
+            block = blocks[arm]
+        else:
+            block = _mean_block(blocks)
+            block["site_models"] = blocks
+        block.update({"bytes_from_sites": int(info["bytes_from_sites"]), "rounds": int(info["rounds"]),
+                      "wall_s": float(info["wall_s"]), "models": info["models"]})
+        for k, v in info.get("extra", {}).items():
+            block.setdefault(k, v)
+        results["arms"][arm] = block
+    results = _clean(results)
+    write_json(out / "results.json", results)
+    if cfg.evaluate.figures and preds:
+        try:
+            write_figures(results, preds, out / "figures", cfg)
+        except Exception as exc:  # noqa: BLE001 - a figure must never lose the results
+            log.warning("figures not written: %s: %s", type(exc).__name__, exc)
+    return results
+
+
+def write_figures(results: dict, preds: dict[str, dict[str, dict]], folder: Path, cfg: StudyConfig) -> list[Path]:
+    """ROC curves and confusion matrices of every model on the combined test sites."""
+    from synthlearn.report.plots import plot_confusion_matrices, plot_roc_curves
+
+    task = get_task(cfg.task)
+    curves, aucs, matrices = {}, {}, {}
+    for arm, models in preds.items():
+        block = results["arms"][arm]
+        for label, p in models.items():
+            name = arm if label == arm else f"{arm}:{label}"
+            b = block if label == arm else block["site_models"][label]
+            known = p["true"] >= 0
+            curves[name] = (p["true"][known], p["probs"][known])
+            comb = b["test"]["combined"]
+            aucs[name] = (comb["auc"], comb["auc_ci"])
+            matrices[name] = np.array(comb["confusion_matrix"])
+    return [plot_roc_curves(curves, folder / "roc_combined.png", positive=task.positive_class, aucs=aucs),
+            plot_confusion_matrices(matrices, task.class_names, folder / "confusion_combined.png")]
+
+
+# ------------------------------------------------------------------------------------------------ runner
+def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force: bool = False) -> dict:
+    """Run every arm of ``cfg`` into ``out`` and return the results (also ``out/results.json``).
+
+    Args:
+        cfg: the study config.
+        out: the run folder (created; re-running into it skips complete arms).
+        progress: progress bars.
+        force: re-run arms even when complete (their folders are replaced).
+
+    Raises:
+        ValueError: no training or test sites, structural problems in the study, an arm already complete
+            with different settings, an unknown arm.
+    """
+    import shutil
+
+    from synthlearn.data.layouts import open_study
+    from synthlearn.runinfo import data_fingerprint, write_run_info
+
+    out = Path(out)
+    for arm in cfg.arms:
+        resolve_arm(arm)  # unknown arms fail before any training
+    study = open_study(cfg.study)
+    if study.problems:
+        listing = "\n".join(f"  {p}" for p in study.problems[:20])
+        raise ValueError(f"study {cfg.study} has {len(study.problems)} problem(s):\n{listing}\n"
+                         f"run `synthlearn verify-data {cfg.study}` for the full report")
+    train_sites = study.sites_with_role("train")
+    test_sites = study.sites_with_role("test")
+    if not train_sites or not test_sites:
+        raise ValueError(f"study {cfg.study}: need sites with role 'train' and 'test' in study.json, found "
+                         f"{[(s.name, s.role) for s in study.sites]}")
+    train_cases = [c for s in train_sites for c in s.cases]
+    test_cases = [c for s in test_sites for c in s.cases]
+    fingerprint = data_fingerprint(train_cases + test_cases)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_info(out, config=cfg, seed=cfg.seed, fingerprint=fingerprint,
+                   extra={"study": str(Path(cfg.study).resolve())})
+    write_json(out / "splits.json", {"train": [s.name for s in train_sites], "test": [s.name for s in test_sites],
+                                     "n_folds": cfg.n_folds})
+    cache = DatasetCache(cfg.preprocess)
+    for arm in cfg.arms:
+        arm_dir = out / arm
+        done = arm_dir / "arm.json"
+        signature = _training_signature(cfg, arm, fingerprint["sha256"])
+        if done.is_file() and not force:
+            saved = json.loads(done.read_text()).get("signature")
+            if saved != signature:
+                raise ValueError(f"arm {arm} in {out} was run with other settings or data; use a new --out, "
+                                 f"--force, or remove {arm_dir}")
+            log.info("arm %s: complete in %s, skipped", arm, arm_dir)
+            continue
+        if done.is_file() and force:
+            shutil.rmtree(arm_dir)
+        log.info("arm %s: training on %d cases of %d sites", arm, len(train_cases), len(train_sites))
+        t0 = time.perf_counter()
+        write_run_info(arm_dir, config=cfg, seed=cfg.seed, fingerprint=data_fingerprint(train_cases),
+                       extra={"arm": arm})
+        ctx = ArmContext(name=arm, setup=cfg.setup, train_sites=train_sites, arm_dir=arm_dir, config=cfg,
+                         cache=cache, progress=progress)
+        output = resolve_arm(arm)(ctx)
+        if not output.models:
+            raise ValueError(f"arm {arm} returned no model")
+        model_dirs = {}
+        for label, model in output.models.items():
+            mdir = arm_dir / "model" if label == arm else arm_dir / label / "model"
+            if not (mdir / "model.json").is_file():
+                model.save(mdir)
+            model_dirs[label] = str(mdir.relative_to(out))
+        rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
+        atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, get_task(cfg.task).class_names))
+        wall = time.perf_counter() - t0
+        write_json(done, _clean({"arm": arm, "models": model_dirs, "bytes_from_sites": output.bytes_from_sites,
+                                 "rounds": output.rounds, "wall_s": wall, "extra": output.extra,
+                                 "signature": signature}))
+        log.info("arm %s: done in %.0f s", arm, wall)
+    return build_results(cfg, out)
+
+
+__all__ = ["ARMS", "EvaluationConfig", "StudyConfig", "build_results", "load_study_config", "read_predictions",
+           "register_arm", "resolve_arm", "run_study", "ConfigError"]

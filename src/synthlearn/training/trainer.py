@@ -1,0 +1,356 @@
+"""The one task trainer every arm uses (centralized, local, each FedAvg site, synthetic-data arms).
+
+A plain loop, top to bottom: per epoch, a seeded permutation of the cases, batches of preprocessed
+arrays, random flips, per-voxel cross-entropy over the tumour (every tumour voxel carries its case's
+class; background is ignored, paper 000), SGD with Nesterov momentum and a polynomial learning-rate decay
+(the nnU-Net recipe that CATphishing's task model inherits). A checkpoint after every
+``checkpoint_every`` epochs holds the model, the optimizer, the loss history and the RNG state; it is
+written atomically and training resumes from it to the same weights as an uninterrupted run.
+
+Every random choice of epoch ``e`` is drawn from generators seeded with ``(seed, name, e)``: the same
+seed gives the same weights, and a FedAvg run over one site reproduces plain training on that site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthlearn.data.datasets import CaseDataset
+from synthlearn.models.classifier import case_probabilities
+from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
+from synthlearn.training.seeding import derive_seed, torch_generator
+
+log = logging.getLogger(__name__)
+
+#: target value of voxels that do not count in the loss (background)
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Task-model training settings (the ``[train]`` table of a study config).
+
+    Attributes:
+        epochs: passes over the training cases (paper: 1000). FedAvg runs ``rounds * local_epochs``.
+        batch_size: cases per step.
+        lr: initial learning rate of SGD (nnU-Net: 0.01).
+        momentum: SGD momentum (nnU-Net: 0.99).
+        nesterov: Nesterov momentum.
+        weight_decay: L2 weight decay (nnU-Net: 3e-5).
+        lr_schedule: ``poly``: ``lr * (1 - epoch / total) ** 0.9`` per epoch; ``constant``.
+        grad_clip: clip the gradient norm (0 = off; nnU-Net: 12).
+        class_weighting: ``none`` (plain voxel cross-entropy) or ``balanced`` (classes weighted by
+            inverse case frequency in the training cases).
+        augment_flips: random flips along each spatial axis.
+        bf16: bfloat16 autocast for forward/backward (CPU with AVX-512 BF16, or CUDA).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        checkpoint_every: write the resumable checkpoint every this many epochs (and at the end).
+    """
+
+    epochs: int = 2
+    batch_size: int = 2
+    lr: float = 0.01
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    lr_schedule: Literal["poly", "constant"] = "poly"
+    grad_clip: float = 12.0
+    class_weighting: Literal["none", "balanced"] = "none"
+    augment_flips: bool = True
+    bf16: bool = False
+    device: str = "auto"
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, found {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, found {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, found {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"train.momentum must be in [0, 1), found {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("train.nesterov needs momentum > 0; set nesterov = false or a momentum")
+        if self.lr_schedule not in ("poly", "constant"):
+            raise ValueError(f"train.lr_schedule must be poly or constant, found {self.lr_schedule!r}")
+        if self.class_weighting not in ("none", "balanced"):
+            raise ValueError(f"train.class_weighting must be none or balanced, found {self.class_weighting!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"train.checkpoint_every must be >= 1, found {self.checkpoint_every}")
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What :func:`train_model` returns.
+
+    Attributes:
+        losses: mean training loss of every epoch run so far (including epochs before a resume).
+        optimizer_state: the optimizer's state dict (momentum buffers), e.g. for a FedAvg site to keep.
+        epochs_done: epochs completed (global index, ``stop_epoch``).
+        resumed_from: the epoch a checkpoint resumed from, or None.
+        steps: optimizer steps taken in this call.
+        wall_s: seconds spent in this call.
+    """
+
+    losses: list[float]
+    optimizer_state: dict[str, Any]
+    epochs_done: int
+    resumed_from: int | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def voxel_targets(seg: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-voxel targets: the case's class on tumour voxels, :data:`IGNORE_INDEX` elsewhere.
+
+    Args:
+        seg: ``(B, *spatial)`` integer segmentation (0 = background).
+        targets: ``(B,)`` class index per case.
+
+    Returns:
+        ``(B, *spatial)`` int64.
+    """
+    if targets.ndim != 1 or seg.shape[0] != targets.shape[0]:
+        raise ValueError(f"targets must be (B,) matching seg (B, ...), found {tuple(targets.shape)} "
+                         f"and {tuple(seg.shape)}")
+    expanded = targets.view(-1, *([1] * (seg.ndim - 1))).expand_as(seg).long()
+    return torch.where(seg > 0, expanded, torch.full_like(expanded, IGNORE_INDEX))
+
+
+def voxel_loss(logits: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over tumour voxels, each labelled with its case's class (background ignored).
+
+    Args:
+        logits: ``(B, K, *spatial)``.
+        seg: ``(B, *spatial)``.
+        targets: ``(B,)`` class per case.
+        class_weights: optional ``(K,)`` weights.
+
+    Returns:
+        Scalar loss (0 with a gradient path when the batch holds no tumour voxel).
+    """
+    voxels = voxel_targets(seg, targets)
+    if not (voxels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), voxels, weight=class_weights, ignore_index=IGNORE_INDEX)
+
+
+def poly_lr(base_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
+    """nnU-Net's polynomial decay ``base_lr * (1 - epoch / total) ** exponent``."""
+    return base_lr * (1.0 - min(epoch, total_epochs) / max(total_epochs, 1)) ** exponent
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD as configured (paper 000: SGD)."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def class_weights_for(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights normalised to mean 1 (absent classes get weight 0)."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def load_batch(dataset: CaseDataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack preprocessed cases: images ``(B, 4, X, Y, Z)`` float32, seg ``(B, X, Y, Z)`` int64."""
+    images, segs = zip(*(dataset.arrays(int(i)) for i in indices))
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(segs))
+
+
+def random_flips(images: torch.Tensor, seg: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Flip each case along each spatial axis with probability 1/2 (draws from ``generator``)."""
+    flips = torch.rand(images.shape[0], seg.ndim - 1, generator=generator) < 0.5
+    images, seg = images.clone(), seg.clone()
+    for b in range(images.shape[0]):
+        axes = [a for a in range(seg.ndim - 1) if flips[b, a]]
+        if axes:
+            images[b] = torch.flip(images[b], dims=[a + 1 for a in axes])
+            seg[b] = torch.flip(seg[b], dims=axes)
+    return images, seg
+
+
+def train_model(
+    model: nn.Module,
+    dataset: CaseDataset,
+    targets: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    name: str,
+    total_epochs: int | None = None,
+    start_epoch: int = 0,
+    stop_epoch: int | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    checkpoint_path: str | Path | None = None,
+    progress: bool = True,
+    num_classes: int | None = None,
+) -> TrainOutcome:
+    """Train ``model`` in place on labelled cases for epochs ``[start_epoch, stop_epoch)``.
+
+    Args:
+        model: a network mapping ``(B, 4, X, Y, Z)`` to per-voxel logits ``(B, K, X, Y, Z)``.
+        dataset: the preprocessed training cases.
+        targets: class index of every case of ``dataset`` (unknown labels must be filtered out before).
+        cfg: training settings.
+        seed: run seed; data order, flips and dropout of epoch ``e`` are drawn from ``(seed, name, e)``.
+        name: the model's name in the run (e.g. ``idh/fold-0``), part of every derived seed.
+        total_epochs: length of the learning-rate schedule (default ``cfg.epochs``); FedAvg passes
+            ``rounds * local_epochs`` and trains one round's slice at a time.
+        start_epoch: first epoch of this call (global index).
+        stop_epoch: epoch to stop before (default ``total_epochs``).
+        optimizer_state: momentum buffers to continue from (a FedAvg site keeps its own).
+        checkpoint_path: resumable checkpoint; when it exists (same ``name``), training continues from it.
+        progress: show a tqdm bar.
+        num_classes: K (for class weighting; default: from the model's output on the first batch).
+
+    Returns:
+        :class:`TrainOutcome`.
+    """
+    if len(dataset) != len(targets):
+        raise ValueError(f"dataset has {len(dataset)} cases but {len(targets)} targets were given")
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: no training cases")
+    total_epochs = cfg.epochs if total_epochs is None else total_epochs
+    stop_epoch = total_epochs if stop_epoch is None else stop_epoch
+    if not 0 <= start_epoch <= stop_epoch <= total_epochs:
+        raise ValueError(f"epochs must satisfy 0 <= start ({start_epoch}) <= stop ({stop_epoch}) "
+                         f"<= total ({total_epochs})")
+    device = resolve_device(cfg.device)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    losses: list[float] = []
+    resumed_from = None
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint_path is not None and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        if state.get("name") != name:
+            raise ValueError(f"{checkpoint_path}: checkpoint of model {state.get('name')!r}, expected {name!r}; "
+                             "remove it or choose another run folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses = [float(x) for x in state["losses"]]
+        resumed_from = int(state["epoch"])
+        start_epoch = max(start_epoch, resumed_from)
+        log.info("%s: resumed from %s at epoch %d", name, checkpoint_path, resumed_from)
+    targets_t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    weights = None
+    if cfg.class_weighting == "balanced":
+        k = num_classes or int(targets_t.max()) + 1
+        weights = class_weights_for(targets, k).to(device)
+    use_bf16 = cfg.bf16
+    steps = 0
+    t0 = time.perf_counter()
+    epochs = range(start_epoch, stop_epoch)
+    bar = None
+    if progress and len(epochs):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(epochs), desc=name, unit="epoch", leave=False)
+    model.train()
+    for epoch in epochs:
+        lr = poly_lr(cfg.lr, epoch, total_epochs) if cfg.lr_schedule == "poly" else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(len(dataset), generator=torch_generator(seed, "order", name, epoch))
+        flip_gen = torch_generator(seed, "flips", name, epoch)
+        torch.manual_seed(derive_seed(seed, "dropout", name, epoch))  # dropout draws from the global RNG
+        epoch_loss, n_batches = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            images, seg = load_batch(dataset, idx.tolist())
+            if cfg.augment_flips:
+                images, seg = random_flips(images, seg, flip_gen)
+            images, seg = images.to(device, non_blocking=True), seg.to(device, non_blocking=True)
+            batch_targets = targets_t[idx].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(images)
+            loss = voxel_loss(logits, seg, batch_targets, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{name}: training loss became {value} at epoch {epoch}; "
+                                         "lower train.lr or check the input data")
+            epoch_loss += value
+            n_batches += 1
+            steps += 1
+        losses.append(epoch_loss / max(n_batches, 1))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+        log.debug("%s epoch %d loss %.4f lr %.3g", name, epoch, losses[-1], lr)
+        done = epoch + 1
+        if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == stop_epoch):
+            save_checkpoint(checkpoint_path, {"name": name, "epoch": done, "model": model.state_dict(),
+                                              "optimizer": optimizer.state_dict(),
+                                              "losses": torch.tensor(losses, dtype=torch.float64)})
+    if bar is not None:
+        bar.close()
+    return TrainOutcome(losses=losses, optimizer_state=optimizer.state_dict(), epochs_done=stop_epoch,
+                        resumed_from=resumed_from, steps=steps, wall_s=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict_probabilities(models: Sequence[nn.Module], dataset: CaseDataset, *, batch_size: int = 2,
+                          bf16: bool = False, device: str = "auto", progress: bool = False) -> np.ndarray:
+    """Case probabilities of an ensemble: per model the mean softmax over each case's tumour voxels
+    (seg > 0), then the mean over models (paper 000's 5-fold ensemble).
+
+    Args:
+        models: networks with the same number of classes K.
+        dataset: the cases.
+
+    Returns:
+        ``(N, K)`` float64 probabilities.
+    """
+    if not models:
+        raise ValueError("predict_probabilities needs at least one model")
+    dev = resolve_device(device)
+    out = []
+    for model in models:
+        model.to(dev).eval()
+    starts = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", leave=False)
+    for start in starts:
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        images, seg = load_batch(dataset, idx)
+        images, seg = images.to(dev), seg.to(dev)
+        probs = []
+        for model in models:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(images)
+            probs.append(case_probabilities(logits, seg > 0))
+        out.append(torch.stack(probs).mean(0).double().cpu().numpy())
+    k = out[0].shape[1] if out else 0
+    return np.concatenate(out) if out else np.zeros((0, k))

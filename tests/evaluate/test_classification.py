@@ -1,0 +1,66 @@
+"""ACC/SEN/SPE/AUC with bootstrap CI, and the 3-class extras."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from synthlearn.evaluate.classification import (
+    bootstrap_auc_ci,
+    classification_metrics,
+    confusion_matrix,
+    roc_auc,
+)
+
+
+def _binary(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p1 = np.clip(0.5 + 0.3 * (2 * y - 1) + rng.normal(0, 0.25, n), 0, 1)
+    return y, np.stack([1 - p1, p1], 1)
+
+
+def test_binary_metrics_against_hand_counts_and_sklearn():
+    y, p = _binary()
+    m = classification_metrics(y, p, positive=1, n_bootstrap=200, seed=1)
+    pred = p.argmax(1)
+    assert m["acc"] == pytest.approx(np.mean(pred == y))
+    assert m["sen"] == pytest.approx(np.mean(pred[y == 1] == 1))
+    assert m["spe"] == pytest.approx(np.mean(pred[y == 0] == 0))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+    lo, hi = m["auc_ci"]
+    assert 0 <= lo <= m["auc"] <= hi <= 1
+    assert np.array(m["confusion_matrix"]).sum() == len(y)
+    assert classification_metrics(y, p, n_bootstrap=200, seed=1)["auc_ci"] == m["auc_ci"]  # seeded
+
+
+def test_perfect_and_undefined_cases():
+    y = np.array([0, 1, 0, 1])
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    m = classification_metrics(y, p, n_bootstrap=50)
+    assert m["acc"] == 1 and m["auc"] == 1 and m["auc_ci"] == [1.0, 1.0]
+    one = classification_metrics(np.zeros(3, int), p[:3], n_bootstrap=50)
+    assert one["auc"] is None and one["auc_ci"] is None and one["sen"] is None and one["spe"] is not None
+    empty = classification_metrics(np.zeros(0, int), np.zeros((0, 2)), n_bootstrap=10)
+    assert empty["n"] == 0 and empty["acc"] is None
+
+
+def test_three_classes():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.1, .7, .2], [.1, .2, .7], [.6, .1, .3]])
+    m = classification_metrics(y, p, positive=None, class_names=["gbm", "astro", "oligo"], n_bootstrap=100)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["per_class_acc"] == {"gbm": 0.5, "astro": 1.0, "oligo": 0.5}
+    assert m["acc"] == pytest.approx(4 / 6)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert 0 <= m["sen"] <= 1 and 0 <= m["spe"] <= 1
+
+
+def test_checks():
+    with pytest.raises(ValueError, match="probs"):
+        classification_metrics([0, 1], np.array([0.1, 0.9]))
+    with pytest.raises(ValueError, match="y_true"):
+        classification_metrics([0, 2], np.array([[0.1, 0.9], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="ci"):
+        bootstrap_auc_ci([0, 1], np.eye(2), ci=1.5)
+    assert confusion_matrix([0, 1, 1], [1, 1, 0], 2).tolist() == [[0, 1], [1, 1]]
+    assert roc_auc([1, 1], np.eye(2)) is None

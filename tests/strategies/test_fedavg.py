@@ -1,0 +1,111 @@
+"""FedAvg core: aggregation against an independent numpy reference; FedAvg over one site == training on
+that site."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from synthlearn.data.layouts import open_study
+from synthlearn.data.preprocess import PreprocessConfig
+from synthlearn.models.classifier import ClassifierConfig
+from synthlearn.strategies.base import TrainingSetup, train_task_model
+from synthlearn.strategies.fedavg import (
+    FedAvgConfig,
+    SiteUpdate,
+    aggregate,
+    run_rounds_inprocess,
+    site_update,
+    weighted_average,
+)
+from synthlearn.training.trainer import TrainConfig
+
+
+def _numpy_reference(states, weights):
+    """Independent reference: numpy's weighted average per key."""
+    return {k: np.average(np.stack([np.asarray(s[k], dtype=np.float64) for s in states]), axis=0,
+                          weights=np.asarray(weights, dtype=np.float64)) for k in states[0]}
+
+
+def test_weighted_average_matches_numpy():
+    rng = np.random.default_rng(0)
+    states = [{"w": torch.from_numpy(rng.normal(size=(3, 4)).astype(np.float32)),
+               "b": torch.from_numpy(rng.normal(size=5).astype(np.float32))} for _ in range(3)]
+    weights = [10, 3, 7]
+    out = weighted_average(states, weights)
+    ref = _numpy_reference(states, weights)
+    for k in ref:
+        assert out[k].dtype == torch.float32
+        np.testing.assert_allclose(out[k].numpy(), ref[k], rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_average_of_one_state_is_exact_and_zero_weight_is_ignored():
+    s = {"w": torch.randn(4, 4), "n": torch.tensor(7)}
+    out = weighted_average([s], [13])
+    assert torch.equal(out["w"], s["w"]) and torch.equal(out["n"], s["n"])
+    other = {"w": torch.randn(4, 4), "n": torch.tensor(1)}
+    assert torch.equal(weighted_average([s, other], [5, 0])["w"], s["w"])
+
+
+@pytest.mark.parametrize("states, weights, match", [
+    ([], [], "at least one"),
+    ([{"a": torch.zeros(1)}], [1, 2], "weights"),
+    ([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1], "keys"),
+    ([{"a": torch.zeros(1)}, {"a": torch.zeros(2)}], [1, 1], "shapes"),
+    ([{"a": torch.zeros(1)}], [-1], ">= 0"),
+    ([{"a": torch.zeros(1)}], [0], "all weights zero"),
+])
+def test_weighted_average_checks(states, weights, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_average(states, weights)
+
+
+def test_aggregate_weights_each_model_by_its_own_counts():
+    a = SiteUpdate({"m1": {"w": torch.ones(2)}, "m2": {"w": torch.ones(2)}}, {"m1": 1, "m2": 0}, {})
+    b = SiteUpdate({"m1": {"w": torch.zeros(2)}, "m2": {"w": torch.full((2,), 4.0)}}, {"m1": 3, "m2": 2}, {})
+    out = aggregate([a, b])
+    assert torch.allclose(out["m1"]["w"], torch.full((2,), 0.25))
+    assert torch.allclose(out["m2"]["w"], torch.full((2,), 4.0))
+
+
+def _setup(n_folds=2, momentum=0.9):
+    return TrainingSetup(task="idh", n_folds=n_folds, seed=5, preprocess=PreprocessConfig(shape=(16, 16, 16)),
+                         model=ClassifierConfig(channels=(4, 8), norm_num_groups=2, mamba=False),
+                         train=TrainConfig(epochs=2, batch_size=2, momentum=momentum, device="cpu"))
+
+
+def test_fedavg_over_one_site_equals_training_on_that_site(tiny_study, tmp_path):
+    site = open_study(tiny_study).sites_with_role("train")[0]
+    setup = _setup()
+    plain = train_task_model(site.cases, setup, tmp_path / "plain", progress=False)
+    fed = run_rounds_inprocess([site], setup, FedAvgConfig(rounds=2, local_epochs=1, backend="inprocess"),
+                               tmp_path / "fed")
+    assert fed.round == 2 and fed.bytes_from_sites > 0
+    for name, net in plain.networks.items():
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, fed.states[name][k]), (name, k)
+
+
+def test_site_update_leaves_untrainable_models_unchanged(tiny_study, tmp_path):
+    site = open_study(tiny_study).sites_with_role("train")[0]
+    setup = dataclasses.replace(_setup(n_folds=1), task="tumor_type")
+    wildtype_only = [c for c in site.cases if c.labels.idh == "wildtype"]
+    from synthlearn.strategies.fedavg import initial_states
+
+    start = initial_states(setup)
+    upd = site_update(start, wildtype_only, setup, FedAvgConfig(rounds=1, backend="inprocess"), 1,
+                      state_dir=tmp_path)
+    assert upd.num_examples["subtype/fold-0"] == 0
+    assert upd.num_examples["idh/fold-0"] == len(wildtype_only)
+    for k, v in start["subtype/fold-0"].items():
+        assert torch.equal(upd.states["subtype/fold-0"][k], v)
+    with pytest.raises(ValueError, match="server_round"):
+        site_update(start, wildtype_only, setup, FedAvgConfig(rounds=1, backend="inprocess"), 2)
+
+
+def test_fedavg_config_checks():
+    for kwargs in ({"rounds": 0}, {"local_epochs": 0}, {"backend": "grpc"}, {"round_timeout_s": 0},
+                   {"threads_per_site": 0}):
+        with pytest.raises(ValueError):
+            FedAvgConfig(**kwargs)

@@ -1,0 +1,118 @@
+"""Study runner smoke test: `synthlearn study run` with configs/study_tiny.toml on the tiny phantom runs
+centralized, local and FedAvg (2 rounds on Flower) end to end, writes results.json with the documented
+schema, and a re-run skips complete arms."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthlearn.cli import main
+from synthlearn.study import load_study_config, read_predictions, resolve_arm, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "study_tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    t0 = time.perf_counter()
+    rc = main(["study", "run", "--config", str(TINY), "--study", str(tiny_study), "--out", str(out), "-q"])
+    assert rc == 0
+    return out, time.perf_counter() - t0
+
+
+def _check_metrics(entry):
+    assert set(entry) >= {"acc", "sen", "spe", "auc", "auc_ci"}
+    for key in ("acc", "sen", "spe", "auc"):
+        assert entry[key] is None or 0.0 <= entry[key] <= 1.0
+    assert entry["auc_ci"] is None or (len(entry["auc_ci"]) == 2 and entry["auc_ci"][0] <= entry["auc_ci"][1])
+
+
+def test_results_schema(tiny_run):
+    out, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "idh"
+    assert set(results["arms"]) == {"centralized", "local", "fedavg"}
+    test_sites = results["test_sites"]
+    assert test_sites == ["nyu", "ucsf"]
+    for arm, block in results["arms"].items():
+        assert set(block["test"]) == {*test_sites, "combined"}
+        for entry in block["test"].values():
+            _check_metrics(entry)
+        p = block["mcnemar_p_vs_centralized"]
+        assert p is None or 0.0 <= p <= 1.0
+        assert isinstance(block["bytes_from_sites"], int)
+        assert isinstance(block["rounds"], int)
+        assert block["wall_s"] > 0
+        for name in ("config.json", "run.json", "predictions.csv", "arm.json"):
+            assert (out / arm / name).is_file(), (arm, name)
+        run = json.loads((out / arm / "run.json").read_text())
+        assert run["seed"] == 0 and run["data_fingerprint"]["sha256"] and run["version"]["synthlearn"]
+    arms = results["arms"]
+    assert arms["centralized"]["mcnemar_p_vs_centralized"] is None
+    assert arms["fedavg"]["mcnemar_p_vs_centralized"] is not None
+    assert arms["local"]["bytes_from_sites"] == 0 and arms["local"]["rounds"] == 0
+    assert set(arms["local"]["site_models"]) == {"tcga", "utsw", "egd"}
+    assert arms["fedavg"]["rounds"] == 2
+    # FedAvg's bytes are measured on Flower messages: at least 3 sites x 2 rounds x the weights
+    import torch
+
+    weights = torch.load(out / "fedavg" / "model" / "idh" / "fold-0.pt", weights_only=True)
+    payload = sum(v.numel() * v.element_size() for v in weights.values()) * 2  # 2 folds
+    assert arms["fedavg"]["bytes_from_sites"] > 3 * 2 * payload
+    assert arms["centralized"]["bytes_from_sites"] > 0
+    assert (out / "figures" / "roc_combined.png").is_file()
+    assert (out / "figures" / "confusion_combined.png").is_file()
+
+
+def test_saved_model_reloads_and_reproduces_predictions(tiny_run, tiny_study):
+    from synthlearn.data.layouts import open_study
+    from synthlearn.strategies.base import TaskModel
+
+    out, _ = tiny_run
+    model = TaskModel.load(out / "centralized" / "model")
+    test_cases = [c for s in open_study(tiny_study).sites_with_role("test") for c in s.cases]
+    probs = model.predict_cases(test_cases)
+    saved = read_predictions(out / "centralized" / "predictions.csv", model.task.class_names)["centralized"]
+    np.testing.assert_allclose(probs, saved["probs"], atol=1e-5)
+    meta = json.loads((out / "centralized" / "model" / "model.json").read_text())
+    assert meta["class_names"] == ["wildtype", "mutant"] and meta["preprocess"]["shape"] == [32, 32, 32]
+
+
+def test_rerun_skips_complete_arms(tiny_run, tiny_study):
+    out, first = tiny_run
+    stamps = {arm: (out / arm / "arm.json").stat().st_mtime_ns for arm in ("centralized", "local", "fedavg")}
+    t0 = time.perf_counter()
+    assert main(["study", "run", "--config", str(TINY), "--study", str(tiny_study), "--out", str(out), "-q"]) == 0
+    assert time.perf_counter() - t0 < max(20.0, first / 3)
+    assert {arm: (out / arm / "arm.json").stat().st_mtime_ns for arm in stamps} == stamps
+
+
+def test_changed_settings_are_refused_on_rerun(tiny_run, tiny_study):
+    out, _ = tiny_run
+    cfg = load_study_config(TINY, {"study": str(tiny_study), "seed": 1, "arms": ["centralized"]})
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(cfg, out, progress=False)
+
+
+def test_unknown_arm_and_bad_config(tmp_path, tiny_study):
+    with pytest.raises(ValueError, match="unknown arm"):
+        resolve_arm("nosuch")
+    cfg = load_study_config(TINY, {"study": str(tiny_study), "arms": ["centralized", "nosuch"]})
+    with pytest.raises(ValueError, match="unknown arm"):
+        run_study(cfg, tmp_path / "x", progress=False)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'base = "{TINY}"\n[train]\nepoch = 3\n')
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_study_config(bad)
+
+
+@pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml"])
+def test_shipped_configs_load(name):
+    cfg = load_study_config(ROOT / "configs" / name)
+    assert cfg.arms[0] == "centralized"
+    assert all(s % 2 ** (len(cfg.model.channels) - 1) == 0 for s in cfg.preprocess.shape)
