@@ -1,0 +1,373 @@
+"""CATphishing stage-1 autoencoder: a 3D KL-regularised autoencoder of 4 sequences + whole-tumour mask.
+
+Paper 000 ("Methods", Autoencoder; Table S2): a VAE on five channels (T1, T1c, T2, FLAIR and the whole
+tumour mask) so that the generator makes the images and the tumour mask together; losses: pixel L1,
+Kullback-Leibler divergence, a patch adversarial loss and a perceptual loss. Paper scale: 128x192x192 input,
+latent 8x16x32x32.
+
+What synthlearn uses:
+
+- the network is MONAI's :class:`~monai.networks.nets.AutoencoderKL` (Rombach et al. 2022, "High-resolution
+  image synthesis with latent diffusion models"), wrapped by :class:`GeneratorAutoencoder`, which resamples
+  the input to the autoencoder's working grid when the latent shape is not an integer down-sampling of the
+  case shape (the paper's 128x192x192 -> 16x32x32 is 8x in depth but 6x in-plane: the encoder works on
+  64x128x128 and the stage-2 super-resolution module, :mod:`synthlearn.models.superres`, returns to
+  128x192x192);
+- the discriminator is MONAI's :class:`~monai.networks.nets.PatchDiscriminator` with **GroupNorm** (no
+  BatchNorm), so that per-sample DP-SGD (Opacus) stays possible later;
+- the perceptual term (:class:`PerceptualLoss3D`) uses a MedicalNet ResNet-10 (Chen et al. 2019, "Med3D")
+  whose weights the **user supplies by path**: nothing here can download weights, and without a path the
+  term is off (the training log and the artifact manifest say so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: channels of the generator's working tensor: the four sequences, then the whole-tumour mask
+GENERATOR_CHANNELS = 5
+MASK_CHANNEL = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+    """Stage 1: the autoencoder, its discriminator, its losses and its training schedule.
+
+    Attributes:
+        channels: feature channels per level of MONAI ``AutoencoderKL``; the encoder down-samples
+            ``len(channels) - 1`` times (2 per step).
+        latent_channels: channels of the latent (paper: 8).
+        num_res_blocks: residual blocks per level.
+        attention_levels: self-attention per level (None = none; 3D attention is costly).
+        with_nonlocal_attn: the mid-block attention of encoder and decoder.
+        norm_num_groups: GroupNorm groups (must divide every entry of ``channels``).
+        kl_weight: weight of the KL divergence (MONAI LDM tutorials: 1e-6).
+        posterior_log_var_init: initial bias of the posterior log-variance head (None = MONAI's default, ~0,
+            i.e. sigma ~1). With a KL weight of 1e-6 the posterior ends up narrow anyway; starting it narrow
+            (-6: sigma ~0.05) spares the hundreds of steps the decoder otherwise spends learning through
+            unit-variance latent noise, which on a CPU budget decides whether small tumours are learned.
+        mask_weight: extra weight of the mask channel in the L1 loss (the tumour is a few % of the volume).
+        mask_dice_weight: weight of a soft Dice loss on the mask channel (not in the paper: with L1 alone a
+            tumour of 1-3 % of the volume is predicted as background for many hundreds of steps, longer than
+            a CPU budget allows; Dice does not depend on the tumour's share of the volume). 0 = off.
+        adv_weight: weight of the generator's patch adversarial loss (0 = no discriminator).
+        adv_start_epoch: epochs of pure reconstruction before the adversarial loss starts.
+        disc_channels: first-layer channels of the PatchDiscriminator.
+        disc_layers: its number of strided layers.
+        perceptual_weight: weight of the perceptual loss, used only when ``perceptual_weights`` is set.
+        perceptual_weights: path to MedicalNet ResNet-10 weights (``.safetensors`` or a ``torch.load``
+            ``weights_only`` state dict such as MedicalNet's ``resnet_10_23dataset.pth``); "" = off.
+        epochs: training epochs over the site's cases.
+        batch_size: cases (or patches) per step.
+        lr: Adam learning rate of the autoencoder.
+        disc_lr: Adam learning rate of the discriminator.
+        patch_size: train on random patches of this size (None = whole volumes); the network is fully
+            convolutional when no attention is used, so patches make each step much cheaper on CPU.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 8
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] | None = None
+    with_nonlocal_attn: bool = False
+    norm_num_groups: int = 8
+    kl_weight: float = 1e-6
+    posterior_log_var_init: float | None = -6.0
+    mask_weight: float = 1.0
+    mask_dice_weight: float = 1.0
+    adv_weight: float = 0.01
+    adv_start_epoch: int = 0
+    disc_channels: int = 16
+    disc_layers: int = 2
+    perceptual_weight: float = 0.001
+    perceptual_weights: str = ""
+    epochs: int = 10
+    batch_size: int = 1
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    patch_size: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.channels) < 2:
+            raise ValueError(f"autoencoder.channels needs at least 2 levels, found {self.channels}")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"autoencoder.norm_num_groups={self.norm_num_groups} must divide every channel count; "
+                             f"found channels {self.channels}")
+        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
+            raise ValueError(f"autoencoder.attention_levels must have {len(self.channels)} entries (one per level), "
+                             f"found {len(self.attention_levels)}")
+        for name in ("latent_channels", "num_res_blocks", "epochs", "batch_size", "disc_channels", "disc_layers"):
+            if getattr(self, name) < (0 if name == "epochs" else 1):
+                raise ValueError(f"autoencoder.{name} must be >= 1, found {getattr(self, name)}")
+        for name in ("kl_weight", "mask_weight", "mask_dice_weight", "adv_weight", "perceptual_weight", "lr",
+                     "disc_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"autoencoder.{name} must be >= 0, found {getattr(self, name)}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 4):
+            raise ValueError(f"autoencoder.patch_size must be 3 sizes >= 4 or absent, found {self.patch_size}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial down-sampling of the encoder (2 per level after the first)."""
+        return 2 ** (len(self.channels) - 1)
+
+
+def build_autoencoder(cfg: AutoencoderConfig, in_channels: int = GENERATOR_CHANNELS) -> nn.Module:
+    """MONAI ``AutoencoderKL`` (3D) for ``cfg``; input and output ``(B, in_channels, X, Y, Z)``."""
+    from monai.networks.nets import AutoencoderKL
+
+    levels = len(cfg.channels)
+    ae = AutoencoderKL(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        channels=tuple(cfg.channels),
+        latent_channels=cfg.latent_channels,
+        num_res_blocks=(cfg.num_res_blocks,) * levels,
+        attention_levels=tuple(cfg.attention_levels or (False,) * levels),
+        norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=cfg.with_nonlocal_attn,
+        with_decoder_nonlocal_attn=cfg.with_nonlocal_attn,
+    )
+    if cfg.posterior_log_var_init is not None:
+        nn.init.constant_(ae.quant_conv_log_sigma.conv.bias, cfg.posterior_log_var_init)
+    return ae
+
+
+def build_discriminator(cfg: AutoencoderConfig, in_channels: int = GENERATOR_CHANNELS) -> nn.Module:
+    """MONAI ``PatchDiscriminator`` (3D) with GroupNorm (Opacus-compatible; no BatchNorm anywhere).
+
+    Its forward returns a list of intermediate feature maps; the last entry holds the patch logits
+    ``(B, 1, x, y, z)``.
+    """
+    from monai.networks.nets import PatchDiscriminator
+
+    groups = min(8, cfg.disc_channels)
+    while cfg.disc_channels % groups:
+        groups -= 1
+    return PatchDiscriminator(
+        spatial_dims=3,
+        channels=cfg.disc_channels,
+        in_channels=in_channels,
+        out_channels=1,
+        num_layers_d=cfg.disc_layers,
+        norm=("GROUP", {"num_groups": groups}),
+    )
+
+
+def working_shape(shape: Sequence[int], latent_shape: Sequence[int], cfg: AutoencoderConfig) -> tuple[int, int, int]:
+    """The grid the autoencoder works on: ``latent_shape * downsample_factor``.
+
+    Equal to ``shape`` when the case shape is an integer down-sampling of the latent shape (32^3 -> 8^3,
+    64^3 -> 16^3); otherwise (paper: 128x192x192 -> 16x32x32 gives 64x128x128) the input is resampled to
+    it and stage 2 returns to ``shape``.
+
+    Raises:
+        ValueError: the latent shape is larger than ``shape / 1`` or not 3 sizes.
+    """
+    if len(shape) != 3 or len(latent_shape) != 3:
+        raise ValueError(f"shape and latent_shape must have 3 sizes, found {tuple(shape)} and {tuple(latent_shape)}")
+    f = cfg.downsample_factor
+    out = tuple(int(s) * f for s in latent_shape)
+    if any(o > 2 * s for o, s in zip(out, shape)):
+        raise ValueError(f"latent_shape {tuple(latent_shape)} x {f} (autoencoder down-sampling) = {out} is more than "
+                         f"twice the case shape {tuple(shape)}; use fewer autoencoder levels or a smaller latent")
+    return out  # type: ignore[return-value]
+
+
+class GeneratorAutoencoder(nn.Module):
+    """``AutoencoderKL`` plus the resampling between the case grid and the autoencoder's working grid.
+
+    Args:
+        cfg: the autoencoder settings.
+        shape: case shape ``(X, Y, Z)``.
+        latent_shape: latent spatial shape; ``working_shape = latent_shape * 2**(levels - 1)``.
+
+    Shapes:
+        ``encode``: ``(B, 5, *shape)`` -> ``mu, sigma`` each ``(B, latent_channels, *latent_shape)``;
+        ``decode``: ``(B, latent_channels, *latent_shape)`` -> ``(B, 5, *working_shape)``;
+        ``to_working``: ``(B, 5, *shape)`` -> ``(B, 5, *working_shape)``.
+    """
+
+    def __init__(self, cfg: AutoencoderConfig, shape: Sequence[int], latent_shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.working_shape = working_shape(self.shape, self.latent_shape, cfg)
+        self.latent_channels = cfg.latent_channels
+        self.ae = build_autoencoder(cfg)
+
+    def to_working(self, x: torch.Tensor) -> torch.Tensor:
+        """Resample a whole case ``(B, C, *shape)`` to the working grid; anything else (already on the working
+        grid, or a training patch) passes unchanged."""
+        if tuple(x.shape[-3:]) != self.shape or self.shape == self.working_shape:
+            return x
+        return F.interpolate(x, size=self.working_shape, mode="trilinear", align_corners=False)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and standard deviation of the latent, ``(B, latent_channels, *latent)`` each."""
+        return self.ae.encode(self.to_working(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode a latent to ``(B, 5, *working_shape)`` (stage 2 refines it to the case grid)."""
+        return self.ae.decode(z)
+
+    @staticmethod
+    def sample(mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Reparameterised latent ``mu + sigma * eps`` with ``eps`` drawn from ``generator``."""
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        return mu + sigma * eps
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL divergence of ``N(mu, sigma^2)`` from ``N(0, 1)``, summed over latent voxels, mean over the batch.
+
+    Args:
+        mu, sigma: ``(B, C, x, y, z)``.
+    """
+    var = sigma.float().pow(2)
+    kl = 0.5 * (mu.float().pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1.0)
+    return kl.flatten(1).sum(1).mean()
+
+
+def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: float = 1.0) -> torch.Tensor:
+    """Pixel L1 over the 5 channels; the mask channel's term is multiplied by ``mask_weight``.
+
+    Args:
+        recon, target: ``(B, 5, X, Y, Z)``.
+    """
+    err = (recon.float() - target.float()).abs().mean(dim=(0, 2, 3, 4))  # per channel
+    weights = torch.ones_like(err)
+    weights[MASK_CHANNEL] = mask_weight
+    return (err * weights).sum() / weights.sum()
+
+
+def mask_dice_loss(recon: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss ``1 - 2|P.T| / (|P| + |T|)`` of the mask channel, per item then averaged.
+
+    Args:
+        recon, target: ``(B, 5, X, Y, Z)``; the reconstructed mask is clamped to [0, 1].
+        eps: smoothing (keeps an empty mask with an empty prediction at loss 0).
+    """
+    p = recon[:, MASK_CHANNEL].float().clamp(0, 1).flatten(1)
+    t = target[:, MASK_CHANNEL].float().flatten(1)
+    dice = (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+class PerceptualLoss3D(nn.Module):
+    """LPIPS-style perceptual distance with a MedicalNet ResNet-10 whose weights the user supplies.
+
+    Each of the four sequences is fed separately as a one-channel volume (z-scored per volume as MedicalNet
+    expects); the distance is the mean squared difference of channel-normalised feature maps of the four
+    residual stages, averaged over stages and sequences (Zhang et al. 2018; MONAI's
+    ``MedicalNetPerceptualSimilarity`` does the same with a downloaded network). The mask channel is not
+    used.
+
+    Args:
+        weights_path: ``.safetensors`` file or a ``torch.load(weights_only=True)``-readable file holding a
+            ResNet-10 state dict (a ``state_dict`` entry and a ``module.`` prefix, as in MedicalNet's
+            release, are accepted).
+
+    Raises:
+        FileNotFoundError: the file does not exist (nothing is downloaded).
+        ValueError: the file holds no ResNet-10 state dict that fits.
+    """
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"perceptual loss weights {path}: no such file. synthlearn never downloads weights: give the path "
+                f"of a MedicalNet ResNet-10 state dict (e.g. resnet_10_23dataset.pth), or leave "
+                f"autoencoder.perceptual_weights empty to train without the perceptual term"
+            )
+        from monai.networks.nets import resnet10
+
+        net = resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B", pretrained=False)
+        state = load_state_dict_file(path)
+        if "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: expected a MedicalNet ResNet-10 state dict; found missing keys {missing[:5]} "
+                             f"and unexpected keys {unexpected[:5]}")
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.net = net
+        self.path = str(path)
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n = self.net
+        x = n.act(n.bn1(n.conv1(x)))
+        if not n.no_max_pool:
+            x = n.maxpool(x)
+        feats = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+    @staticmethod
+    def _normalise_volume(x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3, 4), keepdim=True)
+        std = x.std(dim=(2, 3, 4), keepdim=True)
+        return (x - mean) / (std + 1e-5)
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Perceptual distance of ``(B, C>=4, X, Y, Z)`` volumes (first four channels), a scalar."""
+        total = recon.new_zeros((), dtype=torch.float32)
+        for c in range(4):
+            a = self._features(self._normalise_volume(recon[:, c : c + 1].float()))
+            b = self._features(self._normalise_volume(target[:, c : c + 1].float()))
+            for fa, fb in zip(a, b):
+                fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                total = total + (fa - fb).pow(2).sum(1).mean()
+        return total / (4 * 4)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.load(weights_only=True)``-safe file.
+
+    Raises:
+        ValueError: the file cannot be read safely (names the file).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable weights file (safetensors or weights_only torch file): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def make_perceptual_loss(cfg: AutoencoderConfig) -> PerceptualLoss3D | None:
+    """The perceptual loss when ``cfg.perceptual_weights`` is set, else None (logged once, clearly)."""
+    if not cfg.perceptual_weights:
+        log.info("perceptual loss: OFF (no weights given; synthlearn never downloads weights; set "
+                 "autoencoder.perceptual_weights to a MedicalNet ResNet-10 file to use it)")
+        return None
+    loss = PerceptualLoss3D(cfg.perceptual_weights)
+    log.info("perceptual loss: ON, MedicalNet ResNet-10 weights from %s", cfg.perceptual_weights)
+    return loss

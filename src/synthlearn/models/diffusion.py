@@ -1,0 +1,167 @@
+"""CATphishing's class-conditional 3D latent diffusion UNet.
+
+Paper 000 ("Methods", Diffusion model): a 3D denoising UNet in the autoencoder's latent space, conditioned
+through cross-attention on the class (IDH status, or the tumour type), with more down-sampling levels and a
+larger base width than the 2D LDM (Rombach et al. 2022).
+
+:class:`ClassConditionedUNet` is MONAI's :class:`~monai.networks.nets.DiffusionModelUNet` (3D,
+``with_conditioning=True``) whose cross-attention context is one token: a learned embedding of the class.
+The embedding table has one extra row, the **null class**, used for unconditional predictions: training
+replaces the class by the null class with probability ``label_dropout`` (and always for cases whose label
+is unknown), which gives classifier-free guidance at sampling time (Ho & Salimans 2022):
+``eps = eps(x, null) + g * (eps(x, c) - eps(x, null))``. Training is DDPM (Ho et al. 2020): predict the
+noise added at a uniformly drawn timestep, MSE loss. Latents are scaled to unit variance first
+(``scale_factor = 1 / std(z)``, Rombach et al. 2022, Sec. 4.3.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion UNet, noise schedule and training settings.
+
+    Attributes:
+        channels: UNet channels per level (``len(channels) - 1`` down-samplings).
+        attention_levels: self- and cross-attention per level (None = all but the first level).
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        norm_num_groups: GroupNorm groups (must divide every entry of ``channels``).
+        cross_attention_dim: width of the class embedding token.
+        transformer_num_layers: transformer layers per attention block.
+        num_train_timesteps: DDPM timesteps T.
+        schedule: MONAI beta schedule (``scaled_linear_beta``, ``linear_beta``, ``cosine``).
+        beta_start, beta_end: schedule ends (MONAI's LDM tutorials: 0.0015, 0.0195).
+        label_dropout: probability of training a case as the null class (classifier-free guidance).
+        epochs: passes over the site's latents.
+        batch_size: latents per step.
+        lr: AdamW learning rate.
+        ema_decay: exponential moving average of the weights that the artifact ships (0 = no EMA).
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] | None = None
+    num_res_blocks: int = 1
+    num_head_channels: int = 16
+    norm_num_groups: int = 8
+    cross_attention_dim: int = 32
+    transformer_num_layers: int = 1
+    num_train_timesteps: int = 1000
+    schedule: Literal["scaled_linear_beta", "linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    label_dropout: float = 0.15
+    epochs: int = 100
+    batch_size: int = 4
+    lr: float = 2e-4
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.channels) < 2:
+            raise ValueError(f"diffusion.channels needs at least 2 levels, found {self.channels}")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"diffusion.norm_num_groups={self.norm_num_groups} must divide every channel count; "
+                             f"found channels {self.channels}")
+        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
+            raise ValueError(f"diffusion.attention_levels must have {len(self.channels)} entries, "
+                             f"found {len(self.attention_levels)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"diffusion.label_dropout must be in [0, 1), found {self.label_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"diffusion.ema_decay must be in [0, 1), found {self.ema_decay}")
+        if self.num_train_timesteps < 2 or self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("diffusion: num_train_timesteps >= 2, epochs >= 0, batch_size >= 1 and lr > 0 expected; "
+                             f"found {self.num_train_timesteps}, {self.epochs}, {self.batch_size}, {self.lr}")
+        if self.schedule not in ("scaled_linear_beta", "linear_beta", "cosine"):
+            raise ValueError(f"diffusion.schedule must be scaled_linear_beta, linear_beta or cosine, "
+                             f"found {self.schedule!r}")
+
+
+class ClassConditionedUNet(nn.Module):
+    """MONAI ``DiffusionModelUNet`` (3D) conditioned by cross-attention on a learned class embedding.
+
+    Args:
+        cfg: network settings.
+        latent_channels: channels of the latent (input and output).
+        num_classes: number of classes (IDH: 2, tumour type: 3); index ``num_classes`` is the null class.
+
+    Shapes:
+        ``forward(x, timesteps, class_index)``: ``x`` ``(B, latent_channels, x, y, z)``, ``timesteps``
+        ``(B,)`` long, ``class_index`` ``(B,)`` long in ``[0, num_classes]`` -> predicted noise, shape of
+        ``x``.
+    """
+
+    def __init__(self, cfg: DiffusionConfig, latent_channels: int, num_classes: int):
+        super().__init__()
+        if latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, found {latent_channels}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, found {num_classes}")
+        from monai.networks.nets import DiffusionModelUNet
+
+        levels = len(cfg.channels)
+        attention = cfg.attention_levels or (False,) + (True,) * (levels - 1)
+        self.num_classes = num_classes
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            channels=tuple(cfg.channels),
+            attention_levels=tuple(attention),
+            num_res_blocks=(cfg.num_res_blocks,) * levels,
+            num_head_channels=cfg.num_head_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            with_conditioning=True,
+            cross_attention_dim=cfg.cross_attention_dim,
+            transformer_num_layers=cfg.transformer_num_layers,
+        )
+        self.class_embedding = nn.Embedding(num_classes + 1, cfg.cross_attention_dim)
+
+    @property
+    def null_class(self) -> int:
+        """Index of the unconditional (null) class token."""
+        return self.num_classes
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+        context = self.class_embedding(class_index.long())[:, None, :]  # (B, 1, cross_attention_dim)
+        return self.unet(x, timesteps=timesteps, context=context)
+
+
+def drop_labels(class_index: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace each class index by ``null_class`` with probability ``p`` (classifier-free guidance training).
+
+    Args:
+        class_index: ``(B,)`` long.
+        p: drop probability in ``[0, 1]``; 0 returns the input unchanged.
+        null_class: index of the null class.
+        generator: source of the random draws (same generator state, same result).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], found {p}")
+    draws = torch.rand(class_index.shape, generator=generator, device=generator.device)
+    drop = draws.to(class_index.device) < p
+    return torch.where(drop, torch.full_like(class_index, null_class), class_index)
+
+
+def build_scheduler(cfg: DiffusionConfig, kind: Literal["ddpm", "ddim"] = "ddpm"):
+    """MONAI DDPM or DDIM scheduler with the training noise schedule of ``cfg``.
+
+    ``clip_sample`` is off: latents scaled to unit variance are not bounded to [-1, 1].
+    """
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    kwargs = dict(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, clip_sample=False)
+    if cfg.schedule != "cosine":
+        kwargs.update(beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    if kind == "ddpm":
+        return DDPMScheduler(**kwargs)
+    if kind == "ddim":
+        return DDIMScheduler(**kwargs)
+    raise ValueError(f"scheduler kind must be 'ddpm' or 'ddim', found {kind!r}")

@@ -1,0 +1,115 @@
+"""The artifact folder: SHA-256 manifest, and refusal of tampered or incomplete artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from synthlearn.synthesis.artifact import (
+    MANIFEST,
+    WEIGHT_FILES,
+    ArtifactError,
+    artifact_bytes,
+    load_weights,
+    read_manifest,
+    verify_artifact,
+    write_artifact,
+)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    figure = tmp_path / "curves.png"
+    figure.write_bytes(b"\x89PNG fake figure")
+    weights = {name: {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3) + i}
+               for i, name in enumerate(WEIGHT_FILES)}
+    return write_artifact(tmp_path / "artifact", weights=weights, manifest={"label": "idh"},
+                          files={"loss_curves.png": figure})
+
+
+def test_written_artifact_verifies(artifact):
+    manifest = verify_artifact(artifact)
+    assert manifest["label"] == "idh"
+    assert set(manifest["files"]) == {*WEIGHT_FILES, "loss_curves.png"}
+    for name, info in manifest["files"].items():
+        assert len(info["sha256"]) == 64 and info["bytes"] == (artifact / name).stat().st_size
+    assert torch.equal(load_weights(artifact, WEIGHT_FILES[1])["w"], torch.arange(6.0).reshape(2, 3) + 1)
+    assert artifact_bytes(artifact) == sum(p.stat().st_size for p in artifact.iterdir())
+    assert not list(artifact.parent.glob(".artifact*"))  # no temporary folder left behind
+
+
+def test_changed_byte_is_refused_naming_the_file(artifact):
+    path = artifact / "diffusion.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"diffusion\.safetensors: SHA-256 differs"):
+        verify_artifact(artifact)
+
+
+def test_truncated_file_is_refused(artifact):
+    path = artifact / "autoencoder.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match=r"autoencoder\.safetensors: expected \d+ bytes"):
+        verify_artifact(artifact)
+
+
+def test_missing_file_is_refused(artifact):
+    (artifact / "superres.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"superres\.safetensors: missing"):
+        verify_artifact(artifact)
+
+
+def test_extra_unlisted_weight_file_is_refused(artifact):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(artifact / "backdoor.safetensors"))
+    with pytest.raises(ArtifactError, match=r"backdoor\.safetensors: not listed"):
+        verify_artifact(artifact)
+
+
+def test_pickle_weight_file_is_refused_even_when_listed(tmp_path):
+    # a weight file that is a pickle, re-listed with a matching hash: safetensors loading refuses it
+    art = write_artifact(tmp_path / "a", weights={n: {"w": torch.zeros(1)} for n in WEIGHT_FILES}, manifest={})
+    torch.save({"w": torch.zeros(1)}, art / "diffusion.safetensors")
+    manifest = json.loads((art / MANIFEST).read_text())
+    from synthlearn.runinfo import file_sha256
+
+    manifest["files"]["diffusion.safetensors"] = {"sha256": file_sha256(art / "diffusion.safetensors"),
+                                                  "bytes": (art / "diffusion.safetensors").stat().st_size}
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    verify_artifact(art)  # integrity holds (hashes match) ...
+    with pytest.raises(ArtifactError, match="not a readable safetensors"):
+        load_weights(art, "diffusion.safetensors")  # ... but nothing is ever unpickled
+
+
+def test_manifest_problems(artifact, tmp_path):
+    (artifact / MANIFEST).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        verify_artifact(artifact)
+    (artifact / MANIFEST).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ArtifactError, match="expected format"):
+        read_manifest(artifact)
+    (artifact / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match=r"manifest\.json: missing"):
+        verify_artifact(artifact)
+    with pytest.raises(FileNotFoundError):
+        verify_artifact(tmp_path / "nowhere")
+
+
+def test_manifest_must_list_every_weight_file(tmp_path):
+    art = write_artifact(tmp_path / "a", weights={"autoencoder.safetensors": {"w": torch.zeros(1)}}, manifest={})
+    with pytest.raises(ArtifactError, match=r"expected superres\.safetensors among the listed files"):
+        verify_artifact(art)
+
+
+def test_write_refuses_a_non_empty_folder(tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        write_artifact(out, weights={"autoencoder.safetensors": {"w": torch.zeros(1)}}, manifest={})
+    assert (out / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

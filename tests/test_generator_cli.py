@@ -1,0 +1,221 @@
+"""End to end: `train-generator` on one tiny phantom site, `synthesize`, verify; resume; refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthlearn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "generator_tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_study, tmp_path_factory):
+    """(site folder, artifact folder) of the tiny generator trained once on site tcga, seed 0."""
+    out = tmp_path_factory.mktemp("generator") / "artifact"
+    site = tiny_study / "tcga"
+    assert main(["train-generator", "--site", str(site), "--config", str(TINY_CONFIG), "--out", str(out),
+                 "--seed", "0", "-q"]) == 0
+    return site, out
+
+
+def _arrays(site_dir: Path) -> dict[str, np.ndarray]:
+    from synthlearn.data.io import load_nifti
+
+    return {str(p.relative_to(site_dir)): load_nifti(p)[0] for p in sorted(site_dir.rglob("*.nii.gz"))}
+
+
+def test_train_then_synthesize_cases_that_pass_verify(trained, tmp_path, capsys):
+    from synthlearn.data.layouts import open_study
+    from synthlearn.data.verify import verify_study
+
+    site, artifact = trained
+    assert sorted(p.name for p in artifact.iterdir()) == [
+        "autoencoder.safetensors", "diffusion.safetensors", "loss_curves.png", "manifest.json",
+        "superres.safetensors"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["class_names"] == ["wildtype", "mutant"]
+    assert sum(manifest["class_counts"].values()) == len([d for d in site.iterdir() if d.is_dir()])
+    assert manifest["perceptual_loss"]["used"] is False
+    assert "case_ids" not in manifest["data_fingerprint"]
+    text = (artifact / "manifest.json").read_text()
+    for case_dir in site.iterdir():  # no case id and no local path leaves the site
+        if case_dir.is_dir():
+            assert case_dir.name not in text
+    assert str(site) not in text
+
+    out = tmp_path / "synthetic"
+    assert main(["synthesize", "--artifact", str(artifact), "--per-class", "2", "--out", str(out), "--seed", "0",
+                 "-q"]) == 0
+    assert main(["verify-data", str(out), "-q"]) == 0
+    report = verify_study(out, progress=False)
+    assert report.ok, report.format()
+    study = open_study(out)
+    assert study.layout == "site" and len(study.sites) == 1
+    cases = study.sites[0].cases
+    assert len(cases) == 4
+    assert sorted(c.labels.idh for c in cases) == ["mutant", "mutant", "wildtype", "wildtype"]
+    assert all(c.labels.tumor_type is None and c.labels.mgmt is None for c in cases)
+    info = json.loads((out / "synthesis.json").read_text())
+    assert info["steps"] == 5 and info["classes"]["mutant"]["cases"] == 2
+
+
+def test_same_seed_same_cases(trained, tmp_path):
+    from synthlearn.synthesis.cases import synthesize
+
+    _, artifact = trained
+    a = synthesize(artifact, 1, tmp_path / "a", seed=7, steps=3, progress=False)
+    b = synthesize(artifact, 1, tmp_path / "b", seed=7, steps=3, progress=False)
+    c = synthesize(artifact, 1, tmp_path / "c", seed=8, steps=3, progress=False)
+    arr_a, arr_b, arr_c = _arrays(a), _arrays(b), _arrays(c)
+    assert arr_a.keys() == arr_b.keys()
+    assert all(np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)
+    assert any(not np.array_equal(arr_a[k], arr_c[k]) for k in arr_a if k.endswith("t1.nii.gz"))
+
+
+def test_tampered_artifact_is_refused_and_nothing_written(trained, tmp_path, capsys):
+    _, artifact = trained
+    bad = tmp_path / "artifact"
+    shutil.copytree(artifact, bad)
+    path = bad / "autoencoder.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    out = tmp_path / "synthetic"
+    assert main(["synthesize", "--artifact", str(bad), "--per-class", "1", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "autoencoder.safetensors" in err and "SHA-256" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+    shutil.rmtree(bad)
+    shutil.copytree(artifact, bad)
+    (bad / "superres.safetensors").unlink()  # incomplete upload
+    assert main(["synthesize", "--artifact", str(bad), "--per-class", "1", "--out", str(out), "-q"]) == 2
+    assert "superres.safetensors: missing" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_interrupted_training_resumes_to_the_same_artifact(trained, tmp_path, monkeypatch, caplog):
+    import synthlearn.training.generator as tg
+    from synthlearn.training.generator import load_generator_config, train_generator
+
+    site, reference = trained
+    real_save = tg.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        calls["n"] += 1
+        if calls["n"] == 4:  # autoencoder (2) and superres (1) done, diffusion 1 of 3 epochs done
+            raise KeyboardInterrupt("simulated kill")
+
+    out = tmp_path / "artifact"
+    cfg = load_generator_config(TINY_CONFIG)
+    monkeypatch.setattr(tg, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(site, cfg, out, seed=0, progress=False)
+    assert (out / "checkpoints" / "diffusion.pt").is_file() and not (out / "manifest.json").exists()
+    monkeypatch.setattr(tg, "save_checkpoint", real_save)
+    with caplog.at_level("INFO"):
+        train_generator(site, cfg, out, seed=0, progress=False)
+    assert "diffusion: resuming from epoch 1/3" in caplog.text
+    assert not (out / "checkpoints").exists()
+    for name in ("autoencoder.safetensors", "superres.safetensors", "diffusion.safetensors"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    # a resumed run refuses another seed or config in the same folder
+    other = tmp_path / "other"
+    monkeypatch.setattr(tg, "save_checkpoint", save_then_die)
+    calls["n"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(site, cfg, other, seed=0, progress=False)
+    monkeypatch.setattr(tg, "save_checkpoint", real_save)
+    with pytest.raises(ValueError, match="different seed"):
+        train_generator(site, cfg, other, seed=1, progress=False)
+
+
+def test_bad_inputs_are_refused_and_nothing_written(tiny_study, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    args = ["train-generator", "--config", str(TINY_CONFIG), "--out", str(out), "-q"]
+    assert main([*args, "--site", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text(f'base = "{TINY_CONFIG}"\n[diffusion]\nepochz = 3\n')
+    assert main(["train-generator", "--site", str(tiny_study / "tcga"), "--config", str(bad_cfg), "--out",
+                 str(out), "-q"]) == 2
+    assert "diffusion.epochz" in capsys.readouterr().err
+
+    site = tmp_path / "site"
+    shutil.copytree(tiny_study / "tcga", site)
+    victim = sorted(site.glob("*/flair.nii.gz"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated upload
+    assert main([*args, "--site", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert "flair.nii.gz" in err and "unreadable" in err
+
+    assert main([*args, "--site", str(tiny_study)]) == 2  # a whole study, not one site
+    assert "expected one site folder" in capsys.readouterr().err
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--site", str(tiny_study / "tcga")]) == 2
+    assert "expected a new or empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_synthesize_argument_errors(trained, tmp_path, capsys):
+    _, artifact = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert main(["synthesize", "--artifact", str(artifact), "--per-class", "1", "--out", str(out), "-q"]) == 2
+    assert "expected a new or empty folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["synthesize", "--artifact", str(artifact), "--per-class", "0", "--out", str(tmp_path / "y")])
+
+
+@pytest.mark.slow
+def test_killed_train_generator_process_resumes(tiny_study, tmp_path):
+    """A real SIGKILL of the CLI process mid-training, then the same command again."""
+    out = tmp_path / "artifact"
+    cmd = [sys.executable, "-m", "synthlearn.cli", "train-generator", "--site", str(tiny_study / "utsw"),
+           "--config", str(TINY_CONFIG), "--out", str(out), "-q"]
+    env = {"PYTHONPATH": str(ROOT / "src"), "SYNTHLEARN_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "autoencoder.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming" in done.stdout + done.stderr
+    from synthlearn.synthesis.artifact import verify_artifact
+
+    verify_artifact(out)
+
+
+@pytest.mark.slow
+def test_tumour_type_generator(tiny_study, tmp_path):
+    from synthlearn.config import load_toml
+    from synthlearn.data.verify import verify_study
+    from synthlearn.synthesis.cases import synthesize
+    from synthlearn.training.generator import GeneratorConfig, train_generator
+
+    cfg = load_toml(GeneratorConfig, TINY_CONFIG, overrides={"label": "tumor_type"})
+    art = train_generator(tiny_study / "tcga", cfg, tmp_path / "artifact", seed=0, progress=False)
+    out = synthesize(art, 1, tmp_path / "syn", seed=0, progress=False)
+    assert verify_study(out, progress=False).ok
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["class_names"] == ["glioblastoma", "astrocytoma", "oligodendroglioma"]
