@@ -116,3 +116,13 @@ def test_shipped_configs_load(name):
     cfg = load_study_config(ROOT / "configs" / name)
     assert cfg.arms[0] == "centralized"
     assert all(s % 2 ** (len(cfg.model.channels) - 1) == 0 for s in cfg.preprocess.shape)
+
+
+def test_report_of_the_tiny_run(tiny_run, capsys):
+    out, _ = tiny_run
+    assert main(["study", "report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for arm in ("centralized", "local", "fedavg"):
+        assert f"| {arm}" in md
+    assert "data:image/png;base64," in page  # ROC / confusion figures embedded

@@ -4,6 +4,7 @@ report issue)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import logging
 
@@ -59,6 +60,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from synthlearn.report.html import write_report
+
+    html_path, md_path = write_report(args.run_dir)
+    print(f"report written to {html_path} and {md_path}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("study", help="run a multi-site study (all arms, same splits, one evaluation)")
     sub = parser.add_subparsers(dest="study_command", metavar="STUDY_COMMAND")
@@ -73,4 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = sub.add_parser("show", help="print the results table of a run folder")
     show.add_argument("run", help="run folder")
     show.set_defaults(handler=cmd_show)
+    report = sub.add_parser("report", help="write report.html (self-contained) and report.md of a run folder")
+    report.add_argument("run_dir", type=Path, help="run folder written by `synthlearn study run`")
+    report.set_defaults(handler=cmd_report)
     parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
