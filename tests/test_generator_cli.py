@@ -219,3 +219,21 @@ def test_tumour_type_generator(tiny_study, tmp_path):
     assert verify_study(out, progress=False).ok
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["class_names"] == ["glioblastoma", "astrocytoma", "oligodendroglioma"]
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_on_cpu(tiny_study, tmp_path):
+    """The DDP code path: two CPU processes (gloo) train one artifact."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    out = tmp_path / "artifact"
+    env = {"PYTHONPATH": str(ROOT / "src"), "SYNTHLEARN_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "synthlearn.cli",
+                           "train-generator", "--site", str(tiny_study / "tcga"), "--config", str(TINY_CONFIG),
+                           "--out", str(out), "-q"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from synthlearn.synthesis.artifact import verify_artifact
+
+    manifest = verify_artifact(out)
+    assert manifest["training"]["world_size"] == 2

@@ -125,3 +125,28 @@ def test_superres_starts_as_identity_and_checks_config():
         SuperResConfig(channels=(4, 6), norm_num_groups=4)
     with pytest.raises(ValueError, match="shape"):
         SuperResolution(SuperResConfig(channels=(4, 8), norm_num_groups=2), shape=(8, 8))
+
+
+def test_mask_dice_loss():
+    from synthlearn.models.autoencoder import mask_dice_loss
+
+    x = torch.zeros(2, 5, 8, 8, 8)
+    x[:, 4, 2:5, 2:5, 2:5] = 1
+    assert float(mask_dice_loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    y = torch.zeros_like(x)
+    y[:, 4, 5:8, 5:8, 5:8] = 1
+    assert float(mask_dice_loss(y, x)) > 0.95
+    assert float(mask_dice_loss(torch.zeros_like(x), torch.zeros_like(x))) == 0.0  # no tumour, none predicted
+
+
+def test_posterior_starts_narrow():
+    from synthlearn.models.autoencoder import build_autoencoder
+
+    x = torch.randn(1, 5, 8, 8, 8)
+    narrow = build_autoencoder(AutoencoderConfig(**TINY))
+    with torch.no_grad():
+        _, sigma = narrow.encode(x)
+    assert 0.02 < float(sigma.mean()) < 0.1  # exp(-6 / 2) ~ 0.05
+    default = build_autoencoder(AutoencoderConfig(**TINY, posterior_log_var_init=None))
+    with torch.no_grad():
+        assert float(default.encode(x)[1].mean()) > 0.3

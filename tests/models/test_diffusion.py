@@ -34,6 +34,7 @@ def test_forward_shape_and_class_dependence():
     (dict(attention_levels=(True,)), "entries"),
     (dict(label_dropout=1.0), "label_dropout"),
     (dict(schedule="sigmoid"), "schedule"),
+    (dict(prediction_type="sample"), "prediction_type"),
     (dict(num_train_timesteps=1), "num_train_timesteps"),
 ])
 def test_config_checks(kwargs, match):

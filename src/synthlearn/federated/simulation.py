@@ -57,7 +57,9 @@ def flower_environment(flwr_home: str | Path) -> dict[str, str]:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DEDUP_LOGS": "0",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # Ray nices its workers (15) by default: on a busy machine the sites then starve behind any other
+        # process and rounds time out; a site's training is the main work here, so run it at normal priority
+        "RAY_worker_niceness": "0",
         "PYTHONPATH": os.pathsep.join([src] + [p for p in paths if p != src]),
     }
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)

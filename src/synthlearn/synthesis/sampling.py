@@ -6,7 +6,7 @@ DDIM (Song et al. 2021, deterministic with ``eta = 0``) or DDPM (Ho et al. 2020)
 
     x_T ~ N(0, I)                                       (drawn from the caller's torch.Generator)
     for t in scheduler.timesteps:                       (e.g. 999, 979, ..., 0 for 50 DDIM steps)
-        eps_c = model(x_t, t, class)                    (conditional noise prediction)
+        eps_c = model(x_t, t, class)                    (conditional prediction: noise, or velocity v)
         eps_u = model(x_t, t, null)                     (unconditional, when guidance != 1)
         eps   = eps_u + g * (eps_c - eps_u)             (g = 1: purely conditional)
         x_{t-1} = scheduler.step(eps, t, x_t)           (DDPM draws its noise from the same generator)

@@ -319,14 +319,27 @@ def setup_runtime(cfg: GeneratorConfig) -> Runtime:
                     "convolutions ran ~50x slower in bf16 than fp32 (ENVIRONMENT.md, benchmarks)")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if rank > 0:
+        log.setLevel(logging.WARNING)  # rank 0 reports progress; the others only problems
     return Runtime(device=device, precision=cfg.precision, rank=rank, world_size=world)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, rt: Runtime) -> list[torch.Tensor]:
-    """This rank's batches of a seeded permutation of ``n`` items (the last partial batch is kept)."""
+    """This rank's batches of a seeded permutation of ``n`` items (the last partial batch is kept).
+
+    Under DDP every rank must take the same number of steps: the batch list is padded by wrapping around
+    (as ``DistributedSampler`` does) to a multiple of the world size, then dealt out round-robin.
+    """
     order = torch.randperm(n, generator=generator)
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    return batches[rt.rank :: rt.world_size] if rt.world_size > 1 else batches
+    if rt.world_size == 1:
+        return batches
+    original = len(batches)
+    i = 0
+    while len(batches) % rt.world_size:
+        batches.append(batches[i % original])
+        i += 1
+    return batches[rt.rank :: rt.world_size]
 
 
 def _random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -496,8 +509,8 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
                 if perceptual is not None:
                     p_loss = perceptual(recon, xb)
                     loss = loss + acfg.perceptual_weight * p_loss
-                if use_adv:
-                    g_adv = adv_loss(disc_run(recon)[-1].float(), target_is_real=True, for_discriminator=False)
+                if use_adv:  # the bare discriminator: its gradients here are discarded, nothing to all-reduce
+                    g_adv = adv_loss(disc(recon)[-1].float(), target_is_real=True, for_discriminator=False)
                     loss = loss + acfg.adv_weight * g_adv
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -505,9 +518,9 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
             _clip(ae.ae, cfg.grad_clip)
             scaler.step(opt)
             if use_adv:
-                with rt.autocast():
-                    logits_fake = disc_run(recon.detach())[-1].float()
-                    logits_real = disc_run(xb)[-1].float()
+                with rt.autocast():  # one forward over fake and real (GroupNorm is per sample): one DDP pass
+                    logits = disc_run(torch.cat([recon.detach(), xb]))[-1].float()
+                    logits_fake, logits_real = logits.chunk(2)
                     d_loss = 0.5 * (adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
                                     + adv_loss(logits_real, target_is_real=True, for_discriminator=True))
                 opt_d.zero_grad(set_to_none=True)
@@ -664,7 +677,8 @@ def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) ->
 def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      scale: float, cfg: GeneratorConfig, rt: Runtime, *, seed: int, ckpt: Path,
                      progress: bool) -> tuple[dict[str, list[float]], dict[str, torch.Tensor] | None]:
-    """Stage 3: DDPM noise prediction on scaled latents; ``classes`` -1 = unknown (trained as null class)."""
+    """Stage 3: DDPM noise (or velocity) prediction on scaled latents; ``classes`` -1 = unknown (trained as the
+    null class)."""
     dcfg = cfg.diffusion
     opt = torch.optim.AdamW(model.parameters(), lr=dcfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
@@ -699,10 +713,11 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
             t = torch.randint(0, dcfg.num_train_timesteps, (z.shape[0],), generator=gen)
             cls = drop_labels(targets[idx], dcfg.label_dropout, null, gen)
             noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
-            noisy, noise, t, cls = noisy.to(rt.device), noise.to(rt.device), t.to(rt.device), cls.to(rt.device)
+            target = noise if dcfg.prediction_type == "epsilon" else scheduler.get_velocity(z, noise, t)
+            noisy, target, t, cls = noisy.to(rt.device), target.to(rt.device), t.to(rt.device), cls.to(rt.device)
             with rt.autocast():
                 pred = run(noisy, t, cls).float()
-                loss = F.mse_loss(pred, noise)
+                loss = F.mse_loss(pred, target)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

@@ -1,0 +1,100 @@
+"""Generator training helpers: config checks, DDP batch dealing, patch sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthlearn.training.generator import (
+    GeneratorConfig,
+    Runtime,
+    _batches,
+    _patch_corner,
+    latent_scale_factor,
+    load_generator_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu", "paper"])
+def test_shipped_configs_load(name):
+    cfg = load_generator_config(CONFIGS / f"generator_{name}.toml")
+    assert cfg.label == "idh"
+
+
+def test_paper_config_is_paper_scale():
+    cfg = load_generator_config(CONFIGS / "generator_paper.toml")
+    assert cfg.shape == (128, 192, 192)
+    assert (cfg.autoencoder.latent_channels, *cfg.latent_shape) == (8, 16, 32, 32)
+    assert cfg.autoencoder.batch_size == 1 and cfg.precision == "bf16"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(label="mgmt"), "label must be one of"),
+    (dict(precision="fp8"), "precision"),
+    (dict(latent_shape=(64, 64, 64)), "more than twice"),
+    (dict(latent_shape=(6, 6, 6)), "divisible"),
+    (dict(tumour_patch_fraction=2.0), "tumour_patch_fraction"),
+    (dict(shape=(33, 33, 33), latent_shape=(8, 8, 8)), "divisible"),
+])
+def test_config_checks(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GeneratorConfig(**{"shape": (32, 32, 32), "latent_shape": (8, 8, 8), **kwargs})
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    from synthlearn.config import ConfigError
+
+    path = tmp_path / "g.toml"
+    path.write_text('base = "%s"\n[sampling]\nguidance = 3\n' % (CONFIGS / "generator_tiny.toml"))
+    with pytest.raises(ConfigError, match="sampling.guidance"):
+        load_generator_config(path)
+
+
+def test_batches_single_process_and_ddp_ranks_take_equal_steps():
+    g = torch.Generator().manual_seed(0)
+    single = _batches(7, 2, g, Runtime(torch.device("cpu"), "fp32"))
+    assert [len(b) for b in single] == [2, 2, 2, 1]
+    assert sorted(torch.cat(single).tolist()) == list(range(7))
+    per_rank = []
+    for rank in range(3):
+        per_rank.append(_batches(7, 2, torch.Generator().manual_seed(0), Runtime(torch.device("cpu"), "fp32",
+                                                                                rank=rank, world_size=3)))
+    assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank
+    covered = torch.cat([torch.cat(b) for b in per_rank]).unique()
+    assert covered.tolist() == list(range(7))
+
+
+def test_patch_corner_uniform_and_tumour_centred():
+    g = torch.Generator().manual_seed(0)
+    assert _patch_corner((16, 16, 16), None, g) is None
+    assert _patch_corner((16, 16, 16), (16, 16, 16), g) is None
+    for _ in range(20):
+        corner = _patch_corner((16, 16, 16), (8, 8, 8), g)
+        assert all(0 <= c <= 8 for c in corner)
+    mask = torch.zeros(1, 16, 16, 16)
+    mask[0, 13, 2, 7] = 1
+    for _ in range(5):
+        corner = _patch_corner((16, 16, 16), (8, 8, 8), g, mask, tumour_fraction=1.0)
+        assert corner == (8, 0, 3)  # centred on the tumour voxel, clamped to the volume
+
+
+def test_latent_scale_factor():
+    mu = torch.randn(64, 2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    scale = latent_scale_factor(mu, torch.zeros_like(mu), torch.Generator().manual_seed(1))
+    assert scale == pytest.approx(1 / 3, rel=0.05)
+    with pytest.raises(ValueError, match="did not train"):
+        latent_scale_factor(torch.zeros(2, 1, 2, 2, 2), torch.zeros(2, 1, 2, 2, 2), torch.Generator())
+
+
+def test_fp16_needs_cuda():
+    from synthlearn.training.generator import setup_runtime
+
+    cfg = dataclasses.replace(load_generator_config(CONFIGS / "generator_tiny.toml"), precision="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs CUDA"):
+            setup_runtime(cfg)
