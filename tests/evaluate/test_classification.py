@@ -64,3 +64,19 @@ def test_checks():
         bootstrap_auc_ci([0, 1], np.eye(2), ci=1.5)
     assert confusion_matrix([0, 1, 1], [1, 1, 0], 2).tolist() == [[0, 1], [1, 1]]
     assert roc_auc([1, 1], np.eye(2)) is None
+
+
+def test_fast_auc_equals_sklearn_with_ties_and_bootstrap_is_fast():
+    import time
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200) * 5) / 5  # many ties
+    p = np.stack([1 - s, s], 1)
+    assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, s))
+    y3 = rng.integers(0, 3, 200)
+    p3 = rng.dirichlet([1, 1, 1], 200)
+    assert roc_auc(y3, p3, positive=None) == pytest.approx(roc_auc_score(y3, p3, multi_class="ovr"))
+    t0 = time.perf_counter()
+    lo, hi = bootstrap_auc_ci(y3, p3, positive=None, n_bootstrap=1000)
+    assert time.perf_counter() - t0 < 2.0 and lo < hi

@@ -34,26 +34,46 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: 
     return cm
 
 
+def _auc_rows(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Binary ROC AUC of every row: ``positive`` and ``scores`` are ``(B, N)``; ties count one half
+    (Mann-Whitney U from average ranks, equal to ``sklearn.metrics.roc_auc_score``). NaN for rows with a
+    single class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    n_pos = positive.sum(axis=1)
+    n_neg = positive.shape[1] - n_pos
+    u = np.where(positive, ranks, 0.0).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def _auc_resamples(y: np.ndarray, p: np.ndarray, positive: int | None) -> np.ndarray:
+    """AUC of each row of ``(B, N)`` labels ``y`` and ``(B, N, K)`` probabilities ``p`` (binary, or macro
+    one-vs-rest over the classes present in that row); NaN where fewer than two classes are present."""
+    if positive is not None:
+        return _auc_rows(y == positive, p[..., positive])
+    per_class = np.stack([_auc_rows(y == k, p[..., k]) for k in range(p.shape[-1])], axis=1)
+    present = np.stack([(y == k).any(axis=1) for k in range(p.shape[-1])], axis=1)
+    n_present = present.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(present, per_class, 0.0).sum(axis=1) / n_present
+    return np.where(n_present >= 2, mean, np.nan)
+
+
 def roc_auc(y_true: Sequence[int], probs: np.ndarray, positive: int | None = 1) -> float | None:
     """AUC of the ROC curve: binary (score = probability of ``positive``) or, with ``positive=None``,
     macro one-vs-rest over the classes present. None when fewer than two classes are present."""
-    from sklearn.metrics import roc_auc_score
-
     y, p = _check(np.asarray(y_true), probs)
-    present = np.unique(y)
-    if present.size < 2:
+    if np.unique(y).size < 2:
         return None
-    if positive is not None:
-        return float(roc_auc_score(y == positive, p[:, positive]))
-    return float(np.mean([roc_auc_score(y == k, p[:, k]) for k in present]))
+    return float(_auc_resamples(y[None], p[None], positive)[0])
 
 
 def bootstrap_auc_ci(y_true: Sequence[int], probs: np.ndarray, positive: int | None = 1, *, n_bootstrap: int = 1000,
                      ci: float = 0.95, rng: np.random.Generator | None = None) -> tuple[float, float] | None:
-    """Percentile bootstrap CI of :func:`roc_auc`: cases are resampled with replacement; resamples with a
-    single class are redrawn (up to ``10 * n_bootstrap`` draws). None when the AUC is undefined."""
-    from sklearn.metrics import roc_auc_score
-
+    """Percentile bootstrap CI of :func:`roc_auc`: cases are resampled with replacement (``n_bootstrap``
+    resamples, vectorised); resamples with a single class are left out. None when the AUC is undefined."""
     y, p = _check(np.asarray(y_true), probs)
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), found {ci}")
@@ -62,20 +82,13 @@ def bootstrap_auc_ci(y_true: Sequence[int], probs: np.ndarray, positive: int | N
     if np.unique(y).size < 2:
         return None
     rng = rng if rng is not None else np.random.default_rng(0)
-    values: list[float] = []
-    draws = 0
-    while len(values) < n_bootstrap and draws < 10 * n_bootstrap:
-        draws += 1
-        idx = rng.integers(0, y.size, y.size)
-        yb, pb = y[idx], p[idx]
-        present = np.unique(yb)
-        if present.size < 2:
-            continue
-        if positive is not None:
-            values.append(float(roc_auc_score(yb == positive, pb[:, positive])))
-        else:
-            values.append(float(np.mean([roc_auc_score(yb == k, pb[:, k]) for k in present])))
-    if not values:
+    values = []
+    for start in range(0, n_bootstrap, 256):  # chunks keep memory at 256 x N x K
+        idx = rng.integers(0, y.size, (min(256, n_bootstrap - start), y.size))
+        values.append(_auc_resamples(y[idx], p[idx], positive))
+    values = np.concatenate(values)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
         return None
     alpha = (1.0 - ci) / 2.0
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
