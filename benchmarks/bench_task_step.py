@@ -51,14 +51,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels", default="8,16,32,64")
     parser.add_argument("--no-mamba", action="store_true")
+    parser.add_argument("--blas-unlimited", action="store_true",
+                        help="leave numpy's BLAS pool at its default size (shows the thread fight it causes)")
     parser.add_argument("--study", help="read real cases from this study instead of synthetic ones")
     args = parser.parse_args()
 
     from synthlearn.models.classifier import ClassifierConfig, build_classifier
     from synthlearn.training.trainer import TrainConfig, load_batch, train_model, voxel_loss
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    from synthlearn.runtime import configure_threads
+
+    if args.blas_unlimited:  # reproduce the spinning OpenBLAS pool (docs/benchmarks.md)
+        torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)
+    else:
+        configure_threads(args.threads)
     if args.study:
         from synthlearn.data.layouts import open_study
         from synthlearn.data.preprocess import PreprocessConfig

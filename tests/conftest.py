@@ -11,8 +11,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 import torch
 
-torch.set_num_threads(1)
-torch.set_flush_denormal(True)
+from synthlearn.runtime import configure_threads  # noqa: E402
+
+configure_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,23 @@ def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "study"
     make_phantom_study(out, preset="tiny", seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_study, tmp_path_factory):
+    """``synthlearn study run`` with configs/study_tiny.toml (centralized, local, fedavg) on the tiny study:
+    ``(run folder, seconds it took)``. Tests that add arms copy it first."""
+    import time
+    from pathlib import Path
+
+    from synthlearn.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "study_tiny.toml"
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    t0 = time.perf_counter()
+    rc = main(["study", "run", "--config", str(config), "--study", str(tiny_study), "--out", str(out), "-q"])
+    assert rc == 0
+    return out, time.perf_counter() - t0
 
 
 @pytest.fixture

@@ -10,13 +10,12 @@ import argparse
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 
 from synthlearn import __version__
 
 #: modules of synthlearn.commands whose register() adds verbs, in --help order
-COMMAND_MODULES = ("data", "study", "generator")
+COMMAND_MODULES = ("data", "study", "generator", "evaluate", "demo")
 
 log = logging.getLogger("synthlearn")
 
@@ -28,12 +27,9 @@ class UserError(Exception):
 def _setup_runtime() -> None:
     # 2-core machines: one torch thread per process avoids oversubscription (ENVIRONMENT.md);
     # a user may raise it with SYNTHLEARN_THREADS.
-    import torch
+    from synthlearn.runtime import configure_threads
 
-    torch.set_flush_denormal(True)
-    threads = int(os.environ.get("SYNTHLEARN_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    configure_threads()
 
 
 def build_parser() -> argparse.ArgumentParser:

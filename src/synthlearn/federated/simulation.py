@@ -40,7 +40,8 @@ class FederationError(RuntimeError):
 
 def flower_environment(flwr_home: str | Path) -> dict[str, str]:
     """Set the environment Flower and Ray need to stay offline and on loopback (ENVIRONMENT.md):
-    no telemetry, no update check, a project-local FLWR_HOME, Ray bound to 127.0.0.1. Also puts
+    no telemetry, no update check, a local FLWR_HOME (``flwr_home`` unless FLWR_HOME is already set, e.g.
+    by the Makefile), Ray bound to 127.0.0.1 and its workers at normal priority. Also puts
     synthlearn's source folder on PYTHONPATH so Ray workers import the same package.
 
     Returns:
@@ -53,7 +54,7 @@ def flower_environment(flwr_home: str | Path) -> dict[str, str]:
     env = {
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_HOME": str(Path(flwr_home).resolve()),
+        "FLWR_HOME": os.environ.get("FLWR_HOME") or str(Path(flwr_home).resolve()),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DEDUP_LOGS": "0",
@@ -117,8 +118,9 @@ class SiteTrainer:
         from synthlearn.strategies.base import DatasetCache
         from synthlearn.strategies.fedavg import site_update
 
-        torch.set_num_threads(self.cfg.threads_per_site)
-        torch.set_flush_denormal(True)
+        from synthlearn.runtime import configure_threads
+
+        configure_threads(self.cfg.threads_per_site)
         partition = int(context.node_config["partition-id"])
         name, cases = self.sites[partition]
         server_round = int(msg.content[CONFIG_KEY]["server-round"])
@@ -295,9 +297,13 @@ def run_fedavg_simulation(sites: Sequence[SiteRecord], setup: TrainingSetup, cfg
         bar = tqdm(total=cfg.rounds, initial=state.round, desc="fedavg", unit="round", leave=False)
     strategy = _make_strategy_class()(num_sites=len(sites), site_names=[s.name for s in sites], cfg=cfg,
                                       progress=state, checkpoint=checkpoint, bar=bar)
+    per_site = max(1, cpus // parallel)
     backend_config = {
-        "client_resources": {"num_cpus": max(1, cpus // parallel), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1",
+        # Ray runs as many sites at once as its CPU count allows: declare enough logical CPUs for `parallel`
+        # sites (more sites than cores time-share them, which single-thread sites do without spinning)
+        "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(cpus, parallel * per_site), "include_dashboard": False,
+                      "_node_ip_address": "127.0.0.1",
                       "log_to_driver": False, "logging_level": logging.ERROR},
     }
     t0 = time.perf_counter()

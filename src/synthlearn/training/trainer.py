@@ -212,7 +212,8 @@ def train_model(
 
     Args:
         model: a network mapping ``(B, 4, X, Y, Z)`` to per-voxel logits ``(B, K, X, Y, Z)``.
-        dataset: the preprocessed training cases.
+        dataset: the preprocessed training cases: anything with ``len()`` and ``arrays(i) -> (image (4, X, Y, Z),
+            seg (X, Y, Z))``, e.g. :class:`CaseDataset` or :class:`synthlearn.strategies.base.CasesView`.
         targets: class index of every case of ``dataset`` (unknown labels must be filtered out before).
         cfg: training settings.
         seed: run seed; data order, flips and dropout of epoch ``e`` are drawn from ``(seed, name, e)``.
@@ -326,7 +327,7 @@ def predict_probabilities(models: Sequence[nn.Module], dataset: CaseDataset, *, 
 
     Args:
         models: networks with the same number of classes K.
-        dataset: the cases.
+        dataset: the cases (``len()`` and ``arrays(i)``, as for :func:`train_model`).
 
     Returns:
         ``(N, K)`` float64 probabilities.
