@@ -6,7 +6,7 @@ import pytest
 
 from synthlearn.data.contract import SEQUENCES, Labels, normalize_label
 from synthlearn.data.io import read_case
-from synthlearn.data.layouts import StudyLayoutError, open_study
+from synthlearn.data.layouts import StudyLayoutError, open_case, open_study
 from tests.data.brats import write_brats_copy
 
 
@@ -77,3 +77,24 @@ def test_label_synonyms_and_invalid_values():
     assert normalize_label("mgmt", "") is None
     with pytest.raises(ValueError, match="idh='maybe'"):
         normalize_label("idh", "maybe")
+
+
+def test_open_case_reads_contract_and_brats_names(tiny_study, tmp_path):
+    site = open_study(tiny_study).sites[0]
+    ref = site.cases[0]
+    case = open_case(tiny_study / site.name / ref.case_id)
+    assert case.case_id == ref.case_id and case.site == site.name and case.images == ref.images
+    assert case.seg == ref.seg and case.labels == Labels()
+    write_brats_copy(tiny_study / site.name, tmp_path / "b", max_cases=1)
+    brats = open_case(tmp_path / "b" / ref.case_id, site="ext")
+    assert brats.site == "ext" and brats.images["t1c"].name == f"{ref.case_id}_t1ce.nii.gz"
+    np.testing.assert_array_equal(read_case(brats).seg, read_case(ref).seg)  # 4 mapped back to 3
+    (tmp_path / "b" / ref.case_id / f"{ref.case_id}_seg.nii.gz").unlink()
+    (tmp_path / "b" / ref.case_id / f"{ref.case_id}_t2.nii.gz").unlink()
+    partial = open_case(tmp_path / "b" / ref.case_id)
+    assert partial.seg is None and not partial.images["t2"].exists()  # the reader names the missing file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StudyLayoutError, match="not a case folder"):
+        open_case(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        open_case(tmp_path / "missing")

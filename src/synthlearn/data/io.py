@@ -65,11 +65,17 @@ def _atomic_write_bytes(path: Path, writer) -> None:
         raise
 
 
-def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write ``array`` (3D) with ``affine`` to ``path`` atomically; dtype is kept (float32, int8...)."""
+def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, description: str = "") -> None:
+    """Write ``array`` (3D, or 4D with a trailing channel axis) with ``affine`` to ``path`` atomically; dtype is
+    kept (float32, int8...). ``description`` goes into the header's ``descrip`` field (at most 80 bytes)."""
     path = Path(path)
+    if len(description.encode()) > 80:
+        raise ValueError(f"NIfTI description must be at most 80 bytes, found {len(description.encode())}: "
+                         f"{description!r}")
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
+    if description:
+        img.header["descrip"] = description
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
 

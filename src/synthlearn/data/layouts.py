@@ -10,6 +10,8 @@
    ``labels.csv``), e.g. what ``synthesize`` writes, or a folder of unlabelled cases;
 4. ``sites``: a folder of such site folders without ``study.json`` (every site has role ``external``).
 
+:func:`open_case` reads a single case folder in either file naming (``synthlearn predict``).
+
 Reading is cheap (no arrays are loaded). Structural problems (a missing file, a labels.csv row with an
 invalid value or without a case folder) do not raise: they are collected in ``Study.problems`` and
 :func:`synthlearn.data.verify.verify_study` reports them with the array checks. Code that needs a clean
@@ -233,6 +235,45 @@ def open_study(path: str | Path) -> Study:
         f"{root}: not a study. Expected study.json (synthlearn contract), BraTS-2021 case folders "
         f"(<case>/<case>_t1.nii.gz ...), or case folders with t1/t1c/t2/flair[.nii.gz]; found "
         f"{[p.name for p in sorted(root.iterdir())][:10]}"
+    )
+
+
+def open_case(path: str | Path, site: str = "") -> CaseRecord:
+    """Read one case folder, in contract names (``t1/t1c/t2/flair[/seg].nii.gz``) or BraTS-2021 names
+    (``<case>_t1.nii.gz``, ``<case>_t1ce.nii.gz``, ... ``<case>_seg.nii.gz``, seg 4 mapped to 3); no arrays
+    are loaded and the case has no labels.
+
+    A missing sequence keeps its expected path (as in :func:`open_study`), so the reader names it; a missing
+    segmentation is ``seg=None``.
+
+    Args:
+        path: the case folder.
+        site: site name to give the case (default: the parent folder's name).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        StudyLayoutError: ``path`` is not a folder or holds no file of either naming.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such case folder")
+    if not folder.is_dir():
+        raise StudyLayoutError(f"{folder}: expected a case folder, found a file")
+    site = site or _site_name(folder.resolve().parent)
+    if _is_brats_case(folder):
+        case_id = folder.name
+        images = {seq: _brats_file(folder, name) or folder / f"{case_id}_{name}.nii.gz"
+                  for seq, name in BRATS_SEQUENCE_NAMES.items()}
+        return CaseRecord(case_id=case_id, site=site, images=images, seg=_brats_file(folder, "seg"),
+                          labels=Labels(), seg_values=BRATS_SEG_VALUES, seg_map=((4, 3),), path=folder)
+    if _is_contract_case(folder):
+        images = {seq: find_nifti(folder, seq) or folder / f"{seq}.nii.gz" for seq in SEQUENCES}
+        return CaseRecord(case_id=folder.name, site=site, images=images, seg=find_nifti(folder, "seg"),
+                          labels=Labels(), path=folder)
+    raise StudyLayoutError(
+        f"{folder}: not a case folder. Expected t1/t1c/t2/flair[/seg].nii.gz or BraTS-2021 names "
+        f"{folder.name}_t1.nii.gz, {folder.name}_t1ce.nii.gz, {folder.name}_t2.nii.gz, {folder.name}_flair.nii.gz; "
+        f"found {[p.name for p in sorted(folder.iterdir())][:10]}"
     )
 
 

@@ -84,19 +84,22 @@ def zscore_nonzero(images: np.ndarray) -> np.ndarray:
     return out
 
 
+def _pad_crop_offsets(spatial: tuple[int, ...], shape: tuple[int, ...]) -> list[int]:
+    """Per axis, the input index that lands on output index 0 of a centred pad/crop (negative = padding)."""
+    return [-((want - have) // 2) if have <= want else (have - want) // 2 for have, want in zip(spatial, shape)]
+
+
 def _pad_crop_centered(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Centre-pad with zeros / centre-crop the last three axes of ``arr`` to ``shape``."""
     spatial = arr.shape[-3:]
     pads, slices = [], []
-    for have, want in zip(spatial, shape):
+    for have, want, offset in zip(spatial, shape, _pad_crop_offsets(spatial, shape)):
         if have <= want:
-            before = (want - have) // 2
-            pads.append((before, want - have - before))
+            pads.append((-offset, want - have + offset))
             slices.append(slice(None))
         else:
-            start = (have - want) // 2
             pads.append((0, 0))
-            slices.append(slice(start, start + want))
+            slices.append(slice(offset, offset + want))
     arr = arr[(..., *slices)]
     return np.pad(arr, [(0, 0)] * (arr.ndim - 3) + pads)
 
@@ -110,20 +113,44 @@ def _resample(images: np.ndarray, seg: np.ndarray | None, size: tuple[int, int, 
     return images, seg
 
 
+def _fit_size(spatial: tuple[int, ...], shape: tuple[int, ...], mode: str) -> tuple[int, ...] | None:
+    """The size :func:`fit_to_shape` resamples to before its centred pad/crop, or None (no resampling)."""
+    if mode == "resize":
+        return tuple(shape) if tuple(spatial) != tuple(shape) else None
+    if mode == "fit":
+        scale = min(1.0, *(w / h for w, h in zip(shape, spatial)))
+        if scale < 1.0:
+            return tuple(max(1, min(w, int(round(h * scale)))) for w, h in zip(shape, spatial))
+        return None
+    if mode == "pad":
+        return None
+    raise ValueError(f"mode must be fit, pad or resize, found {mode!r}")
+
+
+def _resampled_affine(affine: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray:
+    """Affine of a grid resampled from ``before`` to ``after`` voxels by :func:`_resample`
+    (``align_corners=False``: output voxel ``j`` sits at input coordinate ``(j + 0.5) * s - 0.5``, ``s = before /
+    after``), so world positions are kept."""
+    scale = np.array(before, dtype=float) / np.array(after, dtype=float)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = 0.5 * scale - 0.5
+    return np.asarray(affine, dtype=float) @ step
+
+
+def _shifted_affine(affine: np.ndarray, offsets) -> np.ndarray:
+    """Affine of a grid whose voxel 0 is voxel ``offsets`` of the grid of ``affine`` (crop, pad)."""
+    step = np.eye(4)
+    step[:3, 3] = np.asarray(offsets, dtype=float)
+    return np.asarray(affine, dtype=float) @ step
+
+
 def fit_to_shape(images: np.ndarray, seg: np.ndarray | None, shape: tuple[int, int, int], mode: str = "fit"):
     """Bring ``(C, X, Y, Z)`` images and ``(X, Y, Z)`` seg to ``shape`` (see :class:`PreprocessConfig`)."""
     shape = tuple(int(s) for s in shape)
-    spatial = images.shape[-3:]
-    if mode == "resize":
-        if tuple(spatial) != shape:
-            images, seg = _resample(images, seg, shape)
-    elif mode == "fit":
-        scale = min(1.0, *(w / h for w, h in zip(shape, spatial)))
-        if scale < 1.0:
-            size = tuple(max(1, min(w, int(round(h * scale)))) for w, h in zip(shape, spatial))
-            images, seg = _resample(images, seg, size)
-    elif mode != "pad":
-        raise ValueError(f"mode must be fit, pad or resize, found {mode!r}")
+    size = _fit_size(tuple(images.shape[-3:]), shape, mode)
+    if size is not None:
+        images, seg = _resample(images, seg, size)
     images = _pad_crop_centered(images, shape)
     if seg is not None:
         seg = _pad_crop_centered(seg, shape)
@@ -163,11 +190,11 @@ def resample_to_spacing(images: np.ndarray, seg: np.ndarray | None, affine: np.n
     target = np.asarray(spacing, dtype=float)
     if np.allclose(current, target, rtol=1e-3):
         return images, seg, affine
-    size = tuple(max(1, int(round(n * c / t))) for n, c, t in zip(images.shape[1:], current, target))
+    before = tuple(images.shape[1:])
+    size = tuple(max(1, int(round(n * c / t))) for n, c, t in zip(before, current, target))
     images, seg = _resample(images, seg, size)
-    new_affine = np.array(affine, dtype=float)
-    new_affine[:3, :3] = affine[:3, :3] / current * target
-    return images, seg, new_affine
+    # the exact grid of the resampled array (voxel size n * c / round(n * c / t), world positions kept)
+    return images, seg, _resampled_affine(affine, before, size)
 
 
 def preprocess_case(
@@ -185,6 +212,23 @@ def preprocess_case(
     Returns:
         ``(images, seg)``: ``(4, *cfg.shape)`` float32 and ``(*cfg.shape)`` int64 (or None).
     """
+    images, seg, _ = preprocess_case_on_grid(images, seg, cfg, affine)
+    return images, seg
+
+
+def preprocess_case_on_grid(
+    images: np.ndarray, seg: np.ndarray | None, cfg: PreprocessConfig, affine: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`preprocess_case`, also returning the voxel-to-world affine of the preprocessed grid.
+
+    The affine follows every step (reorientation, resampling, crop, fit, pad), so a map computed on the
+    preprocessed grid (e.g. voxel-wise class probabilities) lands on the right world positions when it is
+    saved as NIfTI with it. Without ``affine`` the input grid is taken as the identity (voxel = mm).
+
+    Returns:
+        ``(images, seg, grid_affine)``: ``(4, *cfg.shape)`` float32, ``(*cfg.shape)`` int64 (or None) and
+        the ``(4, 4)`` affine of the output grid.
+    """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be (C, X, Y, Z), found shape {images.shape}")
@@ -198,11 +242,21 @@ def preprocess_case(
             images, seg, affine = resample_to_spacing(images, seg, affine, cfg.spacing)
     elif cfg.spacing is not None:
         raise ValueError("preprocess.spacing is set but no affine was given: the voxel size is unknown")
+    else:
+        affine = np.eye(4)
     if cfg.crop:
-        images, seg = crop_to_brain(images, seg)
+        box = brain_bbox(images)
+        affine = _shifted_affine(affine, [b.start for b in box])
+        images, seg = images[(slice(None), *box)], (seg[box] if seg is not None else None)
     if cfg.zscore:
         images = zscore_nonzero(images)
-    images, seg = fit_to_shape(images, seg, cfg.shape, cfg.mode)
+    shape = tuple(int(v) for v in cfg.shape)
+    size = _fit_size(tuple(images.shape[1:]), shape, cfg.mode)
+    if size is not None:
+        affine = _resampled_affine(affine, tuple(images.shape[1:]), size)
+    spatial = tuple(images.shape[1:]) if size is None else size
+    affine = _shifted_affine(affine, _pad_crop_offsets(spatial, shape))
+    images, seg = fit_to_shape(images, seg, shape, cfg.mode)
     if seg is not None:
         seg = seg.astype(np.int64)
-    return images, seg
+    return images, seg, affine
