@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,10 +192,13 @@ class SiteTensors:
     cases: tuple[CaseRecord, ...]
 
 
-def open_site(site_dir: str | Path, cfg: GeneratorConfig) -> tuple[CaseRecord, ...]:
+def open_site(site_dir: str | Path, cfg: GeneratorConfig,
+              case_ids: Sequence[str] | None = None) -> tuple[CaseRecord, ...]:
     """Check that ``site_dir`` is one clean site with segmentations and labels for ``cfg.label``.
 
-    Reads every array (``verify_study``) and raises before anything is written.
+    Reads every array (``verify_study``) and raises before anything is written. With ``case_ids``, only
+    those cases are returned (e.g. a site that keeps some cases out of generator training as the
+    non-members of a privacy audit); an id that is not in the site is an error.
 
     Raises:
         FileNotFoundError: no such folder.
@@ -216,6 +219,12 @@ def open_site(site_dir: str | Path, cfg: GeneratorConfig) -> tuple[CaseRecord, .
         more = f"\n  ... and {len(report.problems) - 30} more" if len(report.problems) > 30 else ""
         raise ValueError(f"{site_dir}: {len(report.problems)} problem(s) in the site data:\n  {lines}{more}")
     cases = study.sites[0].cases
+    if case_ids is not None:
+        wanted = set(case_ids)
+        unknown = sorted(wanted - {c.case_id for c in cases})
+        if unknown:
+            raise ValueError(f"{site_dir}: case_ids not in the site: {unknown[:10]}")
+        cases = tuple(c for c in cases if c.case_id in wanted)
     if not cases:
         raise ValueError(f"{site_dir}: expected case folders, found none")
     no_seg = [c.case_id for c in cases if c.seg is None or not Path(c.seg).is_file()]
@@ -810,7 +819,7 @@ def _prepare_out(out: Path, identity: dict[str, Any]) -> Path:
 
 
 def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int = 0, *,
-                    progress: bool = True) -> Path:
+                    case_ids: Sequence[str] | None = None, progress: bool = True) -> Path:
     """Train a site's generator and write its artifact.
 
     Args:
@@ -819,6 +828,8 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
         cfg: the generator settings (e.g. ``load_generator_config("configs/generator_cpu.toml")``).
         out: the artifact folder (new or empty; an unfinished run of the same site/config/seed resumes).
         seed: every random choice derives from it; same seed, same artifact bytes (CPU, one thread).
+        case_ids: train on these cases of the site only (default: all); the others stay unseen by the
+            generator (the privacy audit's non-members). The manifest records the count, never the ids.
         progress: tqdm bars.
 
     Returns:
@@ -839,7 +850,7 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
     if cfg.autoencoder.perceptual_weights and not Path(cfg.autoencoder.perceptual_weights).is_file():
         make_perceptual_loss(cfg.autoencoder)  # raises FileNotFoundError with the fix, before anything is written
     t0 = time.perf_counter()
-    cases = open_site(site_dir, cfg)
+    cases = open_site(site_dir, cfg, case_ids)
     fingerprint = data_fingerprint(cases, include_ids=False)
     rt = setup_runtime(cfg)
     identity = _run_identity(cfg, seed, fingerprint)
