@@ -16,15 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "study_tiny.toml"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_study, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    t0 = time.perf_counter()
-    rc = main(["study", "run", "--config", str(TINY), "--study", str(tiny_study), "--out", str(out), "-q"])
-    assert rc == 0
-    return out, time.perf_counter() - t0
-
-
 def _check_metrics(entry):
     assert set(entry) >= {"acc", "sen", "spe", "auc", "auc_ci"}
     for key in ("acc", "sen", "spe", "auc"):
@@ -111,7 +102,8 @@ def test_unknown_arm_and_bad_config(tmp_path, tiny_study):
         load_study_config(bad)
 
 
-@pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml"])
+@pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml", "demo.toml",
+                                  "demo_tiny.toml", "demo_paper.toml"])
 def test_shipped_configs_load(name):
     cfg = load_study_config(ROOT / "configs" / name)
     assert cfg.arms[0] == "centralized"

@@ -43,6 +43,7 @@ from synthlearn.data.io import atomic_write_text, write_json
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.models.classifier import ClassifierConfig
 from synthlearn.strategies.base import ArmContext, ArmOutput, DatasetCache, TaskModel, TrainingSetup
+from synthlearn.strategies.catphishing import CatphishingConfig
 from synthlearn.strategies.fedavg import FedAvgConfig
 from synthlearn.tasks import get_task
 from synthlearn.training.trainer import TrainConfig
@@ -54,6 +55,7 @@ ARMS: dict[str, str] = {
     "centralized": "synthlearn.strategies.centralized",
     "local": "synthlearn.strategies.local",
     "fedavg": "synthlearn.strategies.fedavg",
+    "catphishing": "synthlearn.strategies.catphishing",
 }
 
 REFERENCE_ARM = "centralized"
@@ -85,11 +87,15 @@ class StudyConfig:
         arms: arms to run, in order (``centralized`` first: the others are tested against it).
         seed: run seed (every arm uses it the same way).
         n_folds: k-fold ensemble size (paper: 5).
+        threads: torch threads of the training process (0 = leave torch's default or SYNTHLEARN_THREADS).
+            On a CPU shared with other work, 1 is much faster than 2: two OpenMP threads on two busy cores
+            wait for each other (measured 10x slower steps at 32^3).
         description: free text saved with the run (e.g. measured size and run time).
         preprocess: preprocessing (``[preprocess]``).
         model: task network (``[model]``).
         train: task-model training (``[train]``).
         fedavg: FedAvg arm (``[fedavg]``).
+        catphishing: CATphishing arm (``[catphishing]``: generator config, cases per class, filter, audits).
         evaluate: evaluation (``[evaluate]``).
         arm_options: free tables for arms registered elsewhere (``[arm_options.<arm>]``), parsed by the arm.
     """
@@ -99,11 +105,13 @@ class StudyConfig:
     arms: tuple[str, ...] = ("centralized", "local", "fedavg")
     seed: int = 0
     n_folds: int = 5
+    threads: int = 0
     description: str = ""
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ClassifierConfig = ClassifierConfig()
     train: TrainConfig = TrainConfig()
     fedavg: FedAvgConfig = FedAvgConfig()
+    catphishing: CatphishingConfig = CatphishingConfig()
     evaluate: EvaluationConfig = EvaluationConfig()
     arm_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -115,6 +123,8 @@ class StudyConfig:
             raise ValueError(f"arms must not repeat, found {list(self.arms)}")
         if self.n_folds < 1:
             raise ValueError(f"n_folds must be >= 1, found {self.n_folds}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, found {self.threads}")
 
     @property
     def setup(self) -> TrainingSetup:
@@ -182,6 +192,11 @@ def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str) -> dic
     d = to_dict(cfg.setup)
     if arm == "fedavg":
         d["fedavg"] = to_dict(cfg.fedavg)
+    if arm == "catphishing":
+        from synthlearn.strategies.catphishing import load_generator_for_task
+
+        d["catphishing"] = to_dict(cfg.catphishing)
+        d["generator"] = to_dict(load_generator_for_task(cfg.catphishing.generator, cfg.task))  # content, not path
     d["arm_options"] = _clean(cfg.arm_options.get(arm, {}))
     d["data_sha256"] = fingerprint_sha
     return d
@@ -354,8 +369,15 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     from synthlearn.runinfo import data_fingerprint, write_run_info
 
     out = Path(out)
+    from synthlearn.runtime import configure_threads
+
+    configure_threads(cfg.threads)
     for arm in cfg.arms:
         resolve_arm(arm)  # unknown arms fail before any training
+    if "catphishing" in cfg.arms:  # a missing or bad generator config fails before any training too
+        from synthlearn.strategies.catphishing import load_generator_for_task
+
+        load_generator_for_task(cfg.catphishing.generator, cfg.task)
     study = open_study(cfg.study)
     if study.problems:
         listing = "\n".join(f"  {p}" for p in study.problems[:20])

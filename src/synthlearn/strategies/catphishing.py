@@ -1,0 +1,435 @@
+"""The ``catphishing`` arm (paper 000): every training site trains a generator on its own cases and ships
+it once; the server samples synthetic cases, filters them for diversity and trains the task model on the
+pooled synthetic data only.
+
+What happens, in order (each step resumes from what a previous run left in the arm folder):
+
+1. **At each site** (a separate process that is given only that site's folder, so no site's code can read
+   another site's cases): :func:`synthlearn.training.generator.train_generator` on the site's cases minus a
+   stratified privacy holdout (``holdout_fraction``; the held-out cases never reach the generator and are
+   the non-members of the membership audit). The artifact (safetensors + SHA-256 manifest) is what crosses
+   the site boundary: ``bytes_from_sites`` is the sum of the artifacts' file sizes.
+2. **At the server**: :func:`synthlearn.synthesis.cases.synthesize` verifies each artifact (a tampered one
+   is refused) and writes ``per_class`` cases per class; the diversity filter
+   (:func:`synthlearn.synthesis.diversity.filter_site`: whole-tumour radiomics, pairwise distances within
+   the site, drop one case of every pair closer than the ``diversity_percentile``-th percentile) keeps the
+   training set; the task model is trained on the kept cases of every site, pooled, with the same trainer
+   and setup as every other arm.
+3. **Audits** (``audit = true``): per-sequence Frechet radiomics distances real vs synthetic per site and
+   the cross-site matrix (:func:`synthlearn.evaluate.fidelity.fidelity`), BRISQUE and PIQE real vs
+   synthetic, and per site the SSIM membership inference with its negative and positive controls and the
+   copy rate with a montage of the closest pairs (:func:`synthlearn.evaluate.privacy.audit_site`). The
+   audits read the real cases at the site that owns them; only their numbers would leave a site.
+
+Arm folder::
+
+    catphishing/artifacts/<site>/         what each site ships (manifest.json, *.safetensors, loss curves)
+    catphishing/holdout/<site>.json       the site's privacy holdout (stays at the site)
+    catphishing/synthetic/<site>/         the server's synthetic cases (a site folder of the data contract)
+                                          + synthesis.json + diversity.json
+    catphishing/model/                    the task model trained on synthetic data
+    catphishing/figures/                  FID matrix, synthetic vs real grid, privacy montages
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from synthlearn.data.contract import CaseRecord, SiteRecord
+from synthlearn.data.io import write_json
+from synthlearn.strategies.base import ArmContext, ArmOutput, train_task_model
+from synthlearn.training.seeding import derive_seed, numpy_generator
+
+log = logging.getLogger(__name__)
+
+#: the repository (relative generator-config paths are looked up in the working directory, then here)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+#: the task -> the label the generators are conditioned on
+GENERATOR_LABEL = {"idh": "idh", "tumor_type": "tumor_type"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CatphishingConfig:
+    """The CATphishing arm (``[catphishing]`` of a study config).
+
+    Attributes:
+        generator: generator config TOML (``configs/generator_*.toml``; a relative path is looked up in the
+            working directory, then in the synthlearn repository).
+            Its ``label`` is set from the study task (``idh`` or ``tumor_type``).
+        per_class: synthetic cases generated per class per site (paper: 1600).
+        steps: sampling steps (None: the generator config's ``sampling.steps``).
+        guidance: classifier-free guidance scale (None: the generator config's).
+        holdout_fraction: share of each site's cases (stratified by class) kept out of generator training
+            as the non-members of the privacy audit (0 = train on every case and skip the membership audit).
+        diversity_filter: apply the diversity filter (paper: yes).
+        diversity_percentile: the filter's percentile (paper: 20).
+        diversity_threshold_from: ``pairs`` (percentile of all pairwise distances, the paper's words) or
+            ``nearest`` (percentile of each case's nearest-neighbour distance); see
+            :func:`synthlearn.synthesis.diversity.diversity_keep_mask`.
+        parallel_sites: sites training their generators at the same time (0 = as many as CPU cores allow).
+        threads_per_site: torch threads of each site's process.
+        audit: run the fidelity, image-quality and privacy audits.
+        fidelity_extractor: ``radiomics`` (default, needs no weights) or ``torch`` with ``fidelity_weights``.
+        fidelity_weights: a TorchScript/state-dict file of a feature network for the Frechet distance (user
+            supplied; nothing is downloaded).
+        fidelity_n: real and synthetic cases per site for the Frechet distances (paper: 300 vs 300).
+        quality_n: cases per site scored with BRISQUE and PIQE.
+        privacy_n_synthetic: synthetic cases per site the membership attack compares against (None: all
+            generated cases).
+    """
+
+    generator: str = "configs/generator_cpu.toml"
+    per_class: int = 1600
+    steps: int | None = None
+    guidance: float | None = None
+    holdout_fraction: float = 0.25
+    diversity_filter: bool = True
+    diversity_percentile: float = 20.0
+    diversity_threshold_from: Literal["pairs", "nearest"] = "pairs"
+    parallel_sites: int = 0
+    threads_per_site: int = 1
+    audit: bool = True
+    fidelity_extractor: Literal["radiomics", "torch"] = "radiomics"
+    fidelity_weights: str = ""
+    fidelity_n: int = 300
+    quality_n: int = 300
+    privacy_n_synthetic: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_class < 1:
+            raise ValueError(f"catphishing.per_class must be >= 1, found {self.per_class}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"catphishing.holdout_fraction must be in [0, 1), found {self.holdout_fraction}")
+        if not 0.0 < self.diversity_percentile < 100.0:
+            raise ValueError(f"catphishing.diversity_percentile must be in (0, 100), found "
+                             f"{self.diversity_percentile}")
+        if self.parallel_sites < 0 or self.threads_per_site < 1:
+            raise ValueError(f"catphishing.parallel_sites must be >= 0 and threads_per_site >= 1, found "
+                             f"{self.parallel_sites}, {self.threads_per_site}")
+        if self.fidelity_n < 2 or self.quality_n < 1:
+            raise ValueError(f"catphishing.fidelity_n must be >= 2 and quality_n >= 1, found {self.fidelity_n}, "
+                             f"{self.quality_n}")
+        if self.fidelity_extractor == "torch" and not self.fidelity_weights:
+            raise ValueError("catphishing.fidelity_extractor = 'torch' needs fidelity_weights = '<path to a feature "
+                             "network>' (synthlearn never downloads weights); or use 'radiomics'")
+
+
+def load_generator_for_task(path: str | Path, task: str):
+    """The generator config at ``path`` with its ``label`` set from the study task.
+
+    Raises:
+        FileNotFoundError: no such file (names the fix).
+    """
+    from synthlearn.training.generator import load_generator_config
+
+    given = Path(path)
+    candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"catphishing.generator = {str(given)!r}: no such generator config (looked in "
+                                f"{', '.join(str(p.parent.resolve()) for p in candidates)}; see configs/generator_*.toml)")
+    gcfg = load_generator_config(found)
+    label = GENERATOR_LABEL[task]
+    return gcfg if gcfg.label == label else dataclasses.replace(gcfg, label=label)
+
+
+def privacy_holdout(site: SiteRecord, fraction: float, label: str, seed: int) -> tuple[list[str], list[str]]:
+    """Split a site's cases into generator-training members and held-out non-members.
+
+    Within each class of ``label`` (unknown labels form their own group), cases sorted by id are shuffled
+    with ``numpy_generator(seed, "privacy-holdout", site, class)`` and the first ``floor(fraction * n)``
+    held out, so the split is stratified and reproducible.
+
+    Returns:
+        ``(member_ids, holdout_ids)``, both sorted.
+    """
+    groups: dict[str, list[str]] = {}
+    for case in site.cases:
+        groups.setdefault(case.labels.get(label) or "unknown", []).append(case.case_id)
+    members, holdout = [], []
+    for cls, ids in sorted(groups.items()):
+        ids = sorted(ids)
+        order = numpy_generator(seed, "privacy-holdout", site.name, cls).permutation(len(ids))
+        k = int(np.floor(fraction * len(ids)))
+        holdout += [ids[i] for i in order[:k]]
+        members += [ids[i] for i in order[k:]]
+    return sorted(members), sorted(holdout)
+
+
+# ------------------------------------------------------------------------------------ site and server steps
+def _site_worker(site_dir: str, gcfg, out: str, seed: int, case_ids: list[str], threads: int) -> float:
+    """Runs in its own process, given one site's folder only: train that site's generator."""
+    from synthlearn.runtime import configure_threads
+    from synthlearn.training.generator import train_generator
+
+    configure_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    train_generator(Path(site_dir), gcfg, Path(out), seed=seed, case_ids=case_ids, progress=False)
+    return time.perf_counter() - t0
+
+
+def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: int | None, guidance: float | None,
+                   label: str, filter_cfg: tuple[bool, float, str] | None, threads: int) -> dict:
+    """Runs at the server: synthesize from one artifact, then the diversity filter on its cases."""
+    from synthlearn.runtime import configure_threads
+    from synthlearn.synthesis.cases import synthesize
+    from synthlearn.synthesis.diversity import filter_site
+
+    configure_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    if not (Path(out) / "synthesis.json").is_file():
+        synthesize(Path(artifact), per_class, Path(out), seed=seed, steps=steps, guidance=guidance, progress=False)
+    t1 = time.perf_counter()
+    if filter_cfg is not None and not (Path(out) / "diversity.json").is_file():
+        _, percentile, threshold_from = filter_cfg
+        filter_site(out, percentile, threshold_from=threshold_from, label_column=label)
+    return {"synthesis_s": t1 - t0, "filter_s": time.perf_counter() - t1}
+
+
+def _pool(n_jobs: int, cfg: CatphishingConfig) -> ProcessPoolExecutor:
+    import multiprocessing
+
+    cpus = os.cpu_count() or 1
+    parallel = cfg.parallel_sites or max(1, min(n_jobs, cpus // cfg.threads_per_site))
+    return ProcessPoolExecutor(max_workers=max(1, min(parallel, n_jobs)),
+                               mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_jobs(jobs: dict[str, tuple], fn, cfg: CatphishingConfig, desc: str, progress: bool) -> dict[str, Any]:
+    """Run ``fn(*args)`` for every site in worker processes, with a progress bar over sites."""
+    from tqdm.auto import tqdm
+
+    if not jobs:
+        return {}
+    results = {}
+    with _pool(len(jobs), cfg) as pool:
+        futures = {pool.submit(fn, *args): site for site, args in jobs.items()}
+        bar = tqdm(total=len(futures), desc=desc, unit="site", disable=not progress, leave=False)
+        from concurrent.futures import as_completed
+
+        for fut in as_completed(futures):
+            site = futures[fut]
+            try:
+                results[site] = fut.result()
+            except Exception as exc:
+                raise RuntimeError(f"catphishing: {desc} failed at site {site}: {type(exc).__name__}: {exc}") from exc
+            bar.update(1)
+            log.info("catphishing: %s done for site %s", desc, site)
+        bar.close()
+    return results
+
+
+def _kept_cases(syn_dir: Path, use_filter: bool) -> tuple[list[CaseRecord], list[CaseRecord]]:
+    """All synthetic cases of a site folder and those the diversity filter kept."""
+    from synthlearn.data.layouts import open_study
+    from synthlearn.synthesis.diversity import read_kept_case_ids
+
+    cases = sorted(open_study(syn_dir).sites[0].cases, key=lambda c: c.case_id)
+    if not use_filter:
+        return cases, cases
+    kept = set(read_kept_case_ids(syn_dir))
+    return cases, [c for c in cases if c.case_id in kept]
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def plot_fid_matrix(result: dict, path: Path) -> Path:
+    """Heatmaps of the cross-site Frechet distance (synthetic site rows x real site columns), one panel per
+    sequence (paper Table 3)."""
+    from synthlearn.report.plots import _pyplot
+
+    plt = _pyplot()
+    seqs = result["sequences"]
+    fig, axes = plt.subplots(1, len(seqs), figsize=(3.2 * len(seqs), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], seqs):
+        m = np.asarray(result["matrix"][s], dtype=float)
+        im = ax.imshow(m, cmap="viridis")
+        ax.set_title(f"{s}: Frechet radiomics distance", fontsize=8)
+        ax.set_xticks(range(len(result["real_sites"])), [f"real {x}" for x in result["real_sites"]],
+                      rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(result["synthetic_sites"])), [f"syn {x}" for x in result["synthetic_sites"]],
+                      fontsize=7)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] < np.nanmean(m) else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_synthetic_vs_real(real: dict[str, list[CaseRecord]], synthetic: dict[str, list[CaseRecord]],
+                           label: str, path: Path, per_site: int = 2) -> Path:
+    """Paper Fig. 2: for each site, ``per_site`` real and synthetic cases (one of each class where possible)
+    with their tumour contours, rows alternating real / synthetic."""
+    from synthlearn.report.grid import draw_case_grid, pick_cases
+
+    cases, titles = [], []
+    for site in synthetic:
+        r = pick_cases(real.get(site, []), per_site) if real.get(site) else []
+        s = pick_cases(synthetic[site], per_site)
+        for a, b in zip(r, s):
+            cases += [a, b]
+            titles += [f"REAL {site} {a.case_id}: {label} {a.labels.get(label)}",
+                       f"SYNTHETIC {site} {b.case_id}: {label} {b.labels.get(label)}"]
+    return draw_case_grid(cases, path, title="Real (odd rows) vs synthetic (even rows) cases per site",
+                          row_titles=titles)
+
+
+# --------------------------------------------------------------------------------------------------- audits
+def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dict[str, list[str]],
+               holdout: dict[str, list[str]], generated: dict[str, list[CaseRecord]],
+               kept: dict[str, list[CaseRecord]]) -> dict[str, Any]:
+    """Fidelity, image quality and privacy of every site's synthetic data (see the module docstring)."""
+    from synthlearn.evaluate.fidelity import TorchFeatures, fidelity, image_quality
+    from synthlearn.evaluate.privacy import audit_site
+
+    pre = ctx.setup.preprocess
+    figures = ctx.arm_dir / "figures"
+    real = {s.name: list(s.cases) for s in ctx.train_sites}
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    extractor: Any = "radiomics"
+    if cfg.fidelity_extractor == "torch":
+        extractor = TorchFeatures(weights_path=cfg.fidelity_weights)
+    fid = fidelity(real, kept, extractor=extractor, n_real=cfg.fidelity_n, n_synthetic=cfg.fidelity_n,
+                   seed=ctx.setup.seed, preprocess=pre, progress=ctx.progress)
+    fid["figure"] = str(plot_fid_matrix(fid, figures / "fid_matrix.png").relative_to(ctx.arm_dir.parent))
+    fid["wall_s"] = time.perf_counter() - t0
+    out["fidelity"] = fid
+    t0 = time.perf_counter()
+    iq = image_quality(real, kept, n_real=cfg.quality_n, n_synthetic=cfg.quality_n, seed=ctx.setup.seed,
+                       preprocess=pre)
+    iq["wall_s"] = time.perf_counter() - t0
+    out["image_quality"] = iq
+    draw_synthetic_vs_real(real, kept, label, figures / "synthetic_vs_real.png")
+    privacy: dict[str, Any] = {}
+    by_id = {s.name: {c.case_id: c for c in s.cases} for s in ctx.train_sites}
+    for site in generated:
+        if not holdout[site] or len(holdout[site]) < 2 or len(members[site]) < 2:
+            privacy[site] = {"skipped": f"needs >= 2 held-out and >= 2 member cases (holdout_fraction "
+                                        f"{cfg.holdout_fraction}; found {len(holdout[site])} and {len(members[site])})"}
+            continue
+        syn = generated[site]
+        if cfg.privacy_n_synthetic is not None and len(syn) > cfg.privacy_n_synthetic:
+            idx = numpy_generator(ctx.setup.seed, "privacy-synthetic", site).choice(
+                len(syn), cfg.privacy_n_synthetic, replace=False)
+            syn = [syn[i] for i in sorted(idx)]
+        t0 = time.perf_counter()
+        result = audit_site([by_id[site][i] for i in members[site]], [by_id[site][i] for i in holdout[site]], syn,
+                            preprocess=pre, seed=ctx.setup.seed, montage_path=figures / f"privacy_closest_{site}.png",
+                            progress=ctx.progress)
+        if result.get("montage"):
+            result["montage"] = str(Path(result["montage"]).relative_to(ctx.arm_dir.parent))
+        result["wall_s"] = time.perf_counter() - t0
+        privacy[site] = result
+    out["privacy"] = privacy
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ arm
+def run(ctx: ArmContext) -> ArmOutput:
+    """Train one generator per training site, synthesize, filter, train the task model on synthetic data."""
+    from synthlearn.synthesis.artifact import artifact_bytes, read_manifest, verify_artifact
+
+    cfg: CatphishingConfig = ctx.config.catphishing
+    task = ctx.setup.task
+    label = GENERATOR_LABEL[task]
+    gcfg = load_generator_for_task(cfg.generator, task)
+    seed = ctx.setup.seed
+    arm_dir = ctx.arm_dir
+    sites = {s.name: s for s in ctx.train_sites}
+    for s in ctx.train_sites:
+        if s.path is None:
+            raise ValueError(f"catphishing: training site {s.name} has no folder; every site trains its generator "
+                             f"on its own folder")
+
+    # 1. at each site: privacy holdout, then the generator on the remaining cases
+    members, holdout = {}, {}
+    for name, site in sites.items():
+        members[name], holdout[name] = privacy_holdout(site, cfg.holdout_fraction, label, seed)
+        write_json(arm_dir / "holdout" / f"{name}.json",
+                   {"site": name, "fraction": cfg.holdout_fraction, "members": members[name],
+                    "holdout": holdout[name], "note": "stays at the site: the privacy audit's non-members"})
+    artifacts = {name: arm_dir / "artifacts" / name for name in sites}
+    jobs = {name: (str(sites[name].path), gcfg, str(artifacts[name]), seed, members[name], cfg.threads_per_site)
+            for name in sites if not (artifacts[name] / "manifest.json").is_file()}
+    log.info("catphishing: training %d site generator(s) (%d already done)", len(jobs), len(sites) - len(jobs))
+    t0 = time.perf_counter()
+    walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress)
+    generator_wall = time.perf_counter() - t0
+    shipped = {}
+    for name in sites:
+        verify_artifact(artifacts[name])  # what arrives at the server is checked before use
+        manifest = read_manifest(artifacts[name])
+        shipped[name] = {"bytes": artifact_bytes(artifacts[name]), "training_cases": len(members[name]),
+                         "holdout_cases": len(holdout[name]), "class_counts": manifest["class_counts"],
+                         "wall_s": walls.get(name, manifest["training"]["wall_time_s"])}
+
+    # 2. at the server: synthesize, filter, train the task model on the pooled kept cases
+    syn_dirs = {name: arm_dir / "synthetic" / name for name in sites}
+    filter_cfg = (True, cfg.diversity_percentile, cfg.diversity_threshold_from) if cfg.diversity_filter else None
+    jobs = {name: (str(artifacts[name]), str(syn_dirs[name]), cfg.per_class, derive_seed(seed, "synthesize", name),
+                   cfg.steps, cfg.guidance, label, filter_cfg, cfg.threads_per_site)
+            for name in sites if not ((syn_dirs[name] / "synthesis.json").is_file()
+                                      and (filter_cfg is None or (syn_dirs[name] / "diversity.json").is_file()))}
+    t0 = time.perf_counter()
+    server_times = _run_jobs(jobs, _server_worker, cfg, "synthesis + diversity filter", ctx.progress)
+    synthesis_wall = time.perf_counter() - t0
+    generated, kept, synthetic = {}, {}, {}
+    for name in sites:
+        generated[name], kept[name] = _kept_cases(syn_dirs[name], cfg.diversity_filter)
+        synthesis = json.loads((syn_dirs[name] / "synthesis.json").read_text())
+        entry: dict[str, Any] = {"generated": len(generated[name]), "kept": len(kept[name]),
+                                 "per_class": synthesis["classes"], **server_times.get(name, {})}
+        if cfg.diversity_filter:
+            div = json.loads((syn_dirs[name] / "diversity.json").read_text())
+            entry["diversity"] = {k: div[k] for k in ("n_before", "n_after", "percentile", "threshold_from",
+                                                      "threshold", "per_class", "n_close_pairs")}
+        synthetic[name] = entry
+    pooled = [c for name in sites for c in kept[name]]
+    if not pooled:
+        raise ValueError("catphishing: no synthetic case survived synthesis and filtering; see "
+                         f"{arm_dir / 'synthetic'}")
+    log.info("catphishing: training the task model on %d synthetic cases (%s)", len(pooled),
+             ", ".join(f"{n}: {len(kept[n])}/{len(generated[n])} kept" for n in sites))
+    t0 = time.perf_counter()
+    model = train_task_model(pooled, ctx.setup, arm_dir, cache=ctx.cache, progress=ctx.progress,
+                             label="catphishing")
+    task_wall = time.perf_counter() - t0
+    model.info.update(synthetic_training_cases=len(pooled), trained_on="synthetic cases only")
+    model.save(arm_dir / "model")  # model.json records what it was trained on
+
+    extra: dict[str, Any] = {
+        "generators": shipped,
+        "synthetic": synthetic,
+        "diversity": {n: {"generated": synthetic[n]["generated"], "kept": synthetic[n]["kept"],
+                          "kept_share": synthetic[n]["kept"] / max(1, synthetic[n]["generated"])} for n in sites},
+        "holdout_fraction": cfg.holdout_fraction,
+        "stage_wall_s": {"site_generators": generator_wall, "synthesis_and_filter": synthesis_wall,
+                         "task_model": task_wall},
+    }
+    if cfg.audit:
+        t0 = time.perf_counter()
+        extra.update(run_audits(ctx, cfg, label, members, holdout, generated, kept))
+        extra["stage_wall_s"]["audits"] = time.perf_counter() - t0
+    return ArmOutput(models={ctx.name: model}, bytes_from_sites=sum(v["bytes"] for v in shipped.values()),
+                     rounds=1, extra=extra)
+
+
+__all__ = ["CatphishingConfig", "GENERATOR_LABEL", "draw_synthetic_vs_real", "load_generator_for_task",
+           "plot_fid_matrix", "privacy_holdout", "run", "run_audits"]

@@ -1,0 +1,145 @@
+"""The catphishing arm on the tiny phantom, run through ``synthlearn demo``: every site trains its own
+generator on its own cases (minus a privacy holdout), the server synthesizes, filters and trains the task
+model; results.json carries the arm with its fidelity, image-quality and privacy blocks; the report shows them."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthlearn.cli import main
+from synthlearn.data.layouts import open_study
+from synthlearn.strategies.catphishing import (
+    CatphishingConfig,
+    load_generator_for_task,
+    privacy_holdout,
+)
+from synthlearn.study import load_study_config, run_study
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_TINY = ROOT / "configs" / "demo_tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_run, tiny_study, tmp_path_factory):
+    """The tiny study run (centralized, local, fedavg) copied, then ``synthlearn demo`` on it: the complete
+    arms are kept and only catphishing trains."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    shutil.copytree(tiny_run[0], out)
+    t0 = time.perf_counter()
+    rc = main(["demo", "--config", str(DEMO_TINY), "--study", str(tiny_study), "--out", str(out), "-q"])
+    assert rc == 0
+    return out, time.perf_counter() - t0
+
+
+def test_results_carry_the_arm_and_its_audits(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["arms"]) == {"centralized", "local", "fedavg", "catphishing"}
+    arm = results["arms"]["catphishing"]
+    assert set(arm["test"]) == {"nyu", "ucsf", "combined"}
+    assert 0.0 <= arm["test"]["combined"]["auc"] <= 1.0
+    assert arm["mcnemar_p_vs_centralized"] is not None and 0.0 <= arm["mcnemar_p_vs_centralized"] <= 1.0
+    assert arm["rounds"] == 1
+    sites = ["tcga", "utsw", "egd"]
+    # fidelity: per-sequence cross-site matrix (synthetic rows x real columns) and the same-site diagonal
+    fid = arm["fidelity"]
+    assert fid["real_sites"] == sites and fid["synthetic_sites"] == sites
+    for seq in ("t1", "t1c", "t2", "flair"):
+        m = np.asarray(fid["matrix"][seq])
+        assert m.shape == (3, 3) and np.isfinite(m).all() and (m >= 0).all()
+        assert fid["same_site"]["egd"][seq] == pytest.approx(m[2, 2])
+    for metric in ("brisque", "piqe"):
+        assert set(arm["image_quality"][metric]) == set(sites)
+    # privacy: every site audited, both controls reported
+    for site in sites:
+        p = arm["privacy"][site]
+        assert p["n_train"] >= 2 and p["n_holdout"] >= 2, p
+        assert 0.0 <= p["membership"]["auc"] <= 1.0
+        assert isinstance(p["negative_control_ok"], bool) and isinstance(p["positive_control_caught"], bool)
+        assert p["positive_control_caught"], "noisy copies of training cases must be caught"
+        assert (out / p["montage"]).is_file()
+    for name in ("fid_matrix.png", "synthetic_vs_real.png"):
+        assert (out / "catphishing" / "figures" / name).is_file()
+
+
+def test_bytes_are_the_artifacts_and_sites_train_on_their_own_members(demo_run, tiny_study):
+    out, _ = demo_run
+    arm = json.loads((out / "results.json").read_text())["arms"]["catphishing"]
+    artifacts = out / "catphishing" / "artifacts"
+    on_disk = sum(p.stat().st_size for p in artifacts.rglob("*") if p.is_file())
+    assert arm["bytes_from_sites"] == on_disk > 0
+    study = open_study(tiny_study)
+    for site in study.sites_with_role("train"):
+        split = json.loads((out / "catphishing" / "holdout" / f"{site.name}.json").read_text())
+        members, holdout = set(split["members"]), set(split["holdout"])
+        assert members.isdisjoint(holdout) and members | holdout == {c.case_id for c in site.cases}
+        manifest = json.loads((artifacts / site.name / "manifest.json").read_text())
+        assert manifest["data_fingerprint"]["n_cases"] == len(members)
+        assert sum(manifest["class_counts"].values()) == len(members)
+        assert not any(cid in json.dumps(manifest) for cid in members | holdout), "no case id leaves a site"
+        assert arm["generators"][site.name]["training_cases"] == len(members)
+
+
+def test_synthetic_sites_pass_verify_and_the_filter_keeps_a_subset(demo_run):
+    out, _ = demo_run
+    arm = json.loads((out / "results.json").read_text())["arms"]["catphishing"]
+    for site, entry in arm["synthetic"].items():
+        folder = out / "catphishing" / "synthetic" / site
+        assert main(["verify-data", str(folder)]) == 0
+        assert 0 < entry["kept"] <= entry["generated"] == 8  # per_class 4 x 2 classes
+        kept = json.loads((folder / "diversity.json").read_text())["kept_case_ids"]
+        assert len(kept) == entry["kept"]
+    model = json.loads((out / "catphishing" / "model" / "model.json").read_text())
+    assert model["info"]["synthetic_training_cases"] == sum(e["kept"] for e in arm["synthetic"].values())
+
+
+def test_report_shows_the_arm(demo_run, capsys):
+    out, _ = demo_run
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for text in ("| catphishing", "What each site shipped", "Privacy audit", "negative control", "BRISQUE",
+                 "Cross-site Frechet distance"):
+        assert text in md, text
+    assert page.count("data:image/png;base64,") >= 5  # ROC, confusion, FID matrix, grid, montages, loss curves
+
+
+def test_rerun_resumes_without_training(demo_run, tiny_study):
+    out, first = demo_run
+    stamp = (out / "catphishing" / "arm.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert main(["demo", "--config", str(DEMO_TINY), "--study", str(tiny_study), "--out", str(out), "-q"]) == 0
+    assert time.perf_counter() - t0 < max(30.0, first / 2)
+    assert (out / "catphishing" / "arm.json").stat().st_mtime_ns == stamp
+
+
+def test_privacy_holdout_is_stratified_disjoint_and_reproducible(tiny_study):
+    site = open_study(tiny_study).site("tcga")
+    members, holdout = privacy_holdout(site, 0.5, "idh", seed=0)
+    assert set(members).isdisjoint(holdout) and len(members) + len(holdout) == len(site.cases)
+    by_id = {c.case_id: c.labels.idh for c in site.cases}
+    for cls in {"wildtype", "mutant"}:
+        n = sum(v == cls for v in by_id.values())
+        assert sum(by_id[i] == cls for i in holdout) == n // 2
+    assert privacy_holdout(site, 0.5, "idh", seed=0) == (members, holdout)
+    assert privacy_holdout(site, 0.0, "idh", seed=0) == (sorted(by_id), [])
+
+
+def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study):
+    with pytest.raises(ValueError, match="per_class"):
+        CatphishingConfig(per_class=0)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        CatphishingConfig(holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="fidelity_weights"):
+        CatphishingConfig(fidelity_extractor="torch")
+    assert load_generator_for_task("configs/generator_tiny.toml", "tumor_type").label == "tumor_type"
+    assert load_generator_for_task(ROOT / "configs" / "generator_tiny.toml", "idh").label == "idh"
+    # a missing generator config fails before any arm trains, and nothing is written
+    cfg = load_study_config(DEMO_TINY, {"study": str(tiny_study),
+                                        "catphishing": {"generator": str(tmp_path / "nosuch.toml")}})
+    with pytest.raises(FileNotFoundError, match="nosuch.toml"):
+        run_study(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
