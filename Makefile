@@ -17,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: install demo test test-slow bench clean help
 
 help:
-	@echo "make demo       set up .venv, make the default phantom study, run the demo study and its report"
+	@echo "make demo       set up .venv, make the default phantom study if absent, run the four-arm demo study and its report"
 	@echo "make test       set up .venv and run the test suite (slow and gpu tests excluded)"
 	@echo "make test-slow  the longer checks (pytest -m slow)"
 	@echo "make bench      the benchmarks recorded in docs/benchmarks.md"
@@ -35,10 +35,7 @@ $(STAMP): requirements/lock.txt requirements/constraints.txt pyproject.toml
 STUDY ?= data/phantom
 
 demo: $(STAMP)
-	test -f $(STUDY)/study.json || $(VENV)/bin/synthlearn make-phantoms --out $(STUDY) --preset paper
-	$(VENV)/bin/synthlearn verify-data $(STUDY)
-	$(VENV)/bin/synthlearn show $(STUDY) --out $(STUDY)-overview.png
-	@echo "phantom study: $(STUDY)   picture: $(STUDY)-overview.png"
+	$(VENV)/bin/synthlearn demo --study $(STUDY) --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
