@@ -143,3 +143,25 @@ def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study
     with pytest.raises(FileNotFoundError, match="nosuch.toml"):
         run_study(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_tumour_type_with_site_overrides(tiny_study, tmp_path):
+    """The two-stage tumour-type task: generators conditioned on the three types, the task model's IDH and
+    subtype stages trained on synthetic cases; train/test sites chosen by the config, not study.json."""
+    cfg = load_study_config(DEMO_TINY, {
+        "study": str(tiny_study), "task": "tumor_type", "arms": ["catphishing"],
+        "train_sites": ["tcga", "utsw", "nyu"], "test_sites": ["egd", "ucsf"],
+        "catphishing": {"generator": "configs/generator_tiny.toml", "per_class": 3, "holdout_fraction": 0.0,
+                        "audit": False, "parallel_sites": 2}})
+    results = run_study(cfg, tmp_path / "run", progress=False)
+    arm = results["arms"]["catphishing"]
+    assert results["test_sites"] == ["egd", "ucsf"] and set(arm["generators"]) == {"tcga", "utsw", "nyu"}
+    manifest = json.loads((tmp_path / "run" / "catphishing" / "artifacts" / "nyu" / "manifest.json").read_text())
+    assert manifest["label"] == "tumor_type"
+    assert manifest["class_names"] == ["glioblastoma", "astrocytoma", "oligodendroglioma"]
+    assert 0.0 <= arm["test"]["combined"]["acc"] <= 1.0 and len(arm["test"]["combined"]["confusion_matrix"]) == 3
+    model = json.loads((tmp_path / "run" / "catphishing" / "model" / "model.json").read_text())
+    assert set(model["stages"]) == {"idh", "subtype"}
+    with pytest.raises(ValueError, match="not in the study"):
+        run_study(load_study_config(DEMO_TINY, {"study": str(tiny_study), "train_sites": ["nowhere"]}),
+                  tmp_path / "x", progress=False)
