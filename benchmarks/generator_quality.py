@@ -246,6 +246,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", type=Path, required=True, help="folder for the artifact and synthetic cases")
     parser.add_argument("--artifact", type=Path, default=None, help="reuse a trained artifact (of --work)")
     parser.add_argument("--holdout", type=int, default=8)
+    parser.add_argument("--holdout-file", type=Path, default=None,
+                        help="a catphishing arm's holdout/<site>.json (members, holdout): score an artifact of a "
+                             "study run on the cases its generator never saw, e.g. with --artifact "
+                             "runs/demo/catphishing/artifacts/tcga")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -254,8 +258,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--make-phantom", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    from synthlearn.runtime import configure_threads
+
+    configure_threads(args.threads)
 
     from synthlearn.data.layouts import open_study
     from synthlearn.synthesis.cases import synthesize
@@ -268,8 +273,14 @@ def main(argv=None) -> dict:
     cfg = load_generator_config(args.config)
     site = open_study(args.study).site(args.site)
     cases = list(site.cases)
-    train_ids = [c.case_id for c in cases[: len(cases) - args.holdout]]
-    held = cases[len(cases) - args.holdout :]
+    if args.holdout_file is not None:
+        split = json.loads(args.holdout_file.read_text())
+        train_ids = list(split["members"])
+        held = [c for c in cases if c.case_id in set(split["holdout"])]
+        args.holdout = len(held)
+    else:
+        train_ids = [c.case_id for c in cases[: len(cases) - args.holdout]]
+        held = cases[len(cases) - args.holdout :]
     args.work.mkdir(parents=True, exist_ok=True)
     timings = {}
     artifact = args.artifact or args.work / "artifact"
