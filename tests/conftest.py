@@ -9,7 +9,6 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
-import torch
 
 from synthlearn.runtime import configure_threads  # noqa: E402
 

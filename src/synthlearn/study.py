@@ -29,7 +29,6 @@ import importlib
 import io
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 
 from synthlearn.config import ConfigError, load_toml, to_dict
 from synthlearn.data.contract import CaseRecord
-from synthlearn.data.io import atomic_write_text, write_json
+from synthlearn.data.io import atomic_write_text, json_safe, write_json
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.models.classifier import ClassifierConfig
 from synthlearn.strategies.base import ArmContext, ArmOutput, DatasetCache, TaskModel, TrainingSetup
@@ -179,20 +178,6 @@ def resolve_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str) -> dict[str, Any]:
     """What must match for a complete arm to be reused: the training setup, the arm's own settings and
     the data (by content)."""
@@ -204,7 +189,7 @@ def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str) -> dic
 
         d["catphishing"] = to_dict(cfg.catphishing)
         d["generator"] = to_dict(load_generator_for_task(cfg.catphishing.generator, cfg.task))  # content, not path
-    d["arm_options"] = _clean(cfg.arm_options.get(arm, {}))
+    d["arm_options"] = json_safe(cfg.arm_options.get(arm, {}))
     d["data_sha256"] = fingerprint_sha
     return d
 
@@ -326,7 +311,7 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
         for k, v in info.get("extra", {}).items():
             block.setdefault(k, v)
         results["arms"][arm] = block
-    results = _clean(results)
+    results = json_safe(results)
     write_json(out / "results.json", results)
     if cfg.evaluate.figures and preds:
         try:
@@ -450,7 +435,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
         rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
         atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, get_task(cfg.task).class_names))
         wall = time.perf_counter() - t0
-        write_json(done, _clean({"arm": arm, "models": model_dirs, "bytes_from_sites": output.bytes_from_sites,
+        write_json(done, json_safe({"arm": arm, "models": model_dirs, "bytes_from_sites": output.bytes_from_sites,
                                  "rounds": output.rounds, "wall_s": wall, "extra": output.extra,
                                  "signature": signature}))
         log.info("arm %s: done in %.0f s", arm, wall)

@@ -1,13 +1,11 @@
 """verify-data: one test per kind of fault, all faults reported at once, nothing written."""
 
-import gzip
 import hashlib
 import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from synthlearn.cli import main
 from synthlearn.data.layouts import open_study

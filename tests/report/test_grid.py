@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from synthlearn.cli import main
 from synthlearn.data.io import read_case

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from synthlearn.commands import positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -14,16 +16,6 @@ def _arms(text: str) -> list[str]:
     if not arms:
         raise argparse.ArgumentTypeError(f"--arms must name at least one arm (e.g. centralized,local), found {text!r}")
     return arms
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
-    return value
 
 
 def format_external_summary(results: dict) -> str:
@@ -98,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (not the run folder itself)")
     p.add_argument("--arms", type=_arms, default=None, help="comma-separated arms (default: every complete arm)")
     p.add_argument("--device", default=None, help="torch device (default: the one stored with the models)")
-    p.add_argument("--n-bootstrap", type=_positive, default=None,
+    p.add_argument("--n-bootstrap", type=positive_int, default=None,
                    help="bootstrap resamples of the AUC CI (default: the run's [evaluate] setting)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)

@@ -6,27 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from synthlearn.commands import positive_int, seed_int
+
 log = logging.getLogger(__name__)
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, found {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
-    return value
 
 
 def _guidance(text: str) -> float:
@@ -72,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site", required=True, help="the site folder (case folders + labels.csv)")
     p.add_argument("--config", required=True, help="generator config TOML (e.g. configs/generator_cpu.toml)")
     p.add_argument("--out", required=True, help="artifact folder to write (new, empty or an unfinished run)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0): same seed, same artifact")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed (default 0): same seed, same artifact")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train_generator)
 
@@ -82,15 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "N cases per class with DDIM and classifier-free guidance, and writes them as a site folder of "
                     "the data contract (NIfTI cases + labels.csv with the conditioned class).")
     p.add_argument("--artifact", required=True, help="artifact folder written by train-generator")
-    p.add_argument("--per-class", required=True, type=_positive, help="cases to generate per class")
+    p.add_argument("--per-class", required=True, type=positive_int, help="cases to generate per class")
     p.add_argument("--out", required=True, help="site folder to write (must not exist or be empty)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0): same seed, same cases")
-    p.add_argument("--steps", type=_positive, default=None, help="sampling steps (default: the artifact's, DDIM 50)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed (default 0): same seed, same cases")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the artifact's, DDIM 50)")
     p.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale (1 = conditional only; default: the artifact's)")
     p.add_argument("--scheduler", choices=("ddim", "ddpm"), default=None,
                    help="sampler (default: the artifact's, ddim); ddpm uses all training timesteps unless --steps")
-    p.add_argument("--batch-size", type=_positive, default=None, help="samples per batch")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per batch")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_synthesize)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,20 @@ from synthlearn.data.contract import LABEL_COLUMNS, SEQUENCES, CaseRecord, Label
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
+
+
+def json_safe(obj):
+    """JSON-safe copy of nested dicts/lists: NaN/inf -> None, numpy scalars -> Python, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
 
 def find_nifti(folder: Path, stem: str) -> Path | None:
     """``folder/stem.nii.gz`` or ``folder/stem.nii`` if either exists, else None."""

@@ -39,7 +39,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch
 
 from synthlearn.config import to_dict
 from synthlearn.data.contract import SEQUENCES, CaseRecord
-from synthlearn.data.io import CaseArrays, atomic_write_text, load_nifti, save_nifti, write_json
+from synthlearn.data.io import CaseArrays, atomic_write_text, json_safe, load_nifti, save_nifti, write_json
 from synthlearn.data.preprocess import PreprocessConfig, preprocess_case_on_grid, voxel_spacing
 from synthlearn.strategies.base import TaskModel
 from synthlearn.tasks import Task
@@ -320,20 +319,6 @@ def _preprocess_key(cfg: PreprocessConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def metrics_block(pred: dict[str, np.ndarray], sites: Sequence[str], task: Task, *,
                   reference: dict[str, np.ndarray] | None, reference_name: str, n_bootstrap: int = 1000,
                   ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
@@ -574,7 +559,7 @@ def evaluate_run(run_dir: str | Path, study: str | Path, out: str | Path, *, arm
             block["site_models"] = blocks
         block["models"] = folders
         results["arms"][arm] = block
-    results = _clean(results)
+    results = json_safe(results)
     write_json(out / "results.json", results)
     write_run_info(out, config={"run": str(run_dir.resolve()), "study": str(study_path.resolve()), "arms": arm_names,
                                 **settings, "device": device, "chunk_size": chunk_size},
@@ -755,7 +740,7 @@ def predict_case(run_dir: str | Path, arm: str, case_dir: str | Path, out: str |
     if len(model.task.stages) > 1:
         info["map"]["note"] = (f"two-stage task {model.task.name}: the map is stage {stage.name} only; the case "
                                "probabilities combine every stage")
-    write_json(out / f"{stem}_prediction.json", _clean(info))
+    write_json(out / f"{stem}_prediction.json", json_safe(info))
     return info
 
 

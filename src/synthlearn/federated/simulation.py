@@ -112,7 +112,6 @@ class SiteTrainer:
         self.state_root = str(state_root)
 
     def __call__(self, msg, context):
-        import torch
         from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
         from synthlearn.strategies.base import DatasetCache
