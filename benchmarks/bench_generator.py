@@ -36,8 +36,9 @@ def _setup(threads: int):
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    from synthlearn.runtime import configure_threads
+
+    configure_threads(threads)
     return torch
 
 
@@ -76,7 +77,7 @@ def bench_ae_overhead(threads: int, repeats: int, n_cases: int) -> dict:
             t_ours = (time.perf_counter() - t0) / steps
             net = GeneratorAutoencoder(acfg, cfg.shape, cfg.latent_shape).ae
             opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-            p = acfg.patch_size
+            p = acfg.patch_size or tuple(x.shape[-3:])  # no patches configured: whole volumes
             t0 = time.perf_counter()
             for i in range(steps):
                 xb = x[i * acfg.batch_size : (i + 1) * acfg.batch_size, :, : p[0], : p[1], : p[2]].contiguous()
@@ -90,6 +91,7 @@ def bench_ae_overhead(threads: int, repeats: int, n_cases: int) -> dict:
                 ours.append(t_ours)
                 bare.append(t_bare)
     mo, mb = statistics.median(ours), statistics.median(bare)
+    p = acfg.patch_size or tuple(x.shape[-3:])
     return {"workload": f"autoencoder step, 64^3 cases, {p[0]}^3 patches, batch {acfg.batch_size}, "
                         f"channels {acfg.channels}", "synthlearn_s": mo, "bare_monai_s": mb,
             "overhead_pct": 100 * (mo / mb - 1), "peak_rss_mb": _peak_mb()}
