@@ -150,3 +150,22 @@ def test_posterior_starts_narrow():
     default = build_autoencoder(AutoencoderConfig(**TINY, posterior_log_var_init=None))
     with torch.no_grad():
         assert float(default.encode(x)[1].mean()) > 0.3
+
+
+def test_tumour_weight_emphasises_the_tumour_and_keeps_uniform_errors():
+    import torch
+
+    from synthlearn.models.autoencoder import reconstruction_l1
+
+    target = torch.zeros(2, 5, 8, 8, 8)
+    target[:, 4, 2:4, 2:4, 2:4] = 1.0
+    uniform = target + 0.3
+    assert float(reconstruction_l1(uniform, target, 1.0, 10.0)) == pytest.approx(float(reconstruction_l1(uniform, target)))
+    in_tumour = target.clone()
+    in_tumour[:, :4, 2:4, 2:4, 2:4] += 1.0  # an error only inside the tumour, in the four sequences
+    plain, weighted = float(reconstruction_l1(in_tumour, target)), float(reconstruction_l1(in_tumour, target, 1.0, 10.0))
+    assert weighted > 5 * plain
+    with pytest.raises(ValueError, match="tumour_weight"):
+        from synthlearn.models.autoencoder import AutoencoderConfig
+
+        AutoencoderConfig(tumour_weight=-1.0)

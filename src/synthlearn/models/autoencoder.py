@@ -56,6 +56,9 @@ class AutoencoderConfig:
             (-6: sigma ~0.05) spares the hundreds of steps the decoder otherwise spends learning through
             unit-variance latent noise, which on a CPU budget decides whether small tumours are learned.
         mask_weight: extra weight of the mask channel in the L1 loss (the tumour is a few % of the volume).
+        tumour_weight: weight of the tumour's voxels (target mask > 0.5) in the four sequences' L1, relative
+            to the rest of the brain (1 = uniform). The tumour is 1-2 % of the voxels: uniformly weighted,
+            a briefly trained decoder renders it as a dark hole (docs/benchmarks.md).
         mask_dice_weight: weight of a soft Dice loss on the mask channel (not in the paper: with L1 alone a
             tumour of 1-3 % of the volume is predicted as background for many hundreds of steps, longer than
             a CPU budget allows; Dice does not depend on the tumour's share of the volume). 0 = off.
@@ -83,6 +86,7 @@ class AutoencoderConfig:
     kl_weight: float = 1e-6
     posterior_log_var_init: float | None = -6.0
     mask_weight: float = 1.0
+    tumour_weight: float = 1.0
     mask_dice_weight: float = 1.0
     adv_weight: float = 0.01
     adv_start_epoch: int = 0
@@ -109,8 +113,8 @@ class AutoencoderConfig:
         for name in ("latent_channels", "num_res_blocks", "epochs", "batch_size", "disc_channels", "disc_layers"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
                 raise ValueError(f"autoencoder.{name} must be >= 1, found {getattr(self, name)}")
-        for name in ("kl_weight", "mask_weight", "mask_dice_weight", "adv_weight", "perceptual_weight", "lr",
-                     "disc_lr"):
+        for name in ("kl_weight", "mask_weight", "tumour_weight", "mask_dice_weight", "adv_weight",
+                     "perceptual_weight", "lr", "disc_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"autoencoder.{name} must be >= 0, found {getattr(self, name)}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 4):
@@ -240,13 +244,23 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
-def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: float = 1.0) -> torch.Tensor:
+def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: float = 1.0,
+                      tumour_weight: float = 1.0) -> torch.Tensor:
     """Pixel L1 over the 5 channels; the mask channel's term is multiplied by ``mask_weight``.
 
     Args:
         recon, target: ``(B, 5, X, Y, Z)``.
+        mask_weight: weight of the mask channel's mean error against each sequence's.
+        tumour_weight: voxel weight of the tumour (target mask > 0.5) inside the sequences' mean error,
+            normalised so that a uniform error gives the same loss (1 = plain mean).
     """
-    err = (recon.float() - target.float()).abs().mean(dim=(0, 2, 3, 4))  # per channel
+    diff = (recon.float() - target.float()).abs()
+    if tumour_weight != 1.0:
+        w = 1.0 + (tumour_weight - 1.0) * (target[:, MASK_CHANNEL:MASK_CHANNEL + 1].float() > 0.5).float()
+        seq = (diff[:, :MASK_CHANNEL] * w).sum(dim=(0, 2, 3, 4)) / (w.sum() * 1.0)
+        err = torch.cat([seq, diff[:, MASK_CHANNEL:].mean(dim=(0, 2, 3, 4))])
+    else:
+        err = diff.mean(dim=(0, 2, 3, 4))  # per channel
     weights = torch.ones_like(err)
     weights[MASK_CHANNEL] = mask_weight
     return (err * weights).sum() / weights.sum()
