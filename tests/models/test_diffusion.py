@@ -28,6 +28,25 @@ def test_forward_shape_and_class_dependence():
     assert not torch.allclose(a, null)
 
 
+
+@pytest.mark.parametrize("in_timestep", [True, False])
+def test_class_in_timestep_carries_the_class_without_cross_attention(in_timestep):
+    """Every class given the same cross-attention token: only the timestep path can still tell them apart."""
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(**{**TINY, "class_in_timestep": in_timestep})
+    model = ClassConditionedUNet(cfg, latent_channels=2, num_classes=2)
+    assert (model.unet.num_class_embeds == 3) if in_timestep else model.unet.num_class_embeds is None
+    x = torch.randn(2, 2, 8, 8, 8)
+    t = torch.tensor([5, 5])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.class_embedding.weight.copy_(model.class_embedding.weight[:1].expand(3, -1))
+        a = model(x, t, torch.tensor([0, 0]))
+        b = model(x, t, torch.tensor([1, 1]))
+    assert torch.allclose(a, b) is (not in_timestep)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(channels=(8,)), "at least 2 levels"),
     (dict(channels=(8, 6)), "must divide"),

@@ -113,3 +113,28 @@ def test_write_refuses_a_non_empty_folder(tmp_path):
         write_artifact(out, weights={"autoencoder.safetensors": {"w": torch.zeros(1)}}, manifest={})
     assert (out / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_artifact_written_before_class_in_timestep_still_loads(tmp_path):
+    """Manifests of artifacts made before ``diffusion.class_in_timestep`` existed load as cross-attention only."""
+    import dataclasses
+
+    from synthlearn.config import to_dict
+    from synthlearn.models.autoencoder import GeneratorAutoencoder
+    from synthlearn.models.diffusion import ClassConditionedUNet
+    from synthlearn.models.superres import SuperResolution
+    from synthlearn.synthesis.artifact import load_generator
+    from synthlearn.training.generator import load_generator_config
+
+    cfg = load_generator_config("configs/generator_tiny.toml")
+    old = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, class_in_timestep=False))
+    config = to_dict(old)
+    del config["diffusion"]["class_in_timestep"]
+    weights = {
+        "autoencoder.safetensors": GeneratorAutoencoder(old.autoencoder, old.shape, old.latent_shape).ae.state_dict(),
+        "superres.safetensors": SuperResolution(old.superres, old.shape).state_dict(),
+        "diffusion.safetensors": ClassConditionedUNet(old.diffusion, old.autoencoder.latent_channels, 2).state_dict(),
+    }
+    out = write_artifact(tmp_path / "old", weights=weights, manifest={"config": config, "class_names": ["a", "b"]})
+    gen = load_generator(out)
+    assert gen.diffusion.class_in_timestep is False and gen.diffusion.unet.num_class_embeds is None

@@ -44,6 +44,13 @@ class DiffusionConfig:
             the last timestep, so an epsilon error there is amplified ~80x in DDIM's first x0 estimate; with
             few training steps (CPU budgets) DDIM samples from an epsilon model came out at 3x the latent
             scale while v-prediction kept it.
+        class_in_timestep: also add a learned class embedding to the timestep embedding (MONAI's
+            ``num_class_embeds``), so that the class reaches every residual block and not only the attention
+            levels (Dhariwal & Nichol 2021 condition this way). With one context token the cross-attention
+            output is the same vector at every position (softmax over one key is 1): a class bias at the
+            attention levels only; on CPU budgets (a few hundred steps) that alone left samples without class
+            signal (docs/benchmarks.md). The null class has its own row, so classifier-free guidance works
+            the same.
         label_dropout: probability of training a case as the null class (classifier-free guidance).
         epochs: passes over the site's latents.
         batch_size: latents per step.
@@ -63,6 +70,7 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    class_in_timestep: bool = True
     label_dropout: float = 0.15
     epochs: int = 100
     batch_size: int = 4
@@ -130,7 +138,9 @@ class ClassConditionedUNet(nn.Module):
             with_conditioning=True,
             cross_attention_dim=cfg.cross_attention_dim,
             transformer_num_layers=cfg.transformer_num_layers,
+            num_class_embeds=num_classes + 1 if cfg.class_in_timestep else None,
         )
+        self.class_in_timestep = cfg.class_in_timestep
         self.class_embedding = nn.Embedding(num_classes + 1, cfg.cross_attention_dim)
 
     @property
@@ -139,8 +149,10 @@ class ClassConditionedUNet(nn.Module):
         return self.num_classes
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
-        context = self.class_embedding(class_index.long())[:, None, :]  # (B, 1, cross_attention_dim)
-        return self.unet(x, timesteps=timesteps, context=context)
+        class_index = class_index.long()
+        context = self.class_embedding(class_index)[:, None, :]  # (B, 1, cross_attention_dim)
+        return self.unet(x, timesteps=timesteps, context=context,
+                         class_labels=class_index if self.class_in_timestep else None)
 
 
 def drop_labels(class_index: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:

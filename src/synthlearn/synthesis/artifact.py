@@ -208,7 +208,11 @@ def load_generator(artifact_dir: str | Path, device: str | torch.device = "cpu")
     root = Path(artifact_dir)
     manifest = verify_artifact(root)
     try:
-        cfg = from_dict(GeneratorConfig, manifest["config"])
+        config = manifest["config"]
+        if isinstance(config.get("diffusion"), dict) and "class_in_timestep" not in config["diffusion"]:
+            # written before the option existed (synthlearn 0.1 artifacts): cross-attention conditioning only
+            config = {**config, "diffusion": {**config["diffusion"], "class_in_timestep": False}}
+        cfg = from_dict(GeneratorConfig, config)
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST}: 'config' is not a valid generator config ({exc})") from exc
     ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape)
