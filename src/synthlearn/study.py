@@ -40,6 +40,7 @@ from synthlearn.config import ConfigError, load_toml, to_dict
 from synthlearn.data.contract import CaseRecord
 from synthlearn.data.io import atomic_write_text, json_safe, write_json
 from synthlearn.data.preprocess import PreprocessConfig
+from synthlearn.evaluate.external import mean_block, metrics_block
 from synthlearn.models.classifier import ClassifierConfig
 from synthlearn.strategies.base import ArmContext, ArmOutput, DatasetCache, TaskModel, TrainingSetup
 from synthlearn.strategies.catphishing import CatphishingConfig
@@ -238,49 +239,6 @@ def predict_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRe
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _metrics_block(pred: dict[str, Any], sites: Sequence[str], cfg: StudyConfig, reference: dict | None) -> dict:
-    from synthlearn.evaluate.classification import classification_metrics
-    from synthlearn.evaluate.stats import mcnemar_p, stuart_maxwell_p
-
-    task = get_task(cfg.task)
-    known = pred["true"] >= 0
-    test: dict[str, Any] = {}
-    for name in [*sites, "combined"]:
-        sel = known & ((pred["site"] == name) if name != "combined" else True)
-        test[name] = classification_metrics(pred["true"][sel], pred["probs"][sel], positive=task.positive_class,
-                                            class_names=task.class_names, n_bootstrap=cfg.evaluate.n_bootstrap,
-                                            ci=cfg.evaluate.ci, seed=cfg.seed)
-    block: dict[str, Any] = {"test": test, "mcnemar_p_vs_centralized": None}
-    if reference is not None:
-        ref = {(s, c): i for i, (s, c) in enumerate(zip(reference["site"], reference["case_id"]))}
-        pairs = [(i, ref[(s, c)]) for i, (s, c) in enumerate(zip(pred["site"], pred["case_id"]))
-                 if known[i] and (s, c) in ref]
-        if pairs:
-            a, b = (np.array(x) for x in zip(*pairs))
-            y = pred["true"][a]
-            pa, pb = pred["probs"][a].argmax(1), reference["probs"][b].argmax(1)
-            block["mcnemar_p_vs_centralized"] = mcnemar_p(pa == y, pb == y)
-            if task.num_classes > 2:
-                block["stuart_maxwell_p_vs_centralized"] = stuart_maxwell_p(pa, pb, task.num_classes)
-    return block
-
-
-def _mean_block(blocks: dict[str, dict]) -> dict:
-    """Mean of several models' test metrics (the ``local`` arm's summary)."""
-    first = next(iter(blocks.values()))
-    test = {}
-    for site in first["test"]:
-        entry: dict[str, Any] = {}
-        for key in ("acc", "sen", "spe", "auc"):
-            vals = [b["test"][site][key] for b in blocks.values() if b["test"][site][key] is not None]
-            entry[key] = float(np.mean(vals)) if vals else None
-        cis = [b["test"][site]["auc_ci"] for b in blocks.values() if b["test"][site]["auc_ci"] is not None]
-        entry["auc_ci"] = [float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))] if cis else None
-        entry["n"] = first["test"][site]["n"]
-        test[site] = entry
-    return {"test": test, "mcnemar_p_vs_centralized": None, "summary": "mean over site models"}
-
-
 def build_results(cfg: StudyConfig, out: str | Path) -> dict:
     """Assemble ``results.json`` (and the figures) from the complete arms' folders."""
     out = Path(out)
@@ -300,11 +258,13 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
     for arm, info in arm_infos.items():
         models = preds[arm]
         ref = reference if arm != REFERENCE_ARM else None
-        blocks = {label: _metrics_block(p, test_sites, cfg, ref) for label, p in models.items()}
+        blocks = {label: metrics_block(p, test_sites, task, reference=ref, reference_name=REFERENCE_ARM,
+                                       n_bootstrap=cfg.evaluate.n_bootstrap, ci=cfg.evaluate.ci, seed=cfg.seed)
+                  for label, p in models.items()}
         if list(blocks) == [arm]:
             block = blocks[arm]
         else:
-            block = _mean_block(blocks)
+            block = mean_block(blocks, REFERENCE_ARM)
             block["site_models"] = blocks
         block.update({"bytes_from_sites": int(info["bytes_from_sites"]), "rounds": int(info["rounds"]),
                       "wall_s": float(info["wall_s"]), "models": info["models"]})

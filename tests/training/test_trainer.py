@@ -141,3 +141,19 @@ def test_input_checks():
         train_model(_net(), data, data.targets, CFG, seed=0, name="m", start_epoch=2, stop_epoch=1, progress=False)
     with pytest.raises(ValueError, match="at least one model"):
         predict_probabilities([], data)
+
+
+def test_brain_noise_leaves_background_and_is_seeded():
+    from synthlearn.training.seeding import torch_generator
+    from synthlearn.training.trainer import TrainConfig, add_brain_noise
+
+    images = torch.zeros(3, 2, 6, 6, 6)
+    images[:, :, 1:5, 1:5, 1:5] = 1.0
+    a = add_brain_noise(images, 0.8, torch_generator(0, "noise"))
+    b = add_brain_noise(images, 0.8, torch_generator(0, "noise"))
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :, 0], images[:, :, 0])  # background untouched
+    inside = (a - images)[:, :, 1:5, 1:5, 1:5]
+    assert 0 < float(inside.std()) < 0.8
+    with pytest.raises(ValueError, match="augment_noise"):
+        TrainConfig(augment_noise=-0.1)

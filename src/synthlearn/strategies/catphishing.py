@@ -86,6 +86,8 @@ class CatphishingConfig:
         quality_n: cases per site scored with BRISQUE and PIQE.
         privacy_n_synthetic: synthetic cases per site the membership attack compares against (None: all
             generated cases).
+        task_augment_noise: ``train.augment_noise`` of the task model trained on the synthetic cases (the
+            decoded cases carry no scanner noise, the real test cases do); None: the study's ``train`` value.
     """
 
     generator: str = "configs/generator_cpu.toml"
@@ -104,6 +106,7 @@ class CatphishingConfig:
     fidelity_n: int = 300
     quality_n: int = 300
     privacy_n_synthetic: int | None = None
+    task_augment_noise: float | None = None
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
@@ -408,7 +411,10 @@ def run(ctx: ArmContext) -> ArmOutput:
     log.info("catphishing: training the task model on %d synthetic cases (%s)", len(pooled),
              ", ".join(f"{n}: {len(kept[n])}/{len(generated[n])} kept" for n in sites))
     t0 = time.perf_counter()
-    model = train_task_model(pooled, ctx.setup, arm_dir, cache=ctx.cache, progress=ctx.progress,
+    setup = ctx.setup
+    if cfg.task_augment_noise is not None:
+        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, augment_noise=cfg.task_augment_noise))
+    model = train_task_model(pooled, setup, arm_dir, cache=ctx.cache, progress=ctx.progress,
                              label="catphishing")
     task_wall = time.perf_counter() - t0
     model.info.update(synthetic_training_cases=len(pooled), trained_on="synthetic cases only")

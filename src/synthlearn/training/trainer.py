@@ -53,6 +53,9 @@ class TrainConfig:
         class_weighting: ``none`` (plain voxel cross-entropy) or ``balanced`` (classes weighted by
             inverse case frequency in the training cases).
         augment_flips: random flips along each spatial axis.
+        augment_noise: Gaussian noise added to the (z-scored) images inside the brain, its standard deviation
+            drawn per case from U(0, augment_noise); 0 = off. For training on synthetic cases, whose decoder
+            averages scanner noise away (CatphishingConfig.task_augment_noise).
         bf16: bfloat16 autocast for forward/backward (CPU with AVX-512 BF16, or CUDA).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
         checkpoint_every: write the resumable checkpoint every this many epochs (and at the end).
@@ -68,6 +71,7 @@ class TrainConfig:
     grad_clip: float = 12.0
     class_weighting: Literal["none", "balanced"] = "none"
     augment_flips: bool = True
+    augment_noise: float = 0.0
     bf16: bool = False
     device: str = "auto"
     checkpoint_every: int = 1
@@ -89,6 +93,17 @@ class TrainConfig:
             raise ValueError(f"train.class_weighting must be none or balanced, found {self.class_weighting!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"train.checkpoint_every must be >= 1, found {self.checkpoint_every}")
+        if not 0 <= self.augment_noise < 10:
+            raise ValueError(f"train.augment_noise must be in [0, 10) (z-score units), found {self.augment_noise}")
+
+
+def add_brain_noise(images: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
+    """``images`` ``(B, C, X, Y, Z)`` plus N(0, s^2) noise where any channel is non-zero (the brain), ``s`` drawn
+    per case from U(0, max_std); the background stays 0."""
+    std = torch.rand(images.shape[0], generator=generator) * max_std
+    noise = torch.randn(images.shape, generator=generator) * std.view(-1, *([1] * (images.ndim - 1)))
+    brain = (images != 0).any(dim=1, keepdim=True)
+    return images + noise.to(images.dtype) * brain
 
 
 @dataclasses.dataclass
@@ -279,6 +294,7 @@ def train_model(
             group["lr"] = lr
         order = torch.randperm(len(dataset), generator=torch_generator(seed, "order", name, epoch))
         flip_gen = torch_generator(seed, "flips", name, epoch)
+        noise_gen = torch_generator(seed, "noise", name, epoch)
         torch.manual_seed(derive_seed(seed, "dropout", name, epoch))  # dropout draws from the global RNG
         epoch_loss, n_batches = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
@@ -286,6 +302,8 @@ def train_model(
             images, seg = load_batch(dataset, idx.tolist())
             if cfg.augment_flips:
                 images, seg = random_flips(images, seg, flip_gen)
+            if cfg.augment_noise > 0:
+                images = add_brain_noise(images, cfg.augment_noise, noise_gen)
             images, seg = images.to(device, non_blocking=True), seg.to(device, non_blocking=True)
             batch_targets = targets_t[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
