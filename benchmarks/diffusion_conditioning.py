@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def _features(x: torch.Tensor):
     """Tumour features of one generator-scale case ``(5, X, Y, Z)`` (largest mask component), or None."""
-    from scipy import ndimage
-
     from generator_quality import tumour_features
+    from scipy import ndimage
 
     arr = x.numpy()
     mask = arr[4] > 0.5

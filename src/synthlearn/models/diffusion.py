@@ -48,9 +48,9 @@ class DiffusionConfig:
             ``num_class_embeds``), so that the class reaches every residual block and not only the attention
             levels (Dhariwal & Nichol 2021 condition this way). With one context token the cross-attention
             output is the same vector at every position (softmax over one key is 1): a class bias at the
-            attention levels only; on CPU budgets (a few hundred steps) that alone left samples without class
-            signal (docs/benchmarks.md). The null class has its own row, so classifier-free guidance works
-            the same.
+            attention levels only. On the demo's CPU budget the number of training steps mattered more than
+            this option (docs/benchmarks.md); artifacts written before it existed load with it off. The null
+            class has its own row, so classifier-free guidance works the same.
         label_dropout: probability of training a case as the null class (classifier-free guidance).
         epochs: passes over the site's latents.
         batch_size: latents per step.

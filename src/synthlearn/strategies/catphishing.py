@@ -413,7 +413,8 @@ def run(ctx: ArmContext) -> ArmOutput:
     t0 = time.perf_counter()
     setup = ctx.setup
     if cfg.task_augment_noise is not None:
-        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, augment_noise=cfg.task_augment_noise))
+        noisy = dataclasses.replace(setup.train, augment_noise=cfg.task_augment_noise)
+        setup = dataclasses.replace(setup, train=noisy)
     model = train_task_model(pooled, setup, arm_dir, cache=ctx.cache, progress=ctx.progress,
                              label="catphishing")
     task_wall = time.perf_counter() - t0
