@@ -135,6 +135,8 @@ def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study
         CatphishingConfig(holdout_fraction=1.0)
     with pytest.raises(ValueError, match="fidelity_weights"):
         CatphishingConfig(fidelity_extractor="torch")
+    with pytest.raises(ValueError, match="task_augment_noise"):  # refused at load, not after the generators
+        CatphishingConfig(task_augment_noise=-0.5)
     assert load_generator_for_task("configs/generator_tiny.toml", "tumor_type").label == "tumor_type"
     assert load_generator_for_task(ROOT / "configs" / "generator_tiny.toml", "idh").label == "idh"
     # a missing generator config fails before any arm trains, and nothing is written

@@ -122,6 +122,9 @@ class CatphishingConfig:
         if self.fidelity_n < 2 or self.quality_n < 1:
             raise ValueError(f"catphishing.fidelity_n must be >= 2 and quality_n >= 1, found {self.fidelity_n}, "
                              f"{self.quality_n}")
+        if self.task_augment_noise is not None and not 0 <= self.task_augment_noise < 10:
+            raise ValueError(f"catphishing.task_augment_noise must be in [0, 10) (z-score units) or absent, found "
+                             f"{self.task_augment_noise}")
         if self.fidelity_extractor == "torch" and not self.fidelity_weights:
             raise ValueError("catphishing.fidelity_extractor = 'torch' needs fidelity_weights = '<path to a feature "
                              "network>' (synthlearn never downloads weights); or use 'radiomics'")
