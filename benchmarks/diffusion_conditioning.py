@@ -41,16 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _features(x: torch.Tensor):
     """Tumour features of one generator-scale case ``(5, X, Y, Z)`` (largest mask component), or None."""
     from generator_quality import tumour_features
-    from scipy import ndimage
+
+    from synthlearn.synthesis.cases import largest_component
 
     arr = x.numpy()
-    mask = arr[4] > 0.5
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if n == 0:
+    mask = largest_component(arr[4] > 0.5)
+    if not mask.any():
         return None
-    if n > 1:
-        sizes = ndimage.sum(mask, lab, range(1, n + 1))
-        mask = lab == 1 + int(np.argmax(sizes))
     img = arr[:4]
     brain = img.mean(0) > 0.1
     z = np.zeros_like(img)
@@ -93,18 +90,29 @@ def tstr_auc(xs, ys, test) -> float:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    name, _, body = text.partition(":")
+    """``NAME:key=value;...`` -> (name, DiffusionConfig overrides); a bad key or value names the variant."""
+    from synthlearn.models.diffusion import DiffusionConfig
+
+    name, sep, body = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME:key=value;..., found no NAME:")
+    known = {f.name for f in dataclasses.fields(DiffusionConfig)}
     out: dict = {}
     for item in filter(None, body.split(";")):
         key, _, value = item.partition("=")
-        if key == "channels":
-            out[key] = tuple(int(v) for v in value.split(","))
-        elif key in ("class_in_timestep",):
-            out[key] = bool(int(value))
-        elif key in ("epochs", "batch_size"):
-            out[key] = int(value)
-        else:
-            out[key] = float(value)
+        if key not in known:
+            raise SystemExit(f"--variant {text!r}: {key!r} is not a diffusion setting; expected one of {sorted(known)}")
+        try:
+            if key == "channels":
+                out[key] = tuple(int(v) for v in value.split(","))
+            elif key == "class_in_timestep":
+                out[key] = bool(int(value))
+            elif key in ("epochs", "batch_size"):
+                out[key] = int(value)
+            else:
+                out[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"--variant {text!r}: {key}={value!r} is not a valid value") from None
     return name, out
 
 
@@ -123,6 +131,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variant]  # bad input fails before any loading
 
     from synthlearn.runtime import configure_threads
 
@@ -182,8 +191,7 @@ def main(argv=None) -> list[dict]:
 
     if args.artifact_diffusion:
         score(gen.diffusion, cfg.diffusion, {"name": "artifact", "epochs": cfg.diffusion.epochs})
-    for text in args.variant:
-        name, over = parse_variant(text)
+    for name, over in variants:
         dcfg = dataclasses.replace(cfg.diffusion, **over)
         torch.manual_seed(0)
         model = ClassConditionedUNet(dcfg, cfg.autoencoder.latent_channels, n_cls)

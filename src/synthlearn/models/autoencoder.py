@@ -257,7 +257,7 @@ def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: fl
     diff = (recon.float() - target.float()).abs()
     if tumour_weight != 1.0:
         w = 1.0 + (tumour_weight - 1.0) * (target[:, MASK_CHANNEL:MASK_CHANNEL + 1].float() > 0.5).float()
-        seq = (diff[:, :MASK_CHANNEL] * w).sum(dim=(0, 2, 3, 4)) / (w.sum() * 1.0)
+        seq = (diff[:, :MASK_CHANNEL] * w).sum(dim=(0, 2, 3, 4)) / w.sum()
         err = torch.cat([seq, diff[:, MASK_CHANNEL:].mean(dim=(0, 2, 3, 4))])
     else:
         err = diff.mean(dim=(0, 2, 3, 4))  # per channel
