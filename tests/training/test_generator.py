@@ -98,3 +98,37 @@ def test_fp16_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs CUDA"):
             setup_runtime(cfg)
+
+
+@pytest.mark.parametrize("schedule", ["poly", "constant"])
+def test_autoencoder_lr_schedule_decays_per_step(schedule, tmp_path):
+    """``autoencoder.lr_schedule = "poly"``: the rates at the last step are nnU-Net's poly decay of that step;
+    ``constant`` keeps them."""
+    from synthlearn.models.autoencoder import GeneratorAutoencoder
+    from synthlearn.training.checkpoint import load_checkpoint
+    from synthlearn.training.generator import _train_autoencoder, setup_runtime
+    from synthlearn.training.trainer import poly_lr
+
+    cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
+    cfg = dataclasses.replace(cfg, shape=(16, 16, 16), latent_shape=(4, 4, 4), autoencoder=dataclasses.replace(
+        cfg.autoencoder, lr_schedule=schedule, epochs=2, batch_size=2, lr=1e-3, disc_lr=5e-4, adv_start_epoch=1))
+    x = torch.rand(4, 5, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 4] = (x[:, 4] > 0.9).float()
+    torch.manual_seed(0)
+    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape)
+    ckpt = tmp_path / "ae.pt"
+    _train_autoencoder(ae, x, cfg, setup_runtime(cfg), seed=0, ckpt=ckpt, progress=False)
+    state = load_checkpoint(ckpt)
+    lr, disc_lr = state["optimizer"]["param_groups"][0]["lr"], state["disc_optimizer"]["param_groups"][0]["lr"]
+    if schedule == "poly":  # 2 epochs x 2 batches: the last step is step 3 of 4
+        assert lr == pytest.approx(poly_lr(1e-3, 3, 4)) and disc_lr == pytest.approx(poly_lr(5e-4, 3, 4))
+        assert lr < 0.3e-3
+    else:
+        assert (lr, disc_lr) == (1e-3, 5e-4)
+
+
+def test_autoencoder_lr_schedule_is_checked():
+    from synthlearn.models.autoencoder import AutoencoderConfig
+
+    with pytest.raises(ValueError, match="lr_schedule must be poly or constant, found 'cosine'"):
+        AutoencoderConfig(lr_schedule="cosine")

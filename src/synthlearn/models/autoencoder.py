@@ -73,6 +73,11 @@ class AutoencoderConfig:
         batch_size: cases (or patches) per step.
         lr: Adam learning rate of the autoencoder.
         disc_lr: Adam learning rate of the discriminator.
+        lr_schedule: ``poly``: both rates decay per step as ``lr * (1 - step / total_steps) ** 0.9`` (nnU-Net's
+            schedule, as the task trainer's); ``constant``: no decay. With a constant rate of 1e-3 and batch 1
+            the tumour's rendered intensities swing by more than the tumour's own contrast from one step to
+            the next while the whole-volume L1 keeps falling, so the weights the run stops at show the class
+            at random (docs/benchmarks.md); the decay lets them settle.
         patch_size: train on random patches of this size (None = whole volumes); the network is fully
             convolutional when no attention is used, so patches make each step much cheaper on CPU.
     """
@@ -98,6 +103,7 @@ class AutoencoderConfig:
     batch_size: int = 1
     lr: float = 1e-4
     disc_lr: float = 1e-4
+    lr_schedule: str = "constant"
     patch_size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -117,6 +123,8 @@ class AutoencoderConfig:
                      "perceptual_weight", "lr", "disc_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"autoencoder.{name} must be >= 0, found {getattr(self, name)}")
+        if self.lr_schedule not in ("poly", "constant"):
+            raise ValueError(f"autoencoder.lr_schedule must be poly or constant, found {self.lr_schedule!r}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 4):
             raise ValueError(f"autoencoder.patch_size must be 3 sizes >= 4 or absent, found {self.patch_size}")
 

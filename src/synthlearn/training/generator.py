@@ -58,6 +58,7 @@ from synthlearn.models.diffusion import ClassConditionedUNet, DiffusionConfig, b
 from synthlearn.models.superres import SuperResConfig, SuperResolution
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
 from synthlearn.training.seeding import torch_generator
+from synthlearn.training.trainer import poly_lr
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +393,11 @@ def _random_patch(x: torch.Tensor, size: tuple[int, ...] | None, generator: torc
     return x[..., sx : sx + px, sy : sy + py, sz : sz + pz]
 
 
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def _clip(module: nn.Module, max_norm: float) -> None:
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
@@ -501,7 +507,12 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
             sums["perceptual"] = 0.0
         batches = _batches(n, acfg.batch_size, gen, rt)
         count = 0
-        for idx in _progress(batches, len(batches), f"autoencoder {epoch + 1}/{acfg.epochs}", progress):
+        for i, idx in enumerate(_progress(batches, len(batches), f"autoencoder {epoch + 1}/{acfg.epochs}", progress)):
+            if acfg.lr_schedule == "poly":  # a function of the step alone: a resumed run continues the same curve
+                step_no, total = epoch * len(batches) + i, acfg.epochs * len(batches)
+                _set_lr(opt, poly_lr(acfg.lr, step_no, total))
+                if opt_d is not None:
+                    _set_lr(opt_d, poly_lr(acfg.disc_lr, step_no, total))
             xb = x_work[idx]
             if cfg.augment_flip:
                 xb = _random_flip(xb, gen)
