@@ -14,6 +14,10 @@ decay is tied to the last epoch) reports, on the members' reconstructions (poste
   reconstructions, AUC on the study's real test cases; the same for the real members is the ceiling;
 - ``sigma`` / ``mu_std``: mean posterior standard deviation and spread of the posterior means.
 
+``--stage2-lr LR [LR ...]``: after the last entry of ``--epochs``, a copy of the autoencoder goes through the
+config's stage 2 (decoder + super-resolution module, ``superres.epochs``) at each learning rate, and the same
+figures are reported for the refined reconstructions (``stage2_lr``): what the artifact ships.
+
 Run (about 7 minutes per variant at 10 epochs on one busy core)::
 
     PYTHONPATH=src python benchmarks/autoencoder_stability.py --study data/phantom --site egd \\
@@ -24,6 +28,7 @@ Run (about 7 minutes per variant at 10 epochs on one busy core)::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -90,6 +95,22 @@ def _dice(rec: torch.Tensor, x: torch.Tensor) -> float:
     return round(float((2 * inter / ((p.sum((1, 2, 3)) + t.sum((1, 2, 3))).float() + 1e-6)).mean()), 3)
 
 
+@torch.no_grad()
+def _scores(ae, decode, data, held, test) -> dict:
+    """Reconstruction figures of ``decode(posterior mean)`` for the members (and the held-out cases' Dice)."""
+    ae.eval()
+    rec = torch.cat([decode(ae.ae.encode(data.x[i:i + 4])[0]) for i in range(0, len(data.x), 4)])
+    hrec = torch.cat([decode(ae.ae.encode(held.x[i:i + 4])[0]) for i in range(0, len(held.x), 4)])
+    mu, sigma = ae.ae.encode(data.x[:8])
+    tumour = data.x[:, 4:5] > 0.5
+    err = (rec[:, :4] - data.x[:, :4]).abs()
+    groups = _tstr_groups(rec, data.class_index, test)
+    return {"mae": round(float(err.mean()), 4),
+            "tumour_mae": round(float((err * tumour).sum() / (4 * tumour.sum())), 4),
+            "dice": _dice(rec, data.x), "holdout_dice": _dice(hrec, held.x), "tstr": groups["all"],
+            "tstr_by_group": groups, "sigma": round(float(sigma.mean()), 3), "mu_std": round(float(mu.std()), 3)}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", type=Path, default=Path("data/phantom"))
@@ -98,6 +119,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--config", type=Path, default=Path("configs/generator_demo.toml"))
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value;... (autoencoder keys)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[10])
+    parser.add_argument("--stage2-lr", type=float, nargs="*", default=[])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -110,7 +132,14 @@ def main(argv=None) -> list[dict]:
 
     from synthlearn.data.layouts import open_study
     from synthlearn.models.autoencoder import GeneratorAutoencoder
-    from synthlearn.training.generator import _train_autoencoder, load_generator_config, load_site_tensors, setup_runtime
+    from synthlearn.models.superres import SuperResolution
+    from synthlearn.training.generator import (
+        _train_autoencoder,
+        _train_superres,
+        load_generator_config,
+        load_site_tensors,
+        setup_runtime,
+    )
 
     base = load_generator_config(args.config)
     split = json.loads(args.holdout_file.read_text())
@@ -140,22 +169,25 @@ def main(argv=None) -> list[dict]:
             t0 = time.perf_counter()
             _train_autoencoder(ae, data.x, stage, rt, seed=0, ckpt=ckpt, progress=False)
             train_s += time.perf_counter() - t0
-            ae.eval()
-            with torch.no_grad():
-                rec = torch.cat([ae.ae.decode(ae.ae.encode(data.x[i:i + 4])[0]) for i in range(0, len(data.x), 4)])
-                hrec = torch.cat([ae.ae.decode(ae.ae.encode(held.x[i:i + 4])[0]) for i in range(0, len(held.x), 4)])
-                mu, sigma = ae.ae.encode(data.x[:8])
-            tumour = data.x[:, 4:5] > 0.5
-            err = (rec[:, :4] - data.x[:, :4]).abs()
-            groups = _tstr_groups(rec, data.class_index, test)
-            row = {"name": name, "epochs": epochs, "train_s": round(train_s), "mae": round(float(err.mean()), 4),
-                   "tumour_mae": round(float((err * tumour).sum() / (4 * tumour.sum())), 4),
-                   "dice": _dice(rec, data.x), "holdout_dice": _dice(hrec, held.x), "tstr": groups["all"],
-                   "tstr_by_group": groups, "sigma": round(float(sigma.mean()), 3),
-                   "mu_std": round(float(mu.std()), 3)}
+            row = {"name": name, "epochs": epochs, "train_s": round(train_s),
+                   **_scores(ae, lambda z: ae.ae.decode(z), data, held, test)}
             print(json.dumps(row), flush=True)
             results.append(row)
             ae.train()
+        for lr in args.stage2_lr:
+            refined = copy.deepcopy(ae)
+            stage = dataclasses.replace(cfg, superres=dataclasses.replace(cfg.superres, lr=lr))
+            torch.manual_seed(0)
+            sr = SuperResolution(stage.superres, stage.shape)
+            sr_ckpt = ckpt.with_name(ckpt.stem + f"_sr{lr:g}.pt")
+            sr_ckpt.unlink(missing_ok=True)
+            _train_superres(refined, sr, data.x, stage, rt, seed=0, ckpt=sr_ckpt, progress=False)
+            sr_ckpt.unlink(missing_ok=True)
+            sr.eval()
+            row = {"name": name, "stage2_lr": lr,
+                   **_scores(refined, lambda z, r=refined, m=sr: m.refine(m.upsample(r.ae.decode(z))), data, held, test)}
+            print(json.dumps(row), flush=True)
+            results.append(row)
         ckpt.unlink(missing_ok=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
