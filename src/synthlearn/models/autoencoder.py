@@ -26,6 +26,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class AutoencoderConfig:
     batch_size: int = 1
     lr: float = 1e-4
     disc_lr: float = 1e-4
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["poly", "constant"] = "constant"
     patch_size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
