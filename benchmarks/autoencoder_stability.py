@@ -142,12 +142,16 @@ def main(argv=None) -> list[dict]:
     )
 
     base = load_generator_config(args.config)
-    split = json.loads(args.holdout_file.read_text())
+    try:
+        split = json.loads(args.holdout_file.read_text())
+        members = set(split["members"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--holdout-file {args.holdout_file}: expected a demo run's holdout/<site>.json with a "
+                         f"'members' list, found {type(exc).__name__}: {exc}") from None
     study = open_study(args.study)
     site = next((s for s in study.sites if s.name == args.site), None)
     if site is None:
         raise SystemExit(f"--site {args.site}: not a site of {args.study}; found {[s.name for s in study.sites]}")
-    members = set(split["members"])
     member_cases = tuple(c for c in site.cases if c.case_id in members)
     held_cases = tuple(c for c in site.cases if c.case_id not in members)
     data, held = load_site_tensors(member_cases, base), load_site_tensors(held_cases, base)
