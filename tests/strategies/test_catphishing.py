@@ -16,8 +16,10 @@ from synthlearn.strategies.catphishing import (
     CatphishingConfig,
     load_generator_for_task,
     privacy_holdout,
+    recognition_audit,
 )
 from synthlearn.study import load_study_config, run_study
+from synthlearn.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TINY = ROOT / "configs" / "demo_tiny.toml"
@@ -64,6 +66,12 @@ def test_results_carry_the_arm_and_its_audits(demo_run):
         assert (out / p["montage"]).is_file()
     for name in ("fid_matrix.png", "synthetic_vs_real.png"):
         assert (out / "catphishing" / "figures" / name).is_file()
+    # recognition: the centralized model (run before) classifies every kept synthetic case
+    rec = arm["recognition"]
+    assert rec["reference"] == "centralized" and rec["chance"] == 0.5
+    assert rec["n"] == sum(arm["synthetic"][s]["kept"] for s in sites)
+    assert set(rec["per_site"]) == set(sites) and sum(v["n"] for v in rec["per_site"].values()) == rec["n"]
+    assert 0.0 <= rec["balanced"] <= 1.0 and set(rec["per_class"]) == {"wildtype", "mutant"}
 
 
 def test_bytes_are_the_artifacts_and_sites_train_on_their_own_members(demo_run, tiny_study):
@@ -102,7 +110,7 @@ def test_report_shows_the_arm(demo_run, capsys):
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     for text in ("| catphishing", "What each site shipped", "Privacy audit", "negative control", "BRISQUE",
-                 "Cross-site Frechet distance"):
+                 "Cross-site Frechet distance", "Class recognition of the synthetic cases", "recognised (balanced)"):
         assert text in md, text
     assert page.count("data:image/png;base64,") >= 5  # ROC, confusion, FID matrix, grid, montages, loss curves
 
@@ -167,3 +175,32 @@ def test_tumour_type_with_site_overrides(tiny_study, tmp_path):
     with pytest.raises(ValueError, match="not in the study"):
         run_study(load_study_config(DEMO_TINY, {"study": str(tiny_study), "train_sites": ["nowhere"]}),
                   tmp_path / "x", progress=False)
+
+
+class _FixedModel:
+    """A task model stand-in that returns given probabilities (recognition_audit needs .task and .predict_cases)."""
+
+    def __init__(self, probs):
+        self.task = get_task("idh")
+        self.probs = np.asarray(probs, dtype=float)
+
+    def predict_cases(self, cases, progress=False):
+        assert len(cases) == len(self.probs)
+        return self.probs
+
+
+def test_recognition_audit_counts_cases_predicted_as_their_conditioned_class(tiny_study):
+    cases = list(open_study(tiny_study).site("tcga").cases)[:6]
+    y = [get_task("idh").label(c.labels) for c in cases]
+    assert 0 in y and 1 in y
+    right = np.eye(2)[y] * 0.8 + 0.1  # the conditioned class gets 0.9
+    rec = recognition_audit(_FixedModel(right), {"a": cases[:3], "b": cases[3:]})
+    assert rec["balanced"] == 1.0 and rec["auc"] == 1.0 and rec["n"] == 6
+    assert {s: v["n"] for s, v in rec["per_site"].items()} == {"a": 3, "b": 3}
+    wrong = recognition_audit(_FixedModel(1.0 - right), {"a": cases})
+    assert wrong["balanced"] == 0.0 and wrong["auc"] == 0.0
+    # all predicted wildtype: wildtype cases recognised, mutant ones not: balanced 0.5, the chance level
+    flat = recognition_audit(_FixedModel(np.tile([0.7, 0.3], (6, 1))), {"a": cases})
+    assert flat["per_class"] == {"wildtype": 1.0, "mutant": 0.0} and flat["balanced"] == 0.5
+    with pytest.raises(ValueError, match="no synthetic case"):
+        recognition_audit(_FixedModel(right), {"a": []})

@@ -260,6 +260,26 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                                   f"{_num((v.get(q, {}).get('synthetic') or {}).get('mean'), 1)}" for q in seqs)])
             doc.h(3, metric.upper())
             doc.table(["site", *seqs], rows)
+    rec = arm.get("recognition")
+    if isinstance(rec, dict) and rec:
+        doc.h(2, f"Class recognition of the synthetic cases ({name})")
+        if "skipped" in rec:
+            doc.p(f"Not measured: {rec['skipped']}.")
+        else:
+            classes = list(rec.get("per_class") or {})
+            rows = [["all sites", _num(rec.get("n")), _num(rec.get("balanced")),
+                     *(_num((rec.get("per_class") or {}).get(c)) for c in classes)]]
+            rows += [[s, _num(v.get("n")), _num(v.get("balanced")),
+                      *(_num((v.get("per_class") or {}).get(c)) for c in classes)]
+                     for s, v in (rec.get("per_site") or {}).items()]
+            doc.table(["synthetic cases of", "n", "recognised (balanced)", *(f"recognised as {c}" for c in classes)],
+                      rows)
+            lo_hi = rec.get("auc_ci") or [None, None]
+            doc.p(f"The {rec.get('reference')} arm's model (trained on the real training cases) classifies the "
+                  f"kept synthetic cases; recognised = predicted as the class the sample was conditioned on, "
+                  f"balanced over classes (chance {_num(rec.get('chance'))}). AUC of the conditioned class "
+                  f"{_num(rec.get('auc'))} [{_num(lo_hi[0])}, {_num(lo_hi[1])}]. Samples that a model of real "
+                  f"scans does not recognise cannot teach a model that works on real scans.")
     priv = arm.get("privacy")
     if isinstance(priv, dict) and priv:
         doc.h(2, f"Privacy audit ({name})")

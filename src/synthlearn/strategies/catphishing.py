@@ -20,6 +20,10 @@ What happens, in order (each step resumes from what a previous run left in the a
    synthetic, and per site the SSIM membership inference with its negative and positive controls and the
    copy rate with a montage of the closest pairs (:func:`synthlearn.evaluate.privacy.audit_site`). The
    audits read the real cases at the site that owns them; only their numbers would leave a site.
+   **Recognition** (:func:`recognition_audit`, when the study's ``centralized`` arm ran before this one):
+   the task model trained on the real training cases classifies the kept synthetic cases; the share
+   recognised as the class they were conditioned on (balanced over classes; chance = 1 / classes) says
+   whether the samples carry the class in a form a model of real scans reads (issue 4's quality check).
 
 Arm folder::
 
@@ -50,6 +54,9 @@ from synthlearn.strategies.base import ArmContext, ArmOutput, train_task_model
 from synthlearn.training.seeding import derive_seed, numpy_generator
 
 log = logging.getLogger(__name__)
+
+#: the arm whose real-data model :func:`recognition_audit` applies to the synthetic cases
+RECOGNITION_REFERENCE = "centralized"
 
 #: the repository (relative generator-config paths are looked up in the working directory, then here)
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -344,7 +351,72 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
         result["wall_s"] = time.perf_counter() - t0
         privacy[site] = result
     out["privacy"] = privacy
+    ref_dir = ctx.arm_dir.parent / RECOGNITION_REFERENCE / "model"
+    if (ref_dir / "model.json").is_file():
+        from synthlearn.strategies.base import TaskModel
+
+        t0 = time.perf_counter()
+        rec = recognition_audit(TaskModel.load(ref_dir), kept, seed=ctx.setup.seed, progress=ctx.progress)
+        rec["wall_s"] = time.perf_counter() - t0
+        out["recognition"] = rec
+    else:
+        out["recognition"] = {"skipped": f"no {RECOGNITION_REFERENCE} model in this run ({ref_dir}); run the "
+                                         f"{RECOGNITION_REFERENCE} arm before catphishing to get it"}
     return out
+
+
+def recognition_audit(model, synthetic: dict[str, list[CaseRecord]], *, reference: str = RECOGNITION_REFERENCE,
+                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """How often a model trained on real cases classifies synthetic cases as the class they were conditioned on.
+
+    Args:
+        model: a :class:`synthlearn.strategies.base.TaskModel` trained on real cases (the study's
+            ``centralized`` arm), whose task's label is the one the generators were conditioned on.
+        synthetic: site -> synthetic case records (their label column holds the conditioned class).
+        reference: name of the arm the model comes from (recorded).
+        seed: seed of the bootstrap CI of the AUC.
+        progress: progress bar over prediction batches.
+
+    Returns:
+        ``{"reference", "n", "balanced", "chance", "per_class": {class: share recognised}, "auc", "auc_ci",
+        "per_site": {site: {"n", "balanced", "per_class"}}}``; ``balanced`` is the mean over classes of the share
+        of cases predicted as their conditioned class (None where a class has no case).
+
+    Raises:
+        ValueError: no synthetic case, or a case whose conditioned class the model's task does not know.
+    """
+    from synthlearn.evaluate.classification import classification_metrics
+
+    task = model.task
+    cases = [(site, c) for site, cs in synthetic.items() for c in cs]
+    if not cases:
+        raise ValueError("recognition_audit: no synthetic case to classify")
+    y = []
+    for site, c in cases:
+        k = task.label(c.labels)
+        if k is None:
+            raise ValueError(f"recognition_audit: synthetic case {c.case_id} of site {site} has no "
+                             f"{task.name} class (expected one of {list(task.class_names)} in its labels)")
+        y.append(k)
+    y_arr = np.asarray(y)
+    probs = model.predict_cases([c for _, c in cases], progress=progress)
+    positive = task.positive_class if task.num_classes == 2 else None
+
+    def block(idx: np.ndarray, with_auc: bool) -> dict[str, Any]:
+        m = classification_metrics(y_arr[idx], probs[idx], positive=positive, class_names=task.class_names,
+                                   n_bootstrap=1000 if with_auc else 1, seed=seed)
+        shares = {k: v for k, v in m["per_class_acc"].items() if v is not None}
+        out: dict[str, Any] = {"n": int(len(idx)), "per_class": m["per_class_acc"],
+                               "balanced": float(np.mean(list(shares.values()))) if shares else None}
+        if with_auc:
+            out.update(auc=m["auc"], auc_ci=m["auc_ci"])
+        return out
+
+    sites = np.asarray([site for site, _ in cases])
+    result: dict[str, Any] = {"reference": reference, "chance": 1.0 / task.num_classes,
+                              **block(np.arange(len(cases)), True)}
+    result["per_site"] = {site: block(np.flatnonzero(sites == site), False) for site in synthetic if synthetic[site]}
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------ arm
@@ -441,5 +513,5 @@ def run(ctx: ArmContext) -> ArmOutput:
                      rounds=1, extra=extra)
 
 
-__all__ = ["CatphishingConfig", "GENERATOR_LABEL", "draw_synthetic_vs_real", "load_generator_for_task",
-           "plot_fid_matrix", "privacy_holdout", "run", "run_audits"]
+__all__ = ["CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
+           "load_generator_for_task", "plot_fid_matrix", "privacy_holdout", "recognition_audit", "run", "run_audits"]

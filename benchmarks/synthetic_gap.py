@@ -1,0 +1,170 @@
+"""Where does CATphishing lose the class: the case writer, the autoencoder, or the diffusion model? (issue 5)
+
+On a finished study run with a ``catphishing`` arm (e.g. ``runs/demo``), this builds up to three training
+studies from the generator sites' **member** cases (the cases each site's generator trained on, from
+``catphishing/holdout/<site>.json``), each beside the run's real test sites, and trains the study's task
+model on them with ``synthlearn study run --arms centralized`` (same config, same test sites):
+
+- ``real``: the members themselves, mapped to the generator's scale and written by the same code that
+  writes synthetic cases (:func:`synthlearn.synthesis.cases.postprocess_sample`, whole-tumour mask,
+  centred affine). If this falls short of the run's centralized arm, the pipeline loses the class, not the
+  generator.
+- ``recon``: the members encoded (posterior mean) and decoded by the site's shipped artifact (decoder +
+  stage 2), written the same way: the ceiling the diffusion model can reach with this autoencoder.
+- ``synthetic``: the arm's own kept synthetic cases (what the ``catphishing`` arm trained on), retrained
+  here so that the three rows come from one process and one seed.
+
+Each study gets its own run folder under ``--out``; the table printed at the end (and ``--json``) has the
+combined AUC with its CI and the per-site AUCs.
+
+Run (about 5 minutes per study on two cores)::
+
+    PYTHONPATH=src python benchmarks/synthetic_gap.py --run runs/demo --config configs/demo.toml \\
+        --out /tmp/synthetic_gap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KINDS = ("real", "recon", "synthetic")
+
+
+def _write_site(out: Path, cases: list[tuple[str, object, str]], label: str, shape, voxel_size) -> None:
+    """Write ``(case_id, decoded (5, X, Y, Z) array, class)`` as a contract site, like ``synthesize`` does."""
+    from synthlearn.data.contract import Labels
+    from synthlearn.data.io import write_case, write_labels_csv
+    from synthlearn.synthesis.cases import centred_affine, postprocess_sample
+
+    affine = centred_affine(shape, voxel_size)
+    rows = []
+    for case_id, decoded, cls in cases:
+        case = postprocess_sample(decoded)
+        if case.tumour_voxels == 0:
+            continue
+        write_case(out, case_id, case.images, case.seg, affine)
+        rows.append((case_id, Labels(**{label: cls})))
+    write_labels_csv(out / "labels.csv", rows)
+
+
+def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
+    """Write one study folder per kind under ``out/studies`` (test sites linked, not copied)."""
+    import torch
+
+    from synthlearn.data.layouts import open_study
+    from synthlearn.synthesis.artifact import load_generator
+    from synthlearn.training.generator import load_site_tensors
+
+    arm = run / "catphishing"
+    holdouts = sorted((arm / "holdout").glob("*.json"))
+    if not holdouts:
+        raise SystemExit(f"{arm / 'holdout'}: expected one <site>.json per generator site (a finished catphishing "
+                         f"arm), found none")
+    study = open_study(study_dir)
+    meta = json.loads((study_dir / "study.json").read_text())
+    tests = [s for s in study.sites if s.role == "test"]
+    studies = {}
+    for kind in kinds:
+        root = out / "studies" / kind
+        if (root / "study.json").is_file():
+            studies[kind] = root
+            continue
+        tmp = out / "studies" / f".{kind}.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        sites = {}
+        for hf in holdouts:
+            split = json.loads(hf.read_text())
+            name = split["site"]
+            if kind == "synthetic":  # the arm's kept cases, linked
+                src = arm / "synthetic" / name
+                div = src / "diversity.json"
+                lines = (src / "labels.csv").read_text().splitlines()
+                ids = [ln.split(",")[0] for ln in lines[1:] if ln.strip()]
+                if div.is_file():
+                    kept = set(json.loads(div.read_text())["kept_case_ids"])
+                    ids = [i for i in ids if i in kept]
+                dest = tmp / f"syn_{name}"
+                dest.mkdir()
+                for case_id in ids:
+                    os.symlink((src / case_id).resolve(), dest / case_id)
+                keep = set(ids)
+                (dest / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
+                                                                          if ln.split(",")[0] in keep]) + "\n")
+                sites[f"syn_{name}"] = {"role": "train"}
+                continue
+            gen = load_generator(arm / "artifacts" / name)
+            cfg = gen.cfg
+            real_site = next(s for s in study.sites if s.name == name)
+            members = tuple(c for c in real_site.cases if c.case_id in set(split["members"]))
+            data = load_site_tensors(members, cfg)
+            if kind == "real":
+                decoded = data.x
+            else:
+                with torch.no_grad():
+                    decoded = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 4])[0])
+                                         for i in range(0, len(data.x), 4)])
+            cases = [(f"{kind}-{c.case_id}", decoded[i].float().numpy(), cfg.class_names[int(data.class_index[i])])
+                     for i, c in enumerate(members)]
+            _write_site(tmp / f"{kind}_{name}", cases, cfg.label, cfg.shape, data.voxel_size)
+            sites[f"{kind}_{name}"] = {"role": "train"}
+        for s in tests:
+            os.symlink(Path(s.path).resolve(), tmp / s.name)
+            sites[s.name] = {"role": "test"}
+        (tmp / "study.json").write_text(json.dumps({**meta, "sites": sites}, indent=2) + "\n")
+        os.replace(tmp, root)
+        studies[kind] = root
+    return studies
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a finished study run with a catphishing arm")
+    parser.add_argument("--config", type=Path, required=True, help="the study config the run used (TOML)")
+    parser.add_argument("--study", type=Path, default=None, help="the real study (default: the run's)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise SystemExit(f"--kinds: expected a subset of {KINDS}, found {bad}")
+    if not (args.run / "config.json").is_file():
+        raise SystemExit(f"--run {args.run}: expected a study run folder with config.json, found none")
+    study_dir = args.study or Path(json.loads((args.run / "config.json").read_text())["study"])
+    if not study_dir.is_absolute() and not study_dir.exists():
+        study_dir = args.run.parent.parent / study_dir
+    studies = build_studies(args.run, study_dir, args.out, kinds)
+    rows = []
+    for kind, root in studies.items():
+        run_dir = args.out / "runs" / kind
+        t0 = time.perf_counter()
+        if not (run_dir / "results.json").is_file():
+            subprocess.run([sys.executable, "-m", "synthlearn.cli", "study", "run", "--config", str(args.config),
+                            "--study", str(root), "--arms", "centralized", "--out", str(run_dir), "-q"], check=True)
+        res = json.loads((run_dir / "results.json").read_text())["arms"]["centralized"]["test"]
+        n_train = sum(len((p / "labels.csv").read_text().splitlines()) - 1 for p in root.iterdir()
+                      if p.is_dir() and not p.is_symlink())
+        row = {"kind": kind, "auc": round(res["combined"]["auc"], 3),
+               "auc_ci": [round(v, 3) for v in res["combined"].get("auc_ci", [])],
+               "per_site_auc": {s: round(v["auc"], 3) for s, v in res.items() if s != "combined" and "auc" in v},
+               "train_cases": n_train, "wall_s": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
