@@ -13,14 +13,20 @@ model on them with ``synthlearn study run --arms centralized`` (same config, sam
   stage 2), written the same way: the ceiling the diffusion model can reach with this autoencoder.
 - ``synthetic``: the arm's own kept synthetic cases (what the ``catphishing`` arm trained on), retrained
   here so that the three rows come from one process and one seed.
+- ``g<G>`` for each ``--guidance G``: as many cases per class per site as the run synthesized, drawn again
+  from the shipped artifacts at classifier-free guidance ``G`` (no diversity filter).
+
+Every row also says how the task model trained on ``real`` (when that kind is in the list) classifies the
+training cases of that row: ``recognised`` (balanced share predicted as the conditioned class, chance 0.5)
+and ``recognition_auc``; :func:`synthlearn.strategies.catphishing.recognition_audit`, the arm's own audit.
 
 Each study gets its own run folder under ``--out``; the table printed at the end (and ``--json``) has the
 combined AUC with its CI and the per-site AUCs.
 
-Run (about 5 minutes per study on two cores)::
+Run (about 2-4 minutes per study on two cores)::
 
     PYTHONPATH=src python benchmarks/synthetic_gap.py --run runs/demo --config configs/demo.toml \\
-        --out /tmp/synthetic_gap
+        --study data/phantom --out /tmp/synthetic_gap --guidance 1.5 5
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ def _write_site(out: Path, cases: list[tuple[str, object, str]], label: str, sha
     write_labels_csv(out / "labels.csv", rows)
 
 
-def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
+def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
+                  guidance: tuple[float, ...] = ()) -> dict[str, Path]:
     """Write one study folder per kind under ``out/studies`` (test sites linked, not copied)."""
     import torch
 
@@ -69,8 +76,9 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...])
     study = open_study(study_dir)
     meta = json.loads((study_dir / "study.json").read_text())
     tests = [s for s in study.sites if s.role == "test"]
+    per_class = int(json.loads((run / "config.json").read_text())["catphishing"]["per_class"])
     studies = {}
-    for kind in kinds:
+    for kind in list(kinds) + [f"g{g:g}" for g in guidance]:
         root = out / "studies" / kind
         if (root / "study.json").is_file():
             studies[kind] = root
@@ -101,6 +109,14 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...])
                 (dest / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
                                                                           if ln.split(",")[0] in keep]) + "\n")
                 sites[f"syn_{name}"] = {"role": "train"}
+                continue
+            if kind.startswith("g"):  # drawn again at another guidance scale
+                from synthlearn.synthesis.cases import synthesize
+                from synthlearn.training.seeding import derive_seed
+
+                synthesize(arm / "artifacts" / name, per_class, tmp / f"{kind}_{name}",
+                           seed=derive_seed(0, "synthetic_gap", kind, name), guidance=float(kind[1:]), progress=False)
+                sites[f"{kind}_{name}"] = {"role": "train"}
                 continue
             gen = load_generator(arm / "artifacts" / name)
             cfg = gen.cfg
@@ -133,8 +149,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--study", type=Path, default=None, help="the real study (default: the run's)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
+    parser.add_argument("--guidance", type=float, nargs="*", default=[],
+                        help="also draw the run's cases per class again at these guidance scales (one row each)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if any(g < 0 for g in args.guidance):
+        raise SystemExit(f"--guidance: expected scales >= 0, found {args.guidance}")
     kinds = tuple(k for k in args.kinds.split(",") if k)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -144,7 +164,7 @@ def main(argv=None) -> list[dict]:
     study_dir = args.study or Path(json.loads((args.run / "config.json").read_text())["study"])
     if not study_dir.is_absolute() and not study_dir.exists():
         study_dir = args.run.parent.parent / study_dir
-    studies = build_studies(args.run, study_dir, args.out, kinds)
+    studies = build_studies(args.run, study_dir, args.out, kinds, tuple(args.guidance))
     rows = []
     for kind, root in studies.items():
         run_dir = args.out / "runs" / kind
@@ -159,8 +179,20 @@ def main(argv=None) -> list[dict]:
                "auc_ci": [round(v, 3) for v in res["combined"].get("auc_ci", [])],
                "per_site_auc": {s: round(v["auc"], 3) for s, v in res.items() if s != "combined" and "auc" in v},
                "train_cases": n_train, "wall_s": round(time.perf_counter() - t0, 1)}
-        print(json.dumps(row), flush=True)
         rows.append(row)
+    real_model = args.out / "runs" / "real" / "centralized" / "model"
+    if (real_model / "model.json").is_file():
+        from synthlearn.data.layouts import open_study
+        from synthlearn.strategies.base import TaskModel
+        from synthlearn.strategies.catphishing import recognition_audit
+
+        model = TaskModel.load(real_model)
+        for row in rows:
+            st = open_study(studies[row["kind"]])
+            rec = recognition_audit(model, {s.name: list(s.cases) for s in st.sites if s.role == "train"})
+            row.update(recognised=round(rec["balanced"], 3), recognition_auc=round(rec["auc"], 3))
+    for row in rows:
+        print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
