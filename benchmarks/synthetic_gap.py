@@ -16,6 +16,10 @@ model on them with ``synthlearn study run --arms centralized`` (same config, sam
 - ``g<G>`` for each ``--guidance G``: as many cases per class per site as the run synthesized, drawn again
   from the shipped artifacts at classifier-free guidance ``G`` (no diversity filter).
 
+``--test-blur SIGMA ...``: each row's model is also scored on the real test cases low-passed after
+preprocessing (Gaussian, ``SIGMA`` voxels of the task grid, inside the brain): if a model trained on blurred
+reconstructions did better on blurred test cases, the gap would be the decoder's blur.
+
 Every row also says how the task model trained on ``real`` (when that kind is in the list) classifies the
 training cases of that row: ``recognised`` (balanced share predicted as the conditioned class, chance 0.5)
 and ``recognition_auc``; :func:`synthlearn.strategies.catphishing.recognition_audit`, the arm's own audit.
@@ -142,6 +146,40 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
     return studies
 
 
+def blurred_test_auc(model_dir: Path, study_dir: Path, sigmas) -> dict[str, float]:
+    """Combined test AUC of a saved task model on the study's test cases low-passed after preprocessing."""
+    import numpy as np
+    from scipy import ndimage
+
+    from synthlearn.data.datasets import CaseDataset
+    from synthlearn.data.layouts import open_study
+    from synthlearn.evaluate.classification import roc_auc
+    from synthlearn.strategies.base import TaskModel
+
+    model = TaskModel.load(model_dir)
+    cases = [c for s in open_study(study_dir).sites if s.role == "test" for c in s.cases]
+    keep = [i for i, c in enumerate(cases) if model.task.label(c.labels) is not None]
+    cases = [cases[i] for i in keep]
+    y = np.asarray([model.task.label(c.labels) for c in cases])
+    base = CaseDataset(cases, model.preprocess)
+
+    class Blurred:
+        def __init__(self, sigma: float):
+            self.sigma = sigma
+
+        def __len__(self) -> int:
+            return len(base)
+
+        def arrays(self, i: int):
+            images, seg = base.arrays(i)
+            brain = np.any(images != 0, axis=0)
+            images = np.stack([ndimage.gaussian_filter(ch, self.sigma) for ch in images]) * brain
+            return images.astype(np.float32), seg
+
+    positive = model.task.positive_class if model.task.num_classes == 2 else None
+    return {f"{s:g}": round(float(roc_auc(y, model.predict(Blurred(s)), positive)), 3) for s in sigmas}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished study run with a catphishing arm")
@@ -151,8 +189,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
     parser.add_argument("--guidance", type=float, nargs="*", default=[],
                         help="also draw the run's cases per class again at these guidance scales (one row each)")
+    parser.add_argument("--test-blur", type=float, nargs="*", default=[],
+                        help="also score every row's model on test cases low-passed by these sigmas (voxels)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if any(v <= 0 for v in args.test_blur):
+        raise SystemExit(f"--test-blur: expected sigmas > 0 (voxels), found {args.test_blur}")
     if any(g < 0 for g in args.guidance):
         raise SystemExit(f"--guidance: expected scales >= 0, found {args.guidance}")
     kinds = tuple(k for k in args.kinds.split(",") if k)
@@ -191,6 +233,10 @@ def main(argv=None) -> list[dict]:
             st = open_study(studies[row["kind"]])
             rec = recognition_audit(model, {s.name: list(s.cases) for s in st.sites if s.role == "train"})
             row.update(recognised=round(rec["balanced"], 3), recognition_auc=round(rec["auc"], 3))
+    if args.test_blur:
+        for row in rows:
+            row["test_auc_blurred"] = blurred_test_auc(args.out / "runs" / row["kind"] / "centralized" / "model",
+                                                       study_dir, args.test_blur)
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.json:
