@@ -15,6 +15,7 @@ from synthlearn.data.layouts import open_study
 from synthlearn.strategies.catphishing import (
     CatphishingConfig,
     load_generator_for_task,
+    pair_by_class,
     privacy_holdout,
     recognition_audit,
 )
@@ -204,3 +205,16 @@ def test_recognition_audit_counts_cases_predicted_as_their_conditioned_class(tin
     assert flat["per_class"] == {"wildtype": 1.0, "mutant": 0.0} and flat["balanced"] == 0.5
     with pytest.raises(ValueError, match="no synthetic case"):
         recognition_audit(_FixedModel(right), {"a": []})
+
+
+def test_synthetic_vs_real_pairs_show_each_class_with_its_own_class(tiny_study):
+    cases = list(open_study(tiny_study).site("tcga").cases)
+    wild = [c for c in cases if c.labels.get("idh") == "wildtype"]
+    mut = [c for c in cases if c.labels.get("idh") == "mutant"]
+    assert wild and mut
+    # synthetic cases come class by class (all wildtype first), the grid must still show both classes
+    pairs = pair_by_class(cases, wild + mut, "idh", 2)
+    assert [(a.labels.get("idh"), b.labels.get("idh")) for a, b in pairs] == [("wildtype", "wildtype"),
+                                                                           ("mutant", "mutant")]
+    assert pair_by_class(cases, wild, "idh", 3) == list(zip(wild, wild))[:3]  # one class only: that class
+    assert pair_by_class(mut, wild, "idh", 2) == []  # no class in common: no pair

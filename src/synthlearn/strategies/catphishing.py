@@ -285,22 +285,42 @@ def plot_fid_matrix(result: dict, path: Path) -> Path:
     return path
 
 
+def pair_by_class(real: list[CaseRecord], synthetic: list[CaseRecord], label: str,
+                  n: int) -> list[tuple[CaseRecord, CaseRecord]]:
+    """Up to ``n`` (real, synthetic) pairs of one site with the same ``label`` class in each pair, the classes
+    taken in turn (so two pairs of a binary label show one case of each class), in the cases' order."""
+    def by_class(cases: list[CaseRecord]) -> dict[Any, list[CaseRecord]]:
+        out: dict[Any, list[CaseRecord]] = {}
+        for c in cases:
+            out.setdefault(c.labels.get(label), []).append(c)
+        return out
+
+    rb, sb = by_class(real), by_class(synthetic)
+    classes = [k for k in sb if k in rb]
+    pairs: list[tuple[CaseRecord, CaseRecord]] = []
+    i = 0
+    while len(pairs) < n and any(i < min(len(rb[k]), len(sb[k])) for k in classes):
+        for k in classes:
+            if i < min(len(rb[k]), len(sb[k])) and len(pairs) < n:
+                pairs.append((rb[k][i], sb[k][i]))
+        i += 1
+    return pairs
+
+
 def draw_synthetic_vs_real(real: dict[str, list[CaseRecord]], synthetic: dict[str, list[CaseRecord]],
                            label: str, path: Path, per_site: int = 2) -> Path:
-    """Paper Fig. 2: for each site, ``per_site`` real and synthetic cases (one of each class where possible)
-    with their tumour contours, rows alternating real / synthetic."""
-    from synthlearn.report.grid import draw_case_grid, pick_cases
+    """Paper Fig. 2: for each site, ``per_site`` real and synthetic cases of the same class (the classes in turn,
+    :func:`pair_by_class`) with their tumour contours, rows alternating real / synthetic."""
+    from synthlearn.report.grid import draw_case_grid
 
     cases, titles = [], []
     for site in synthetic:
-        r = pick_cases(real.get(site, []), per_site) if real.get(site) else []
-        s = pick_cases(synthetic[site], per_site)
-        for a, b in zip(r, s):
+        for a, b in pair_by_class(list(real.get(site, [])), list(synthetic[site]), label, per_site):
             cases += [a, b]
             titles += [f"REAL {site} {a.case_id}: {label} {a.labels.get(label)}",
                        f"SYNTHETIC {site} {b.case_id}: {label} {b.labels.get(label)}"]
-    return draw_case_grid(cases, path, title="Real (odd rows) vs synthetic (even rows) cases per site",
-                          row_titles=titles)
+    return draw_case_grid(cases, path, title="Real (odd rows) vs synthetic (even rows) cases per site, same class "
+                          "in each pair", row_titles=titles)
 
 
 # --------------------------------------------------------------------------------------------------- audits
@@ -514,4 +534,4 @@ def run(ctx: ArmContext) -> ArmOutput:
 
 
 __all__ = ["CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
-           "load_generator_for_task", "plot_fid_matrix", "privacy_holdout", "recognition_audit", "run", "run_audits"]
+           "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout", "recognition_audit", "run", "run_audits"]
