@@ -20,6 +20,9 @@ model on them with ``synthlearn study run --arms centralized`` (same config, sam
 preprocessing (Gaussian, ``SIGMA`` voxels of the task grid, inside the brain): if a model trained on blurred
 reconstructions did better on blurred test cases, the gap would be the decoder's blur.
 
+``--tumour-stats``: per row (and for the real test cases) the mean z-scored intensity inside the tumour of
+each sequence and the tumour's voxel count on the task grid, per class: what the class differences become.
+
 Every row also says how the task model trained on ``real`` (when that kind is in the list) classifies the
 training cases of that row: ``recognised`` (balanced share predicted as the conditioned class, chance 0.5)
 and ``recognition_auc``; :func:`synthlearn.strategies.catphishing.recognition_audit`, the arm's own audit.
@@ -180,6 +183,28 @@ def blurred_test_auc(model_dir: Path, study_dir: Path, sigmas) -> dict[str, floa
     return {f"{s:g}": round(float(roc_auc(y, model.predict(Blurred(s)), positive)), 3) for s in sigmas}
 
 
+def tumour_stats(cases, task, preprocess) -> dict[str, dict[str, float]]:
+    """Class -> mean over cases of the z-scored intensity inside the tumour per sequence and the tumour voxels."""
+    import numpy as np
+
+    from synthlearn.data.contract import SEQUENCES
+    from synthlearn.data.datasets import CaseDataset
+
+    ds = CaseDataset(list(cases), preprocess)
+    rows: dict[str, list[list[float]]] = {}
+    for i, c in enumerate(ds.cases):
+        k = task.label(c.labels)
+        images, seg = ds.arrays(i)
+        tumour = seg > 0
+        if k is None or not tumour.any():
+            continue
+        rows.setdefault(task.class_names[k], []).append([float(images[q][tumour].mean()) for q in range(len(SEQUENCES))]
+                                                        + [float(tumour.sum())])
+    return {name: {**{q: round(float(v), 2) for q, v in zip(SEQUENCES, np.mean(r, axis=0)[:-1])},
+                   "tumour_voxels": round(float(np.mean(r, axis=0)[-1])), "n": len(r)}
+            for name, r in rows.items()}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished study run with a catphishing arm")
@@ -191,6 +216,8 @@ def main(argv=None) -> list[dict]:
                         help="also draw the run's cases per class again at these guidance scales (one row each)")
     parser.add_argument("--test-blur", type=float, nargs="*", default=[],
                         help="also score every row's model on test cases low-passed by these sigmas (voxels)")
+    parser.add_argument("--tumour-stats", action="store_true",
+                        help="per row and class: mean z-scored intensity in the tumour per sequence, tumour voxels")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if any(v <= 0 for v in args.test_blur):
@@ -237,6 +264,19 @@ def main(argv=None) -> list[dict]:
         for row in rows:
             row["test_auc_blurred"] = blurred_test_auc(args.out / "runs" / row["kind"] / "centralized" / "model",
                                                        study_dir, args.test_blur)
+    if args.tumour_stats:
+        from synthlearn.data.layouts import open_study
+        from synthlearn.study import load_study_config
+        from synthlearn.tasks import get_task
+
+        scfg = load_study_config(args.config)
+        task = get_task(scfg.task)
+        for row in rows:
+            st = open_study(studies[row["kind"]])
+            row["tumour_stats"] = tumour_stats([c for s in st.sites if s.role == "train" for c in s.cases], task,
+                                               scfg.preprocess)
+        test = [c for s in open_study(study_dir).sites if s.role == "test" for c in s.cases]
+        rows.append({"kind": "real test sites", "tumour_stats": tumour_stats(test, task, scfg.preprocess)})
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.json:
