@@ -3,7 +3,8 @@
 On a finished study run with a ``catphishing`` arm (e.g. ``runs/demo``), this builds training studies
 from what the generator sites' **member** cases (the cases each site's generator trained on, from
 ``catphishing/holdout/<site>.json``) become at each step of the generator, each beside the run's real test
-sites, and trains the study's task model on them with ``synthlearn study run --arms centralized`` (same config, same test sites):
+sites, and trains the study's task model on them with ``synthlearn study run --arms centralized`` (same
+config, same test sites):
 
 - ``real``: the members themselves, mapped to the generator's scale and written by the same code that
   writes synthetic cases (:func:`synthlearn.synthesis.cases.postprocess_sample`, whole-tumour mask,
