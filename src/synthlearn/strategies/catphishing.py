@@ -534,4 +534,5 @@ def run(ctx: ArmContext) -> ArmOutput:
 
 
 __all__ = ["CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
-           "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout", "recognition_audit", "run", "run_audits"]
+           "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout", "recognition_audit",
+           "run", "run_audits"]
