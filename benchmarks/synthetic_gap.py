@@ -229,11 +229,24 @@ def main(argv=None) -> list[dict]:
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise SystemExit(f"--kinds: expected a subset of {KINDS}, found {bad}")
-    if not (args.run / "config.json").is_file():
-        raise SystemExit(f"--run {args.run}: expected a study run folder with config.json, found none")
-    study_dir = args.study or Path(json.loads((args.run / "config.json").read_text())["study"])
-    if not study_dir.is_absolute() and not study_dir.exists():
-        study_dir = args.run.parent.parent / study_dir
+    for name in ("config.json", "run.json"):
+        if not (args.run / name).is_file():
+            raise SystemExit(f"--run {args.run}: expected a study run folder with {name}, found none")
+    from synthlearn.config import ConfigError
+    from synthlearn.study import load_study_config
+
+    try:
+        scfg = load_study_config(args.config)
+    except (OSError, ConfigError, ValueError) as exc:
+        raise SystemExit(f"--config {args.config}: not a usable study config ({exc})") from None
+    study_dir = args.study or Path(json.loads((args.run / "run.json").read_text())["study"])  # stored resolved
+    source = {"run": str(args.run.resolve()), "config": str(args.config.resolve()), "study": str(study_dir.resolve())}
+    stamp = args.out / "source.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != source:
+        raise SystemExit(f"--out {args.out}: holds studies and runs made from {json.loads(stamp.read_text())}, "
+                         f"expected {source}; use a new --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(source, indent=2) + "\n")
     studies = build_studies(args.run, study_dir, args.out, kinds, tuple(args.guidance))
     rows = []
     for kind, root in studies.items():
@@ -267,10 +280,8 @@ def main(argv=None) -> list[dict]:
                                                        study_dir, args.test_blur)
     if args.tumour_stats:
         from synthlearn.data.layouts import open_study
-        from synthlearn.study import load_study_config
         from synthlearn.tasks import get_task
 
-        scfg = load_study_config(args.config)
         task = get_task(scfg.task)
         for row in rows:
             st = open_study(studies[row["kind"]])
