@@ -405,7 +405,7 @@ def recognition_audit(model, synthetic: dict[str, list[CaseRecord]], *, referenc
     Raises:
         ValueError: no synthetic case, or a case whose conditioned class the model's task does not know.
     """
-    from synthlearn.evaluate.classification import classification_metrics
+    from synthlearn.evaluate.classification import bootstrap_auc_ci, roc_auc
 
     task = model.task
     cases = [(site, c) for site, cs in synthetic.items() for c in cs]
@@ -420,22 +420,21 @@ def recognition_audit(model, synthetic: dict[str, list[CaseRecord]], *, referenc
         y.append(k)
     y_arr = np.asarray(y)
     probs = model.predict_cases([c for _, c in cases], progress=progress)
-    positive = task.positive_class if task.num_classes == 2 else None
-
-    def block(idx: np.ndarray, with_auc: bool) -> dict[str, Any]:
-        m = classification_metrics(y_arr[idx], probs[idx], positive=positive, class_names=task.class_names,
-                                   n_bootstrap=1000 if with_auc else 1, seed=seed)
-        shares = {k: v for k, v in m["per_class_acc"].items() if v is not None}
-        out: dict[str, Any] = {"n": int(len(idx)), "per_class": m["per_class_acc"],
-                               "balanced": float(np.mean(list(shares.values()))) if shares else None}
-        if with_auc:
-            out.update(auc=m["auc"], auc_ci=m["auc_ci"])
-        return out
-
+    hit = probs.argmax(axis=1) == y_arr
     sites = np.asarray([site for site, _ in cases])
+
+    def shares(mask: np.ndarray) -> dict[str, Any]:
+        per_class = {name: (float(hit[mask & (y_arr == k)].mean()) if (mask & (y_arr == k)).any() else None)
+                     for k, name in enumerate(task.class_names)}
+        known = [v for v in per_class.values() if v is not None]
+        return {"n": int(mask.sum()), "per_class": per_class, "balanced": float(np.mean(known)) if known else None}
+
+    positive = task.positive_class if task.num_classes == 2 else None
+    ci = bootstrap_auc_ci(y_arr, probs, positive, n_bootstrap=1000, rng=np.random.default_rng(seed))
     result: dict[str, Any] = {"reference": reference, "chance": 1.0 / task.num_classes,
-                              **block(np.arange(len(cases)), True)}
-    result["per_site"] = {site: block(np.flatnonzero(sites == site), False) for site in synthetic if synthetic[site]}
+                              **shares(np.ones(len(cases), bool)), "auc": roc_auc(y_arr, probs, positive),
+                              "auc_ci": list(ci) if ci is not None else None}
+    result["per_site"] = {site: shares(sites == site) for site in synthetic if synthetic[site]}
     return result
 
 
