@@ -58,7 +58,8 @@ def measure(batch: int, shape: int, steps: int, channels_last: bool = False) -> 
         step()
     counts = {e.key: e.count for e in prof.key_averages()}
     s = statistics.median(times)
-    return {"batch": batch, "shape": shape, "channels_last": channels_last, "s_per_step": round(s, 3), "s_per_case": round(s / batch, 3),
+    return {"batch": batch, "shape": shape, "channels_last": channels_last,
+            "s_per_step": round(s, 3), "s_per_case": round(s / batch, 3),
             "onednn_conv_forwards": counts.get("aten::mkldnn_convolution", 0),
             "slow_conv3d_forwards": counts.get("aten::slow_conv3d_forward", 0)}
 

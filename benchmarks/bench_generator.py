@@ -75,12 +75,14 @@ def bench_ae_overhead(threads: int, repeats: int, n_cases: int) -> dict:
             t0 = time.perf_counter()
             _train_autoencoder(ae, x, cfg, rt, seed=r, ckpt=ckpt, progress=False)
             t_ours = (time.perf_counter() - t0) / steps
-            net = GeneratorAutoencoder(acfg, cfg.shape, cfg.latent_shape).ae
+            # the same memory layout as the loop's on CPU (channels-last): the overhead compares like with like
+            net = GeneratorAutoencoder(acfg, cfg.shape, cfg.latent_shape).ae.to(memory_format=torch.channels_last_3d)
             opt = torch.optim.Adam(net.parameters(), lr=1e-4)
             p = acfg.patch_size or tuple(x.shape[-3:])  # no patches configured: whole volumes
             t0 = time.perf_counter()
             for i in range(steps):
-                xb = x[i * acfg.batch_size : (i + 1) * acfg.batch_size, :, : p[0], : p[1], : p[2]].contiguous()
+                xb = x[i * acfg.batch_size : (i + 1) * acfg.batch_size, :, : p[0], : p[1], : p[2]]
+                xb = xb.contiguous(memory_format=torch.channels_last_3d)
                 recon, mu, sigma = net(xb)
                 loss = (recon - xb).abs().mean() + 1e-6 * kl_loss(mu, sigma)
                 opt.zero_grad()

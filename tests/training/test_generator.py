@@ -127,6 +127,36 @@ def test_autoencoder_lr_schedule_decays_per_step(schedule, tmp_path):
         assert (lr, disc_lr) == (1e-3, 5e-4)
 
 
+def test_autoencoder_trains_channels_last_on_cpu_and_hands_back_the_default_layout(tmp_path, monkeypatch):
+    """On CPU the stage runs in channels-last layout (oneDNN is faster there); afterwards every weight is back
+    in the default contiguous layout, as encode_site, stage 2 and the artifact writer expect."""
+    from synthlearn.models.autoencoder import GeneratorAutoencoder
+    from synthlearn.training import generator as gen_mod
+
+    cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
+    cfg = dataclasses.replace(cfg, shape=(16, 16, 16), latent_shape=(4, 4, 4), autoencoder=dataclasses.replace(
+        cfg.autoencoder, epochs=1, batch_size=2, adv_start_epoch=0))
+    x = torch.rand(2, 5, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 4] = (x[:, 4] > 0.9).float()
+    torch.manual_seed(0)
+    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape)
+    before = {k: v.clone() for k, v in ae.ae.state_dict().items()}
+    seen = []
+    step_forward = gen_mod._AutoencoderStep.forward
+
+    def spy(self, xb, eps):
+        seen.append(xb.is_contiguous(memory_format=torch.channels_last_3d) and not xb.is_contiguous())
+        return step_forward(self, xb, eps)
+
+    monkeypatch.setattr(gen_mod._AutoencoderStep, "forward", spy)
+    gen_mod._train_autoencoder(ae, x, cfg, gen_mod.setup_runtime(cfg), seed=0, ckpt=tmp_path / "ae.pt",
+                               progress=False)
+    assert seen == [True]
+    conv_weights = [p for p in ae.ae.parameters() if p.ndim == 5]
+    assert conv_weights and all(p.is_contiguous() for p in conv_weights)
+    assert any(not torch.equal(before[k], v) for k, v in ae.ae.state_dict().items())
+
+
 def test_autoencoder_lr_schedule_is_checked():
     from synthlearn.models.autoencoder import AutoencoderConfig
 

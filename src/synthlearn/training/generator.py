@@ -673,7 +673,8 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
             count += len(idx)
         sums, count = _reduce(sums, count, rt)
         means = _history_append(history, sums, count)
-        log.info("superres epoch %d/%d: %s", epoch + 1, scfg.epochs, ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
+        log.info("superres epoch %d/%d: %s", epoch + 1, scfg.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
         if rt.is_main:
             save_checkpoint(ckpt, {"epoch": epoch + 1, "autoencoder": ae.ae.state_dict(), "superres": sr.state_dict(),
                                    "optimizer": opt.state_dict(), "history": history})
