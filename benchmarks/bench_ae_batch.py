@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", action="store_true", help="also measure each batch in channels_last_3d")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
+    if min(args.batch) < 1:
+        ap.error(f"--batch: every batch size must be >= 1, found {args.batch}")
+    if args.shape < 4 or args.shape % 4:
+        ap.error(f"--shape: expected a multiple of 4 (the autoencoder down-samples twice), found {args.shape}")
+    if args.steps < 1 or args.threads < 1:
+        ap.error(f"--steps and --threads must be >= 1, found {args.steps} and {args.threads}")
+    if args.json is not None and not args.json.parent.is_dir():
+        ap.error(f"--json {args.json}: its folder {args.json.parent} does not exist")
     sys.path.insert(0, str(ROOT / "src"))
     from synthlearn.runtime import configure_threads
 
