@@ -75,6 +75,17 @@ def test_results_carry_the_arm_and_its_audits(demo_run):
     assert 0.0 <= rec["balanced"] <= 1.0 and set(rec["per_class"]) == {"wildtype", "mutant"}
 
 
+def test_the_synthetic_task_model_trains_its_own_epochs(demo_run):
+    out, _ = demo_run
+    setup = json.loads((out / "catphishing" / "model" / "model.json").read_text())["setup"]
+    reference = json.loads((out / "centralized" / "model" / "model.json").read_text())["setup"]
+    assert setup["train"]["epochs"] == 2 and reference["train"]["epochs"] == 1  # catphishing.task_epochs
+    assert {k: v for k, v in setup["train"].items() if k != "epochs"} == {
+        k: v for k, v in reference["train"].items() if k != "epochs"}
+    with pytest.raises(ValueError, match="task_epochs"):
+        CatphishingConfig(task_epochs=0)
+
+
 def test_bytes_are_the_artifacts_and_sites_train_on_their_own_members(demo_run, tiny_study):
     out, _ = demo_run
     arm = json.loads((out / "results.json").read_text())["arms"]["catphishing"]

@@ -95,6 +95,9 @@ class CatphishingConfig:
             generated cases).
         task_augment_noise: ``train.augment_noise`` of the task model trained on the synthetic cases (the
             decoded cases carry no scanner noise, the real test cases do); None: the study's ``train`` value.
+        task_epochs: ``train.epochs`` of the task model trained on the synthetic cases; None: the study's
+            ``train`` value. With many more synthetic than real cases, fewer passes keep the number of
+            training steps near the other arms' (the model and everything else stay the same).
     """
 
     generator: str = "configs/generator_cpu.toml"
@@ -114,6 +117,7 @@ class CatphishingConfig:
     quality_n: int = 300
     privacy_n_synthetic: int | None = None
     task_augment_noise: float | None = None
+    task_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
@@ -132,6 +136,9 @@ class CatphishingConfig:
         if self.task_augment_noise is not None and not 0 <= self.task_augment_noise < 10:
             raise ValueError(f"catphishing.task_augment_noise must be in [0, 10) (z-score units) or absent, found "
                              f"{self.task_augment_noise}")
+        if self.task_epochs is not None and (isinstance(self.task_epochs, bool) or not isinstance(self.task_epochs, int)
+                                             or self.task_epochs < 1):
+            raise ValueError(f"catphishing.task_epochs must be an integer >= 1 or absent, found {self.task_epochs!r}")
         if self.fidelity_extractor == "torch" and not self.fidelity_weights:
             raise ValueError("catphishing.fidelity_extractor = 'torch' needs fidelity_weights = '<path to a feature "
                              "network>' (synthlearn never downloads weights); or use 'radiomics'")
@@ -509,6 +516,8 @@ def run(ctx: ArmContext) -> ArmOutput:
     if cfg.task_augment_noise is not None:
         noisy = dataclasses.replace(setup.train, augment_noise=cfg.task_augment_noise)
         setup = dataclasses.replace(setup, train=noisy)
+    if cfg.task_epochs is not None:
+        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, epochs=cfg.task_epochs))
     model = train_task_model(pooled, setup, arm_dir, cache=ctx.cache, progress=ctx.progress,
                              label="catphishing")
     task_wall = time.perf_counter() - t0
