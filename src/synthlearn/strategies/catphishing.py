@@ -513,11 +513,10 @@ def run(ctx: ArmContext) -> ArmOutput:
              ", ".join(f"{n}: {len(kept[n])}/{len(generated[n])} kept" for n in sites))
     t0 = time.perf_counter()
     setup = ctx.setup
-    if cfg.task_augment_noise is not None:
-        noisy = dataclasses.replace(setup.train, augment_noise=cfg.task_augment_noise)
-        setup = dataclasses.replace(setup, train=noisy)
-    if cfg.task_epochs is not None:
-        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, epochs=cfg.task_epochs))
+    train_over = {k: v for k, v in (("augment_noise", cfg.task_augment_noise), ("epochs", cfg.task_epochs))
+                  if v is not None}  # the arm's own task-training settings; everything else is the study's
+    if train_over:
+        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, **train_over))
     model = train_task_model(pooled, setup, arm_dir, cache=ctx.cache, progress=ctx.progress,
                              label="catphishing")
     task_wall = time.perf_counter() - t0
