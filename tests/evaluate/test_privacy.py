@@ -184,3 +184,24 @@ def test_audit_refuses_bad_input():
         audit_site(cases, cases, [other])
     with pytest.raises(ValueError, match="positive_n_cases"):
         audit_site(cases, cases, cases, positive_n_cases=10)
+    with pytest.raises(ValueError, match="go together"):
+        audit_site(cases, cases, cases, control_synthetic=cases)
+    with pytest.raises(ValueError, match="not among them"):
+        audit_site(cases, cases, cases, control_synthetic=cases, control_case_ids=["nobody"])
+
+
+def test_generator_positive_control_is_caught_when_its_samples_copy_the_memorised_cases(tiny_study):
+    tcga = list(open_study(tiny_study).site("tcga").cases)
+    members, holdout, unrelated = tcga[:4], tcga[4:], list(open_study(tiny_study).site("egd").cases)
+    memorised = [members[1].case_id, f"tcga/{members[3].case_id}"]  # plain and site/case ids both work
+    leaking = audit_site(members, holdout, unrelated, n_bootstrap=200, control_synthetic=[members[1], members[3]],
+                         control_case_ids=memorised)
+    control = leaking["positive_control_generator"]
+    assert leaking["positive_control_generator_caught"] and control["auc"] == 1.0
+    assert control["memorised_case_ids"] == [f"tcga/{members[1].case_id}", f"tcga/{members[3].case_id}"]
+    assert control["n_samples"] == 2 and control["copy_rate"] == 1.0
+    # a "generator" whose samples are unrelated cases has memorised nothing: not caught
+    blind = audit_site(members, holdout, unrelated, n_bootstrap=200, control_synthetic=unrelated,
+                       control_case_ids=memorised)
+    assert not blind["positive_control_generator_caught"]
+    assert "positive_control_generator" not in audit_site(members, holdout, unrelated, n_bootstrap=50)

@@ -14,12 +14,14 @@ from synthlearn.cli import main
 from synthlearn.data.layouts import open_study
 from synthlearn.strategies.catphishing import (
     CatphishingConfig,
+    control_cases,
     load_generator_for_task,
     pair_by_class,
     privacy_holdout,
     recognition_audit,
 )
 from synthlearn.study import load_study_config, run_study
+from synthlearn.synthesis.artifact import verify_artifact
 from synthlearn.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +67,16 @@ def test_results_carry_the_arm_and_its_audits(demo_run):
         assert isinstance(p["negative_control_ok"], bool) and isinstance(p["positive_control_caught"], bool)
         assert p["positive_control_caught"], "noisy copies of training cases must be caught"
         assert (out / p["montage"]).is_file()
+        # the generator positive control ran at the site: its artifact is a verified one, its memorised cases members
+        gen = p["positive_control_generator"]
+        assert isinstance(p["positive_control_generator_caught"], bool) and 0.0 <= gen["auc"] <= 1.0
+        assert gen["n_samples"] >= 1 and gen["n_nonmembers"] == p["n_holdout"]
+        holdout = json.loads((out / "catphishing" / "holdout" / f"{site}.json").read_text())
+        assert len(gen["memorised_case_ids"]) == 2
+        assert {i.split("/")[-1] for i in gen["memorised_case_ids"]} <= set(holdout["members"])
+        control = verify_artifact(out / "catphishing" / "privacy_control" / site / "artifact")
+        assert control["positive_control"]["memorised_cases"] == 2
+    assert arm["stage_wall_s"]["privacy_controls"] > 0
     for name in ("fid_matrix.png", "synthetic_vs_real.png"):
         assert (out / "catphishing" / "figures" / name).is_file()
     # recognition: the centralized model (run before) classifies every kept synthetic case
@@ -148,6 +160,16 @@ def test_privacy_holdout_is_stratified_disjoint_and_reproducible(tiny_study):
     assert privacy_holdout(site, 0.0, "idh", seed=0) == (sorted(by_id), [])
 
 
+def test_generator_control_memorises_members_of_every_class(tiny_study):
+    site = open_study(tiny_study).site("tcga")
+    members, _ = privacy_holdout(site, 0.5, "idh", seed=0)
+    chosen = control_cases(members, site, "idh", 2, seed=0)
+    assert len(chosen) == 2 and set(chosen) <= set(members)
+    assert {c.labels.idh for c in site.cases if c.case_id in chosen} == {"wildtype", "mutant"}
+    assert control_cases(members, site, "idh", 2, seed=0) == chosen
+    assert control_cases(members, site, "idh", 100, seed=0) == sorted(members)  # capped at the members
+
+
 def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study):
     with pytest.raises(ValueError, match="per_class"):
         CatphishingConfig(per_class=0)
@@ -157,6 +179,8 @@ def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study
         CatphishingConfig(fidelity_extractor="torch")
     with pytest.raises(ValueError, match="task_augment_noise"):  # refused at load, not after the generators
         CatphishingConfig(task_augment_noise=-0.5)
+    with pytest.raises(ValueError, match="privacy_control_steps"):
+        CatphishingConfig(privacy_control_steps=0)
     assert load_generator_for_task("configs/generator_tiny.toml", "tumor_type").label == "tumor_type"
     assert load_generator_for_task(ROOT / "configs" / "generator_tiny.toml", "idh").label == "idh"
     # a missing generator config fails before any arm trains, and nothing is written

@@ -11,7 +11,13 @@ distribution; a case's score is its best SSIM to any synthetic case; the paper r
   the bootstrap CI collapses, a two-sided exact Mann-Whitney p >= 0.05 also counts as chance), and
 * a **positive control**: a "generator" deliberately over-fitted to a few training cases
   (:func:`make_memorising_set`: noisy, intensity-jittered copies of them; a *control*, not a model)
-  must be caught: its AUC (memorised cases vs held-out cases) is high (>= ``caught_auc``, CI above 0.5).
+  must be caught: its AUC (memorised cases vs held-out cases) is high (>= ``caught_auc``, CI above 0.5), and
+* where the caller gives one (``control_synthetic``), a **generator positive control**: the samples of a real
+  generator deliberately over-fitted to a few training cases
+  (:func:`synthlearn.training.memorising.train_memorising_generator`) attacked the same way, its memorised
+  cases vs the held-out ones; it must be caught by the same rule. This is the control issue 5 asks for: it
+  tests the attack against what an actual leaking generator emits (decoded, blurred by the autoencoder),
+  where the copies above test it against near-exact copies.
 
 SSIM, exactly: the 3D SSIM of Wang et al. (2004) with an isotropic Gaussian window (sigma 1.5 voxels,
 truncated at 3.5 sigma, i.e. 11^3), K1 = 0.01, K2 = 0.03, on volumes scaled to [0, 1] (each sequence
@@ -440,6 +446,8 @@ def audit_site(
     positive_noise_std: float = 0.1,
     positive_intensity_jitter: float = 0.05,
     caught_auc: float = 0.9,
+    control_synthetic: Sequence[Case] | None = None,
+    control_case_ids: Sequence[str] | None = None,
     progress: bool = False,
 ) -> dict:
     """The privacy audit of one site's synthetic data (PRIVACY.md P2 + P3 with both controls).
@@ -458,6 +466,10 @@ def audit_site(
         positive_n_cases: training cases the positive control over-fits to (default ``min(5, n_train)``).
         positive_copies_per_case, positive_noise_std, positive_intensity_jitter: see :func:`make_memorising_set`.
         caught_auc: the positive control is caught when its AUC >= this and its CI lies above 0.5.
+        control_synthetic: samples of a generator over-fitted to ``control_case_ids`` (the generator positive
+            control; None: not run).
+        control_case_ids: the training cases that generator memorised, by ``case_id`` or ``site/case_id``
+            (required with ``control_synthetic``; every one must be among ``train_cases``).
         progress: show progress bars.
 
     Returns:
@@ -475,12 +487,22 @@ def audit_site(
                  "closest": [{"synthetic", "train", "distance"} for the montage_k closest]},
              "montage": path or None,
              "negative_control_ok": bool, "positive_control_caught": bool}
+
+        and, with ``control_synthetic``, ``"positive_control_generator"``: attack_metrics(memorised cases vs
+        held-out, best SSIM to the control generator's samples) + {"caught", "auc_all_members",
+        "memorised_case_ids", "n_samples", "copy_rate"} and ``"positive_control_generator_caught"``.
     """
     if len(train_cases) < 2 or len(holdout_cases) < 2 or len(synthetic_cases) < 1:
         raise ValueError(f"audit_site needs >= 2 training, >= 2 held-out and >= 1 synthetic cases, found "
                          f"{len(train_cases)}, {len(holdout_cases)}, {len(synthetic_cases)}")
     if int(montage_k) < 1:
         raise ValueError(f"montage_k must be >= 1, found {montage_k}")
+    if (control_synthetic is None) != (control_case_ids is None):
+        raise ValueError("control_synthetic and control_case_ids go together: the generator positive control needs "
+                         "its samples and the ids of the cases it memorised")
+    if control_synthetic is not None and (len(control_synthetic) < 1 or not control_case_ids):
+        raise ValueError(f"the generator positive control needs >= 1 sample and >= 1 memorised case id, found "
+                         f"{len(control_synthetic)} and {len(control_case_ids or [])}")
     train, train_ids = _load(train_cases, "train", preprocess)
     holdout, holdout_ids = _load(holdout_cases, "holdout", preprocess)
     synthetic, synthetic_ids = _load(synthetic_cases, "synthetic", preprocess)
@@ -543,6 +565,35 @@ def audit_site(
                     intensity_jitter=float(positive_intensity_jitter))
     positive["copy_rate"] = copy_rate(1.0 - s_tm.T, 1.0 - s_ht, copy_percentile)["rate"]
 
+    # (e) generator positive control: a real generator over-fitted to a few training cases
+    generator_control = None
+    if control_synthetic is not None:
+        plain = [c.case_id if isinstance(c, CaseRecord) else tid for c, tid in zip(train_cases, train_ids)]
+        index = {}
+        for i, (tid, pid) in enumerate(zip(train_ids, plain)):
+            index.setdefault(tid, i)
+            index.setdefault(pid, i)
+        missing = [c for c in control_case_ids if c not in index]
+        if missing:
+            raise ValueError(f"control_case_ids: expected ids of training cases, found {missing[:5]} not among them "
+                             f"(training cases: {train_ids[:5]}...)")
+        gc_idx = np.array(sorted({index[c] for c in control_case_ids}))
+        control, control_ids = _load(control_synthetic, "control", preprocess)
+        for a, cid in zip(control, control_ids):
+            if a.images.shape != shape:
+                raise ValueError(f"control case {cid}: images of shape {a.images.shape}, expected {shape} (the first "
+                                 f"training case's); pass preprocess= to bring all cases to one shape")
+        v_ctl = SSIMVolumes(stack(_normalised(control)))
+        s_tc = ssim_matrix(v_train, v_ctl, progress=progress, desc="SSIM train x generator control")
+        s_hc = ssim_matrix(v_hold, v_ctl, progress=progress, desc="SSIM holdout x generator control")
+        generator_control = attack_metrics(s_tc[gc_idx].max(axis=1), s_hc.max(axis=1), n_bootstrap=n_bootstrap,
+                                           rng=numpy_generator(seed, "privacy", "generator-control"))
+        generator_control["caught"] = bool(generator_control["auc"] >= caught_auc and generator_control["ci_low"] > 0.5)
+        generator_control["auc_all_members"] = auc_score(s_tc.max(axis=1), s_hc.max(axis=1))
+        generator_control["memorised_case_ids"] = [train_ids[i] for i in gc_idx]
+        generator_control["n_samples"] = len(control)
+        generator_control["copy_rate"] = copy_rate(1.0 - s_tc.T, 1.0 - s_ht, copy_percentile)["rate"]
+
     montage = None
     if montage_path is not None:
         pairs = [(synthetic_n[j], synthetic_ids[j], train_n[copies["nearest_train"][j]],
@@ -552,14 +603,18 @@ def audit_site(
             title=f"{len(pairs)} closest synthetic/training pairs (copy threshold 1 - SSIM < "
                   f"{copies['threshold']:.4f}; copy rate {copies['rate']:.1%})"))
 
-    for key, result in (("membership", membership), ("negative control", negative), ("positive control", positive)):
-        log.info("privacy %s: AUC %.3f [%.3f, %.3f]", key, result["auc"], result["ci_low"], result["ci_high"])
+    for key, result in (("membership", membership), ("negative control", negative), ("positive control", positive),
+                        ("generator positive control", generator_control)):
+        if result is not None:
+            log.info("privacy %s: AUC %.3f [%.3f, %.3f]", key, result["auc"], result["ci_low"], result["ci_high"])
     if not negative["ok"]:
         log.warning("privacy audit: the negative control is NOT at chance (AUC %.3f, CI [%.3f, %.3f])",
                     negative["auc"], negative["ci_low"], negative["ci_high"])
     if not positive["caught"]:
         log.warning("privacy audit: the positive control was NOT caught (AUC %.3f)", positive["auc"])
-    return {
+    if generator_control is not None and not generator_control["caught"]:
+        log.warning("privacy audit: the generator positive control was NOT caught (AUC %.3f)", generator_control["auc"])
+    result = {
         "method": SSIM_METHOD,
         "n_train": len(train),
         "n_holdout": len(holdout),
@@ -574,3 +629,7 @@ def audit_site(
         "negative_control_ok": bool(negative["ok"]),
         "positive_control_caught": bool(positive["caught"]),
     }
+    if generator_control is not None:
+        result["positive_control_generator"] = generator_control
+        result["positive_control_generator_caught"] = bool(generator_control["caught"])
+    return result

@@ -286,25 +286,30 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
         rows = []
         for s, v in priv.items():
             if "skipped" in v:
-                rows.append([s, "skipped: " + str(v["skipped"])] + ["–"] * 6)
+                rows.append([s, "skipped: " + str(v["skipped"])] + ["–"] * 7)
                 continue
             mem, neg, pos, cr = v.get("membership", {}), v.get("negative_control", {}), v.get("positive_control", {}), \
                 v.get("copy_rate", {})
+            gen = v.get("positive_control_generator") or {}
             rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem),
                          _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),
                          f"{_ci(neg)} ({'at chance' if v.get('negative_control_ok') else 'NOT at chance'})",
                          f"{_ci(pos)} ({'caught' if v.get('positive_control_caught') else 'NOT caught'})",
+                         (f"{_ci(gen)} ({'caught' if v.get('positive_control_generator_caught') else 'NOT caught'}; "
+                          f"{len(gen.get('memorised_case_ids', []))} cases)" if gen else "not run"),
                          _num(cr.get("rate")), "underpowered" if mem.get("underpowered") else "–"])
         doc.table(["site", "members / non-members / synthetic", "membership AUC [95% CI]", "TPR at 1% FPR",
-                   "negative control (members vs members)", "positive control (memorised copies)", "copy rate",
-                   "power"], rows)
+                   "negative control (members vs members)", "positive control (memorised copies)",
+                   "positive control (over-fitted generator)", "copy rate", "power"], rows)
         doc.p("SSIM distance-based membership inference (paper 000, Supplementary Note 4: AUC 0.493): a case's "
               "score is its best SSIM to any synthetic case; members are the cases the site's generator trained "
               "on, non-members the site's held-out cases. The attack only counts if the negative control sits at "
-              "chance and the positive control (noisy copies of a few training cases, what a memorising generator "
-              "would emit) is caught. Fewer than 250 members or non-members cannot certify an AUC bound of 0.55 "
-              "(PRIVACY.md P1). Copy rate: share of synthetic cases closer to a training case than 95 % of "
-              "held-out cases are; the closest pairs are in the privacy closest figures.")
+              "chance and the positive controls are caught: noisy copies of a few training cases (what a perfectly "
+              "memorising generator would emit) and the samples of the site's own generator with its decoder and "
+              "diffusion model fine-tuned on a few members only (a generator deliberately over-fitted to them; its "
+              "memorised cases against the held-out ones). Fewer than 250 members or non-members cannot certify an "
+              "AUC bound of 0.55 (PRIVACY.md P1). Copy rate: share of synthetic cases closer to a training case "
+              "than 95 % of held-out cases are; the closest pairs are in the privacy closest figures.")
 
 
 def _audits(doc: _Doc, results: dict) -> None:

@@ -20,6 +20,10 @@ What happens, in order (each step resumes from what a previous run left in the a
    synthetic, and per site the SSIM membership inference with its negative and positive controls and the
    copy rate with a montage of the closest pairs (:func:`synthlearn.evaluate.privacy.audit_site`). The
    audits read the real cases at the site that owns them; only their numbers would leave a site.
+   The **generator positive control** (``privacy_control_generator``) runs at each site too: the site's
+   generator with its decoder and diffusion UNet fine-tuned on ``privacy_control_cases`` members only
+   (:func:`synthlearn.training.memorising.train_memorising_generator`), sampled like the real one; the
+   membership attack must catch the cases it memorised. It is never shipped or trained on.
    **Recognition** (:func:`recognition_audit`, when the study's ``centralized`` arm ran before this one):
    the task model trained on the real training cases classifies the kept synthetic cases; the share
    recognised as the class they were conditioned on (balanced over classes; chance = 1 / classes) says
@@ -31,6 +35,7 @@ Arm folder::
     catphishing/holdout/<site>.json       the site's privacy holdout (stays at the site)
     catphishing/synthetic/<site>/         the server's synthetic cases (a site folder of the data contract)
                                           + synthesis.json + diversity.json
+    catphishing/privacy_control/<site>/   the generator positive control: its artifact and samples (stays at the site)
     catphishing/model/                    the task model trained on synthetic data
     catphishing/figures/                  FID matrix, synthetic vs real grid, privacy montages
 """
@@ -98,6 +103,15 @@ class CatphishingConfig:
         task_epochs: ``train.epochs`` of the task model trained on the synthetic cases; None: the study's
             ``train`` value. With many more synthetic than real cases, fewer passes keep the number of
             training steps near the other arms' (the model and everything else stay the same).
+        privacy_control_generator: run the generator positive control of the membership audit (a generator
+            deliberately over-fitted to a few members at each site must be caught; issue 5 item 3).
+        privacy_control_cases: members it memorises per site (stratified by class). The defaults (2 cases, 60
+            decoder and 300 diffusion steps, 4 samples per class) were caught at AUC 1.0 on run 8's tcga and utsw
+            generators, where 4 cases with 40 and 150 steps were not at utsw (0.75; docs/benchmarks.md); about 3
+            minutes for three sites on two cores.
+        privacy_control_decoder_steps: its decoder fine-tuning steps on those cases (0 = the shipped decoder).
+        privacy_control_steps: its diffusion fine-tuning steps on their latents.
+        privacy_control_per_class: samples per class it draws (at the arm's steps and guidance).
     """
 
     generator: str = "configs/generator_cpu.toml"
@@ -118,6 +132,11 @@ class CatphishingConfig:
     privacy_n_synthetic: int | None = None
     task_augment_noise: float | None = None
     task_epochs: int | None = None
+    privacy_control_generator: bool = True
+    privacy_control_cases: int = 2
+    privacy_control_decoder_steps: int = 60
+    privacy_control_steps: int = 300
+    privacy_control_per_class: int = 4
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
@@ -139,6 +158,11 @@ class CatphishingConfig:
         if self.task_epochs is not None and (isinstance(self.task_epochs, bool) or not isinstance(self.task_epochs, int)
                                              or self.task_epochs < 1):
             raise ValueError(f"catphishing.task_epochs must be an integer >= 1 or absent, found {self.task_epochs!r}")
+        for name, low in (("privacy_control_cases", 1), ("privacy_control_decoder_steps", 0),
+                          ("privacy_control_steps", 1), ("privacy_control_per_class", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"catphishing.{name} must be an integer >= {low}, found {value!r}")
         if self.fidelity_extractor == "torch" and not self.fidelity_weights:
             raise ValueError("catphishing.fidelity_extractor = 'torch' needs fidelity_weights = '<path to a feature "
                              "network>' (synthlearn never downloads weights); or use 'radiomics'")
@@ -216,6 +240,41 @@ def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: in
         _, percentile, threshold_from = filter_cfg
         filter_site(out, percentile, threshold_from=threshold_from, label_column=label)
     return {"synthesis_s": t1 - t0, "filter_s": time.perf_counter() - t1}
+
+
+def _control_worker(artifact: str, site_dir: str, case_ids: list[str], out: str, steps: int, decoder_steps: int,
+                    per_class: int, seed: int, sample_steps: int | None, guidance: float | None, threads: int) -> float:
+    """Runs at a site, given that site's folder only: the generator positive control (over-fit, then sample)."""
+    from synthlearn.runtime import configure_threads
+    from synthlearn.synthesis.cases import synthesize
+    from synthlearn.training.memorising import train_memorising_generator
+
+    configure_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    root = Path(out)
+    if not (root / "synthetic" / "synthesis.json").is_file():
+        train_memorising_generator(Path(artifact), Path(site_dir), case_ids, root / "artifact", steps=steps,
+                                   decoder_steps=decoder_steps, seed=seed)
+        synthesize(root / "artifact", per_class, root / "synthetic", seed=seed, steps=sample_steps, guidance=guidance,
+                   progress=False)
+    return time.perf_counter() - t0
+
+
+def control_cases(members: list[str], site: SiteRecord, label: str, n: int, seed: int) -> list[str]:
+    """The ``n`` members the generator positive control memorises: drawn class by class in turn (seeded), sorted."""
+    by_class: dict[str, list[str]] = {}
+    labels = {c.case_id: c.labels.get(label) or "unknown" for c in site.cases}
+    for cid in sorted(members):
+        by_class.setdefault(labels[cid], []).append(cid)
+    queues = {cls: [ids[i] for i in numpy_generator(seed, "privacy-control", site.name, cls).permutation(len(ids))]
+              for cls, ids in sorted(by_class.items())}
+    chosen: list[str] = []
+    while len(chosen) < min(n, len(members)):
+        for cls in sorted(queues):
+            if queues[cls] and len(chosen) < n:
+                chosen.append(queues[cls].pop(0))
+    return sorted(chosen)
 
 
 def _pool(n_jobs: int, cfg: CatphishingConfig) -> ProcessPoolExecutor:
@@ -333,8 +392,10 @@ def draw_synthetic_vs_real(real: dict[str, list[CaseRecord]], synthetic: dict[st
 # --------------------------------------------------------------------------------------------------- audits
 def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dict[str, list[str]],
                holdout: dict[str, list[str]], generated: dict[str, list[CaseRecord]],
-               kept: dict[str, list[CaseRecord]]) -> dict[str, Any]:
-    """Fidelity, image quality and privacy of every site's synthetic data (see the module docstring)."""
+               kept: dict[str, list[CaseRecord]],
+               controls: dict[str, tuple[list[str], list[CaseRecord]]] | None = None) -> dict[str, Any]:
+    """Fidelity, image quality and privacy of every site's synthetic data (see the module docstring);
+    ``controls``: site -> (memorised member ids, samples) of the generator positive control."""
     from synthlearn.evaluate.fidelity import TorchFeatures, fidelity, image_quality
     from synthlearn.evaluate.privacy import audit_site
 
@@ -370,9 +431,10 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
                 len(syn), cfg.privacy_n_synthetic, replace=False)
             syn = [syn[i] for i in sorted(idx)]
         t0 = time.perf_counter()
+        memorised, control = (controls or {}).get(site, (None, None))
         result = audit_site([by_id[site][i] for i in members[site]], [by_id[site][i] for i in holdout[site]], syn,
                             preprocess=pre, seed=ctx.setup.seed, montage_path=figures / f"privacy_closest_{site}.png",
-                            progress=ctx.progress)
+                            control_synthetic=control, control_case_ids=memorised, progress=ctx.progress)
         if result.get("montage"):
             result["montage"] = str(Path(result["montage"]).relative_to(ctx.arm_dir.parent))
         result["wall_s"] = time.perf_counter() - t0
@@ -534,12 +596,28 @@ def run(ctx: ArmContext) -> ArmOutput:
     }
     if cfg.audit:
         t0 = time.perf_counter()
-        extra.update(run_audits(ctx, cfg, label, members, holdout, generated, kept))
+        controls: dict[str, tuple[list[str], list[CaseRecord]]] = {}
+        if cfg.privacy_control_generator:
+            from synthlearn.data.layouts import open_study
+
+            control_dirs = {name: arm_dir / "privacy_control" / name for name in sites}
+            memorised = {name: control_cases(members[name], sites[name], label, cfg.privacy_control_cases, seed)
+                         for name in sites if len(holdout[name]) >= 2 and len(members[name]) >= 2}
+            jobs = {name: (str(artifacts[name]), str(sites[name].path), memorised[name], str(control_dirs[name]),
+                           cfg.privacy_control_steps, cfg.privacy_control_decoder_steps, cfg.privacy_control_per_class,
+                           derive_seed(seed, "privacy-control", name), cfg.steps, cfg.guidance, cfg.threads_per_site)
+                    for name in memorised}
+            _run_jobs(jobs, _control_worker, cfg, "privacy: generator positive controls", ctx.progress)
+            controls = {name: (memorised[name], list(open_study(control_dirs[name] / "synthetic").sites[0].cases))
+                        for name in memorised}
+            extra["stage_wall_s"]["privacy_controls"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        extra.update(run_audits(ctx, cfg, label, members, holdout, generated, kept, controls))
         extra["stage_wall_s"]["audits"] = time.perf_counter() - t0
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=sum(v["bytes"] for v in shipped.values()),
                      rounds=1, extra=extra)
 
 
 __all__ = ["CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
-           "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout", "recognition_audit",
-           "run", "run_audits"]
+           "control_cases", "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout",
+           "recognition_audit", "run", "run_audits"]
