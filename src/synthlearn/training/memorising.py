@@ -2,10 +2,13 @@
 
 Issue 5 item 3 and ``../shared/design/PRIVACY.md``: a membership attack only counts when it catches a
 generator that is known to leak. This builds one from the site's own artifact, at the site (it reads real
-cases): the autoencoder and stage-2 module stay as shipped (they were trained on every member), and the
-diffusion UNet, starting from the shipped weights, is fine-tuned with the same loss, optimiser and label
-dropout on the latents of ``case_ids`` only (a handful of members, no flips) for ``steps`` optimiser steps,
-i.e. hundreds of passes over each case. Its samples, drawn with the usual
+cases), starting from the shipped weights: first the decoder and stage-2 module are fine-tuned with the
+stage-2 losses on ``case_ids`` only (a handful of members, no flips; the encoder stays frozen) for
+``decoder_steps`` steps, then the diffusion UNet with its own loss, optimiser and label dropout on those
+cases' latents for ``steps`` steps, i.e. tens to hundreds of passes over each case. (The decoder step matters:
+the demo's 32^3 autoencoder renders a case only a little closer to itself than to other cases, so a diffusion
+model that memorises latents alone emits blurred copies that the SSIM attack barely tells apart;
+docs/benchmarks.md.) Its samples, drawn with the usual
 :func:`synthlearn.synthesis.cases.synthesize`, then stand in for what a memorising generator emits; the audit
 (:func:`synthlearn.evaluate.privacy.audit_site` with ``control_synthetic``) must tell those cases from
 held-out ones.
@@ -79,7 +82,7 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     cfg, manifest = gen.cfg, gen.manifest
     cases = open_site(site_dir, cfg, case_ids)
     data = load_site_tensors(cases, cfg)
-    rt = setup_runtime(dataclasses.replace(cfg, device="cpu") if not torch.cuda.is_available() else cfg)
+    rt = setup_runtime(cfg if torch.cuda.is_available() else dataclasses.replace(cfg, device="cpu", precision="fp32"))
     for module in (gen.autoencoder, gen.superres, gen.diffusion):
         module.to(rt.device)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +126,8 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
         class_prevalence={k: v / max(1, sum(counts.values())) for k, v in counts.items()},
         figures=[],
         positive_control={
-            "what": "the site's generator with its diffusion UNet fine-tuned on a few member cases only (a privacy "
-                    "audit control that must be caught; never shipped, never trained on)",
+            "what": "the site's generator with its decoder and diffusion UNet fine-tuned on a few member cases only "
+                    "(a privacy audit control that must be caught; never shipped, never trained on)",
             "memorised_cases": n, "steps": epochs * per_epoch, "batch_size": batch,
             "decoder_steps": (len(next(iter(histories["decoder"].values()), [])) * math.ceil(n / min(n, 4))
                               if "decoder" in histories else 0),
