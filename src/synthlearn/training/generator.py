@@ -244,11 +244,20 @@ def _voxel_size(affine: np.ndarray) -> np.ndarray:
 
 
 def load_site_tensors(cases: tuple[CaseRecord, ...], cfg: GeneratorConfig) -> SiteTensors:
-    """Read, crop and fit every case, map intensities to the generator scale, stack with the tumour mask."""
+    """Read, crop and fit every case, map intensities to the generator scale, stack with the tumour mask.
+
+    Each sequence is z-scored over the brain at the case's own resolution *before* it is fitted to
+    ``cfg.shape``, exactly as the task models' preprocessing does (:func:`synthlearn.data.preprocess.preprocess_case`),
+    and only then mapped to the generator scale (an affine map inside the brain). Fitting raw intensities
+    instead blends the brain's edge with the zero background into a dark rim that lowers the brain mean and
+    widens its spread: on the default phantom that took the tumour-to-brain contrast a task model sees from
+    -0.74 to -0.18 SD in T1 (sign flipped for some wildtype cases) and from 2.5 to 1.6 SD in T2, i.e. the
+    generator learnt a class signal weaker than, and different from, the real one (docs/benchmarks.md).
+    """
     from synthlearn.data.io import read_case
     from synthlearn.synthesis.cases import generator_intensities
 
-    pre = PreprocessConfig(shape=cfg.shape, mode=cfg.fit_mode, crop=True, zscore=False)
+    pre = PreprocessConfig(shape=cfg.shape, mode=cfg.fit_mode, crop=True, zscore=True)
     xs, classes, sizes = [], [], []
     names = cfg.class_names
     for case in cases:
@@ -935,7 +944,8 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
         "latent_channels": cfg.autoencoder.latent_channels,
         "latent_scale_factor": scale,
         "voxel_size_mm": list(data.voxel_size),
-        "intensity_scale": "per sequence, brain 0.5th/99.5th percentiles -> 0.2/1.0, clipped to [0.2, 1.5]; "
+        "intensity_scale": "per sequence, z-scored over the brain at the case's resolution, fitted to the grid, "
+                           "then brain 0.5th/99.5th percentiles -> 0.2/1.0, clipped to [0.2, 1.5]; "
                            "background 0 (synthlearn.synthesis.cases.generator_intensities)",
         "perceptual_loss": perceptual_note,
         "training": {"epochs": {s: len(next(iter(h.values()), [])) for s, h in histories.items()},
