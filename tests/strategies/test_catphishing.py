@@ -170,6 +170,14 @@ def test_generator_control_memorises_members_of_every_class(tiny_study):
     assert control_cases(members, site, "idh", 100, seed=0) == sorted(members)  # capped at the members
 
 
+def test_a_failing_generator_control_is_reported_not_fatal(tmp_path, tiny_study):
+    from synthlearn.strategies.catphishing import _control_worker
+
+    out = _control_worker(str(tmp_path / "no-artifact"), str(tiny_study / "tcga"), ["x"], str(tmp_path / "control"),
+                          2, 0, 1, 0, None, None, 1)
+    assert "no-artifact" in out["error"] and not (tmp_path / "control" / "synthetic").exists()
+
+
 def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study):
     with pytest.raises(ValueError, match="per_class"):
         CatphishingConfig(per_class=0)

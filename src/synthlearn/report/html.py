@@ -295,7 +295,8 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                          _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),
                          f"{_ci(neg)} ({'at chance' if v.get('negative_control_ok') else 'NOT at chance'})",
                          f"{_ci(pos)} ({'caught' if v.get('positive_control_caught') else 'NOT caught'})",
-                         (f"{_ci(gen)} ({'caught' if v.get('positive_control_generator_caught') else 'NOT caught'}; "
+                         ("skipped: " + str(gen["skipped"]) if "skipped" in gen else
+                          f"{_ci(gen)} ({'caught' if v.get('positive_control_generator_caught') else 'NOT caught'}; "
                           f"{len(gen.get('memorised_case_ids', []))} cases)" if gen else "not run"),
                          _num(cr.get("rate")), "underpowered" if mem.get("underpowered") else "–"])
         doc.table(["site", "members / non-members / synthetic", "membership AUC [95% CI]", "TPR at 1% FPR",

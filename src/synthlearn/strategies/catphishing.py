@@ -243,8 +243,10 @@ def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: in
 
 
 def _control_worker(artifact: str, site_dir: str, case_ids: list[str], out: str, steps: int, decoder_steps: int,
-                    per_class: int, seed: int, sample_steps: int | None, guidance: float | None, threads: int) -> float:
-    """Runs at a site, given that site's folder only: the generator positive control (over-fit, then sample)."""
+                    per_class: int, seed: int, sample_steps: int | None, guidance: float | None,
+                    threads: int) -> dict[str, Any]:
+    """Runs at a site, given that site's folder only: the generator positive control (over-fit, then sample).
+    A control that fails (e.g. its samples have no tumour) is reported, not fatal: ``{"wall_s", "error"}``."""
     from synthlearn.runtime import configure_threads
     from synthlearn.synthesis.cases import synthesize
     from synthlearn.training.memorising import train_memorising_generator
@@ -253,12 +255,16 @@ def _control_worker(artifact: str, site_dir: str, case_ids: list[str], out: str,
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     root = Path(out)
+    error = None
     if not (root / "synthetic" / "synthesis.json").is_file():
-        train_memorising_generator(Path(artifact), Path(site_dir), case_ids, root / "artifact", steps=steps,
-                                   decoder_steps=decoder_steps, seed=seed)
-        synthesize(root / "artifact", per_class, root / "synthetic", seed=seed, steps=sample_steps, guidance=guidance,
-                   progress=False)
-    return time.perf_counter() - t0
+        try:
+            train_memorising_generator(Path(artifact), Path(site_dir), case_ids, root / "artifact", steps=steps,
+                                       decoder_steps=decoder_steps, seed=seed)
+            synthesize(root / "artifact", per_class, root / "synthetic", seed=seed, steps=sample_steps,
+                       guidance=guidance, progress=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    return {"wall_s": time.perf_counter() - t0, "error": error}
 
 
 def control_cases(members: list[str], site: SiteRecord, label: str, n: int, seed: int) -> list[str]:
@@ -597,6 +603,7 @@ def run(ctx: ArmContext) -> ArmOutput:
     if cfg.audit:
         t0 = time.perf_counter()
         controls: dict[str, tuple[list[str], list[CaseRecord]]] = {}
+        failed: dict[str, str] = {}
         if cfg.privacy_control_generator:
             from synthlearn.data.layouts import open_study
 
@@ -607,12 +614,19 @@ def run(ctx: ArmContext) -> ArmOutput:
                            cfg.privacy_control_steps, cfg.privacy_control_decoder_steps, cfg.privacy_control_per_class,
                            derive_seed(seed, "privacy-control", name), cfg.steps, cfg.guidance, cfg.threads_per_site)
                     for name in memorised}
-            _run_jobs(jobs, _control_worker, cfg, "privacy: generator positive controls", ctx.progress)
+            done = _run_jobs(jobs, _control_worker, cfg, "privacy: generator positive controls", ctx.progress)
+            failed = {name: r["error"] for name, r in done.items() if r["error"]}
+            for name, error in failed.items():
+                log.warning("catphishing: the generator positive control failed at site %s: %s", name, error)
             controls = {name: (memorised[name], list(open_study(control_dirs[name] / "synthetic").sites[0].cases))
-                        for name in memorised}
+                        for name in memorised if name not in failed}
             extra["stage_wall_s"]["privacy_controls"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         extra.update(run_audits(ctx, cfg, label, members, holdout, generated, kept, controls))
+        for name, error in failed.items():
+            if "skipped" not in extra["privacy"].get(name, {"skipped": True}):
+                extra["privacy"][name]["positive_control_generator"] = {"skipped": f"the control failed: {error}"}
+                extra["privacy"][name]["positive_control_generator_caught"] = False
         extra["stage_wall_s"]["audits"] = time.perf_counter() - t0
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=sum(v["bytes"] for v in shipped.values()),
                      rounds=1, extra=extra)
