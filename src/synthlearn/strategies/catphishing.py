@@ -105,10 +105,10 @@ class CatphishingConfig:
             training steps near the other arms' (the model and everything else stay the same).
         privacy_control_generator: run the generator positive control of the membership audit (a generator
             deliberately over-fitted to a few members at each site must be caught; issue 5 item 3).
-        privacy_control_cases: members it memorises per site (stratified by class). The defaults (2 cases, 60
-            decoder and 300 diffusion steps, 4 samples per class) were caught at AUC 1.0 on run 8's tcga and utsw
-            generators, where 4 cases with 40 and 150 steps were not at utsw (0.75; docs/benchmarks.md); about 3
-            minutes for three sites on two cores.
+        privacy_control_cases: members it memorises per site (stratified by class). With 2 cases, 60 decoder
+            and 300 diffusion steps the control was caught at all three demo sites of run 10 but not at one of
+            run 11 (AUC 0.864), where 600 diffusion steps (the default) or 120 decoder steps caught it (1.000;
+            docs/benchmarks.md section 11); about 4 minutes for three sites on two cores.
         privacy_control_decoder_steps: its decoder fine-tuning steps on those cases (0 = the shipped decoder).
         privacy_control_steps: its diffusion fine-tuning steps on their latents.
         privacy_control_per_class: samples per class it draws (at the arm's steps and guidance).
@@ -135,7 +135,7 @@ class CatphishingConfig:
     privacy_control_generator: bool = True
     privacy_control_cases: int = 2
     privacy_control_decoder_steps: int = 60
-    privacy_control_steps: int = 300
+    privacy_control_steps: int = 600
     privacy_control_per_class: int = 4
 
     def __post_init__(self) -> None:
