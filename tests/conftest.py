@@ -43,6 +43,22 @@ def tiny_run(tiny_study, tmp_path_factory):
     return out, time.perf_counter() - t0
 
 
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_study, tmp_path_factory):
+    """``(site folder, artifact folder)`` of the tiny generator (configs/generator_tiny.toml) trained once by
+    ``synthlearn train-generator`` on the tiny study's site tcga, seed 0. Read-only: copy it before changing it."""
+    from pathlib import Path
+
+    from synthlearn.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "generator_tiny.toml"
+    out = tmp_path_factory.mktemp("generator") / "artifact"
+    site = tiny_study / "tcga"
+    assert main(["train-generator", "--site", str(site), "--config", str(config), "--out", str(out), "--seed", "0",
+                 "-q"]) == 0
+    return site, out
+
+
 @pytest.fixture
 def copy_study(tiny_study, tmp_path):
     """A private copy of the tiny study that a test may modify."""

@@ -19,13 +19,9 @@ TINY_CONFIG = ROOT / "configs" / "generator_tiny.toml"
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_study, tmp_path_factory):
-    """(site folder, artifact folder) of the tiny generator trained once on site tcga, seed 0."""
-    out = tmp_path_factory.mktemp("generator") / "artifact"
-    site = tiny_study / "tcga"
-    assert main(["train-generator", "--site", str(site), "--config", str(TINY_CONFIG), "--out", str(out),
-                 "--seed", "0", "-q"]) == 0
-    return site, out
+def trained(tiny_artifact):
+    """(site folder, artifact folder) of the tiny generator trained once on site tcga, seed 0 (conftest)."""
+    return tiny_artifact
 
 
 def _arrays(site_dir: Path) -> dict[str, np.ndarray]:

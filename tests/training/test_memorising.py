@@ -1,28 +1,18 @@
 """The generator positive control of the privacy audit: a site's artifact over-fitted to a few of its cases."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from synthlearn.cli import main
 from synthlearn.data.layouts import open_study
 from synthlearn.synthesis.artifact import load_weights, verify_artifact
 from synthlearn.synthesis.cases import synthesize
 from synthlearn.training.memorising import train_memorising_generator
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY_CONFIG = ROOT / "configs" / "generator_tiny.toml"
 
-
-@pytest.fixture(scope="module")
-def shipped(tiny_study, tmp_path_factory):
-    """(site folder, artifact) of the tiny generator trained on site tcga."""
-    out = tmp_path_factory.mktemp("memorising") / "artifact"
-    site = tiny_study / "tcga"
-    assert main(["train-generator", "--site", str(site), "--config", str(TINY_CONFIG), "--out", str(out),
-                 "--seed", "0", "-q"]) == 0
-    return site, out
+@pytest.fixture
+def shipped(tiny_artifact):
+    """(site folder, artifact) of the tiny generator trained on site tcga (conftest; read-only)."""
+    return tiny_artifact
 
 
 def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str) -> bool:
