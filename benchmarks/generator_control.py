@@ -55,13 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     from synthlearn.training.generator import encode_site, load_site_tensors, open_site, setup_runtime
     from synthlearn.training.memorising import train_memorising_generator
 
-    holdout = json.loads((args.arm / "holdout" / f"{args.site}.json").read_text())
+    holdout_file = args.arm / "holdout" / f"{args.site}.json"
     artifact = args.arm / "artifacts" / args.site
+    synthetic_dir = args.arm / "synthetic" / args.site
+    for path in (holdout_file, artifact / "manifest.json", synthetic_dir / "synthesis.json"):
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; expected a catphishing arm folder with site {args.site!r} "
+                             f"(holdout/, artifacts/ and synthetic/ of `synthlearn study run`)")
+    holdout = json.loads(holdout_file.read_text())
     site = open_study(args.study).site(args.site)
     by_id = {c.case_id: c for c in site.cases}
-    label = load_generator(artifact).cfg.label
-    memorised = control_cases(holdout["members"], site, label, args.cases, args.seed)
-    pre = PreprocessConfig(shape=tuple(load_generator(artifact).cfg.shape))
+    shipped = load_generator(artifact)
+    memorised = control_cases(holdout["members"], site, shipped.cfg.label, args.cases, args.seed)
+    pre = PreprocessConfig(shape=tuple(shipped.cfg.shape))
     row: dict = {"site": args.site, "cases": args.cases, "decoder_steps": args.decoder_steps, "steps": args.steps,
                  "per_class": args.per_class, "guidance": args.guidance}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,14 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                          progress=False)
         row["total_s"] = round(time.perf_counter() - t0, 1)
         result = audit_site([by_id[i] for i in holdout["members"]], [by_id[i] for i in holdout["holdout"]],
-                            list(open_study(syn).sites[0].cases), preprocess=pre, seed=args.seed,
+                            list(open_study(synthetic_dir).sites[0].cases), preprocess=pre, seed=args.seed,
                             control_synthetic=list(open_study(syn).sites[0].cases), control_case_ids=memorised)
     gen = result["positive_control_generator"]
     row.update(auc=gen["auc"], ci=[gen["ci_low"], gen["ci_high"]], caught=gen["caught"],
                memorised_ssim=gen["member_score_mean"], holdout_ssim=gen["nonmember_score_mean"])
 
     # ceiling with the shipped decoder: a memorised case vs its own reconstruction
-    shipped = load_generator(artifact)
     data = load_site_tensors(open_site(site.path, shipped.cfg, memorised), shipped.cfg)
     mu, _ = encode_site(shipped.autoencoder, data.x, setup_runtime(shipped.cfg), flips=False)
     with torch.no_grad():

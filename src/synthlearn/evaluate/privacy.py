@@ -506,9 +506,10 @@ def audit_site(
     train, train_ids = _load(train_cases, "train", preprocess)
     holdout, holdout_ids = _load(holdout_cases, "holdout", preprocess)
     synthetic, synthetic_ids = _load(synthetic_cases, "synthetic", preprocess)
+    control, control_ids = _load(control_synthetic or [], "control", preprocess)
     shape = train[0].images.shape
     for role, arrays, ids in (("train", train, train_ids), ("holdout", holdout, holdout_ids),
-                              ("synthetic", synthetic, synthetic_ids)):
+                              ("synthetic", synthetic, synthetic_ids), ("control", control, control_ids)):
         for a, cid in zip(arrays, ids):
             if a.images.shape != shape:
                 raise ValueError(f"{role} case {cid}: images of shape {a.images.shape}, expected {shape} (the "
@@ -578,11 +579,6 @@ def audit_site(
             raise ValueError(f"control_case_ids: expected ids of training cases, found {missing[:5]} not among them "
                              f"(training cases: {train_ids[:5]}...)")
         gc_idx = np.array(sorted({index[c] for c in control_case_ids}))
-        control, control_ids = _load(control_synthetic, "control", preprocess)
-        for a, cid in zip(control, control_ids):
-            if a.images.shape != shape:
-                raise ValueError(f"control case {cid}: images of shape {a.images.shape}, expected {shape} (the first "
-                                 f"training case's); pass preprocess= to bring all cases to one shape")
         v_ctl = SSIMVolumes(stack(_normalised(control)))
         s_tc = ssim_matrix(v_train, v_ctl, progress=progress, desc="SSIM train x generator control")
         s_hc = ssim_matrix(v_hold, v_ctl, progress=progress, desc="SSIM holdout x generator control")

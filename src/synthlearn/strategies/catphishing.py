@@ -623,10 +623,9 @@ def run(ctx: ArmContext) -> ArmOutput:
             extra["stage_wall_s"]["privacy_controls"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         extra.update(run_audits(ctx, cfg, label, members, holdout, generated, kept, controls))
-        for name, error in failed.items():
-            if "skipped" not in extra["privacy"].get(name, {"skipped": True}):
-                extra["privacy"][name]["positive_control_generator"] = {"skipped": f"the control failed: {error}"}
-                extra["privacy"][name]["positive_control_generator_caught"] = False
+        for name, error in failed.items():  # these sites were audited (same condition as the control)
+            extra["privacy"][name].update(positive_control_generator={"skipped": f"the control failed: {error}"},
+                                          positive_control_generator_caught=False)
         extra["stage_wall_s"]["audits"] = time.perf_counter() - t0
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=sum(v["bytes"] for v in shipped.values()),
                      rounds=1, extra=extra)

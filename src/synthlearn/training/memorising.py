@@ -88,11 +88,13 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     out.mkdir(parents=True, exist_ok=True)
     n = data.x.shape[0]
     histories = {}
+    decoder_done = 0
     if decoder_steps:
         batch = min(n, 4)
         per_epoch = math.ceil(n / batch)
+        decoder_done = math.ceil(decoder_steps / per_epoch) * per_epoch
         sr_cfg = dataclasses.replace(cfg, augment_flip=False, superres=dataclasses.replace(
-            cfg.superres, epochs=math.ceil(decoder_steps / per_epoch), batch_size=batch, lr=decoder_lr))
+            cfg.superres, epochs=decoder_done // per_epoch, batch_size=batch, lr=decoder_lr))
         ckpt = out / "memorising_decoder.pt"
         ckpt.unlink(missing_ok=True)
         gen.autoencoder.train()
@@ -129,8 +131,7 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
             "what": "the site's generator with its decoder and diffusion UNet fine-tuned on a few member cases only "
                     "(a privacy audit control that must be caught; never shipped, never trained on)",
             "memorised_cases": n, "steps": epochs * per_epoch, "batch_size": batch,
-            "decoder_steps": (len(next(iter(histories["decoder"].values()), [])) * math.ceil(n / min(n, 4))
-                              if "decoder" in histories else 0),
+            "decoder_steps": decoder_done,
             "decoder_final_l1": histories["decoder"]["l1"][-1] if "decoder" in histories else None,
             "final_mse": history["mse"][-1] if history.get("mse") else None,
             "wall_time_s": round(time.perf_counter() - t0, 1)})
