@@ -178,6 +178,25 @@ def test_synthesize_argument_errors(trained, tmp_path, capsys):
     assert "expected a new or empty folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["synthesize", "--artifact", str(artifact), "--per-class", "0", "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit):
+        main(["synthesize", "--artifact", str(artifact), "--per-class", "1", "--out", str(tmp_path / "y"),
+              "--guidance-interval", "0.2", "1.5"])
+    assert "[0, 1], found 1.5" in capsys.readouterr().err
+
+
+def test_guidance_interval_reaches_the_sampler_and_the_record(trained, tmp_path):
+    _, artifact = trained
+    out = tmp_path / "syn"
+    assert main(["synthesize", "--artifact", str(artifact), "--per-class", "1", "--out", str(out), "--steps", "3",
+                 "--guidance", "3", "--guidance-interval", "0.04", "0.64", "-q"]) == 0
+    info = json.loads((out / "synthesis.json").read_text())
+    assert info["guidance_scale"] == 3.0 and info["guidance_interval"] == [0.04, 0.64]
+    full = tmp_path / "full"
+    assert main(["synthesize", "--artifact", str(artifact), "--per-class", "1", "--out", str(full), "--steps", "3",
+                 "--guidance", "3", "-q"]) == 0
+    assert json.loads((full / "synthesis.json").read_text())["guidance_interval"] == [0.0, 1.0]  # the tiny default
+    a, b = _arrays(out), _arrays(full)
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.endswith("t1.nii.gz"))
 
 
 @pytest.mark.slow

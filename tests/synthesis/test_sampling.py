@@ -71,6 +71,29 @@ def test_guidance_changes_samples_and_scale_factor_divides(model):
     torch.testing.assert_close(_sample(model, 1, guidance_scale=1.0, scale_factor=2.0), base / 2.0)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(model, monkeypatch):
+    import synthlearn.synthesis.sampling as sampling
+
+    full = _sample(model, 1, guidance_scale=3.0)
+    assert torch.equal(_sample(model, 1, guidance_scale=3.0, guidance_interval=(0.0, 1.0)), full)
+    # no step of 5 DDIM steps over T = 50 (MONAI: t = 49, 37, 24, 12, 0) lies in [0.99, 1]: conditional only
+    assert torch.equal(_sample(model, 1, guidance_scale=3.0, guidance_interval=(0.99, 1.0)),
+                       _sample(model, 1, guidance_scale=1.0))
+    seen = []
+    real = sampling.guided_noise
+
+    def spy(model_, x, t, class_index, null_class, g):
+        seen.append((t, g))
+        return real(model_, x, t, class_index, null_class, g)
+
+    monkeypatch.setattr(sampling, "guided_noise", spy)
+    part = _sample(model, 1, guidance_scale=3.0, guidance_interval=(0.4, 0.8))
+    assert seen == [(49, 1.0), (37, 3.0), (24, 3.0), (12, 1.0), (0, 1.0)]
+    assert not torch.allclose(part, full)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        _sample(model, 0, guidance_interval=(0.7, 0.3))
+
+
 def test_argument_checks(model):
     with pytest.raises(ValueError, match="guidance_scale"):
         _sample(model, 0, guidance_scale=-1.0)

@@ -21,6 +21,17 @@ def _guidance(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a guidance interval end must be a number in [0, 1], found {text!r}") \
+            from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a guidance interval end must be a number in [0, 1], found {value}")
+    return value
+
+
 def cmd_train_generator(args: argparse.Namespace) -> int:
     from synthlearn.training.generator import load_generator_config, train_generator
 
@@ -37,8 +48,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from synthlearn.synthesis.cases import synthesize
 
     out = synthesize(Path(args.artifact), args.per_class, Path(args.out), seed=args.seed, steps=args.steps,
-                     guidance=args.guidance, scheduler=args.scheduler, batch_size=args.batch_size,
-                     device=args.device, progress=not args.quiet)
+                     guidance=args.guidance, guidance_interval=args.guidance_interval, scheduler=args.scheduler,
+                     batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     print(f"synthetic site written to {out}")
     return 0
 
@@ -70,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the artifact's, DDIM 50)")
     p.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale (1 = conditional only; default: the artifact's)")
+    p.add_argument("--guidance-interval", type=_fraction, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply the guidance only at timesteps t with LO <= t/T <= HI, conditional only elsewhere "
+                        "(default: the artifact's; 0 1 = every step)")
     p.add_argument("--scheduler", choices=("ddim", "ddpm"), default=None,
                    help="sampler (default: the artifact's, ddim); ddpm uses all training timesteps unless --steps")
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples per batch")

@@ -134,7 +134,8 @@ def centred_affine(shape: Sequence[int], voxel_size: Sequence[float]) -> np.ndar
 
 
 def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int | None = None,
-               guidance: float | None = None, scheduler: str | None = None, batch_size: int | None = None,
+               guidance: float | None = None, guidance_interval: Sequence[float] | None = None,
+               scheduler: str | None = None, batch_size: int | None = None,
                device: str = "cpu", progress: bool = True):
     """Generate ``per_class`` cases of every class the site trained on and write them as a contract site.
 
@@ -156,7 +157,8 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
         per_class: cases per class (>= 1).
         out: the site folder to write (must not exist, or be empty).
         seed: same seed, same cases.
-        steps, guidance, scheduler, batch_size: override the artifact's ``sampling`` defaults.
+        steps, guidance, guidance_interval, scheduler, batch_size: override the artifact's ``sampling``
+            defaults.
         device: torch device for sampling.
         progress: tqdm bar over cases.
 
@@ -202,6 +204,10 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
     steps = int(steps)
     guidance = sampling.guidance_scale if guidance is None else float(guidance)
     batch_size = sampling.batch_size if batch_size is None else int(batch_size)
+    interval = tuple(float(v) for v in (sampling.guidance_interval if guidance_interval is None
+                                        else guidance_interval))
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, found {guidance_interval}")
     if not 1 <= steps <= cfg.diffusion.num_train_timesteps:
         raise ValueError(f"steps must be in [1, {cfg.diffusion.num_train_timesteps}], found {steps}")
     if guidance < 0 or batch_size < 1:
@@ -235,7 +241,8 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
                     gen_model.diffusion, cfg.diffusion, torch.full((b,), c_index, dtype=torch.long),
                     cfg.latent_shape, cfg.autoencoder.latent_channels, generator=generator,
                     scale_factor=float(manifest["latent_scale_factor"]), num_inference_steps=steps,
-                    guidance_scale=guidance, scheduler=scheduler, eta=sampling.eta)
+                    guidance_scale=guidance, scheduler=scheduler, eta=sampling.eta,
+                    guidance_interval=interval)  # type: ignore[arg-type]
                 decoded = gen_model.decode(latents).float().cpu().numpy()
                 draws += b
                 for sample in decoded:
@@ -265,7 +272,8 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
         write_json(tmp / "synthesis.json", {
             "artifact_manifest_sha256": file_sha256(Path(artifact_dir) / MANIFEST),
             "label": cfg.label, "per_class": per_class, "seed": seed, "scheduler": scheduler, "steps": steps,
-            "guidance_scale": guidance, "eta": sampling.eta, "mask_threshold": sampling.mask_threshold,
+            "guidance_scale": guidance, "guidance_interval": list(interval), "eta": sampling.eta,
+            "mask_threshold": sampling.mask_threshold,
             "seg_value": SYNTHETIC_TUMOUR_LABEL, "classes": summary,
             "wall_time_s": round(time.perf_counter() - t0, 1)})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the site folder is meant to be shared

@@ -8,7 +8,8 @@ DDIM (Song et al. 2021, deterministic with ``eta = 0``) or DDPM (Ho et al. 2020)
     for t in scheduler.timesteps:                       (e.g. 999, 979, ..., 0 for 50 DDIM steps)
         eps_c = model(x_t, t, class)                    (conditional prediction: noise, or velocity v)
         eps_u = model(x_t, t, null)                     (unconditional, when guidance != 1)
-        eps   = eps_u + g * (eps_c - eps_u)             (g = 1: purely conditional)
+        eps   = eps_u + g * (eps_c - eps_u)             (g = 1: purely conditional; g applies only while
+                                                         t / T lies in the guidance interval, 1 outside it)
         x_{t-1} = scheduler.step(eps, t, x_t)           (DDPM draws its noise from the same generator)
     return x_0 / scale_factor                            (back to the autoencoder's latent scale)
 
@@ -66,6 +67,7 @@ def sample_latents(
     scheduler: Literal["ddim", "ddpm"] = "ddim",
     eta: float = 0.0,
     null_class: int | None = None,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     progress: bool = False,
 ) -> torch.Tensor:
     """Draw latents conditioned on ``class_index``.
@@ -84,6 +86,9 @@ def sample_latents(
         scheduler: ``ddim`` or ``ddpm``.
         eta: DDIM stochasticity (0 = deterministic).
         null_class: index of the null class (default: ``model.null_class``).
+        guidance_interval: ``(lo, hi)`` fractions of the training timesteps: ``guidance_scale`` applies at
+            steps with ``lo <= t / T <= hi`` and the purely conditional prediction (g = 1) elsewhere
+            (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); ``(0, 1)`` = every step.
         progress: tqdm bar over the timesteps.
 
     Returns:
@@ -95,6 +100,9 @@ def sample_latents(
     if num_inference_steps < 1 or num_inference_steps > diffusion_cfg.num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in [1, {diffusion_cfg.num_train_timesteps}], "
                          f"found {num_inference_steps}")
+    lo, hi = (float(v) for v in guidance_interval)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, found {guidance_interval}")
     if class_index.ndim != 1:
         raise ValueError(f"class_index must be 1D (B,), found shape {tuple(class_index.shape)}")
     if null_class is None:
@@ -112,7 +120,9 @@ def sample_latents(
 
         steps = tqdm(steps, desc=f"{scheduler} sampling", leave=False)
     for t in steps:
-        eps = guided_noise(model, x, int(t), class_index, null_class, guidance_scale)
+        frac = int(t) / diffusion_cfg.num_train_timesteps
+        g = guidance_scale if lo <= frac <= hi else 1.0
+        eps = guided_noise(model, x, int(t), class_index, null_class, g)
         if scheduler == "ddim":
             x, _ = sched.step(eps, int(t), x, eta=eta, generator=generator)
         else:

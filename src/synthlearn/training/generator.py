@@ -74,6 +74,8 @@ class SamplingConfig:
         scheduler: ``ddim`` (deterministic with eta 0) or ``ddpm`` (ancestral, ``num_train_timesteps`` steps).
         steps: DDIM steps.
         guidance_scale: classifier-free guidance (1 = conditional only; > 1 sharpens the class).
+        guidance_interval: ``[lo, hi]``, fractions of the training timesteps where the guidance applies
+            (conditional only elsewhere; :func:`synthlearn.synthesis.sampling.sample_latents`).
         eta: DDIM stochasticity.
         batch_size: samples decoded together.
         mask_threshold: threshold of the decoded mask channel.
@@ -85,6 +87,7 @@ class SamplingConfig:
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
     guidance_scale: float = 2.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     eta: float = 0.0
     batch_size: int = 4
     mask_threshold: float = 0.5
@@ -98,6 +101,10 @@ class SamplingConfig:
             raise ValueError("sampling: steps, batch_size, max_draws_per_case >= 1 and min_tumour_voxels >= 0 "
                              f"expected, found {self.steps}, {self.batch_size}, {self.max_draws_per_case}, "
                              f"{self.min_tumour_voxels}")
+        lo, hi = self.guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"sampling.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, found "
+                             f"{list(self.guidance_interval)}")
         if self.guidance_scale < 0 or self.eta < 0:
             raise ValueError(f"sampling.guidance_scale and eta must be >= 0, found {self.guidance_scale}, {self.eta}")
 
