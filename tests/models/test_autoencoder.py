@@ -169,3 +169,25 @@ def test_tumour_weight_emphasises_the_tumour_and_keeps_uniform_errors():
         from synthlearn.models.autoencoder import AutoencoderConfig
 
         AutoencoderConfig(tumour_weight=-1.0)
+
+
+def test_enhancement_weight_scores_the_t1c_minus_t1_difference():
+    import torch
+
+    from synthlearn.models.autoencoder import AutoencoderConfig, reconstruction_l1
+
+    target = torch.zeros(1, 5, 8, 8, 8)
+    target[:, 4, 2:5, 2:5, 2:5] = 1.0
+    target[:, 1, 2:5, 2:5, 2:5] = 0.5  # T1c enhances inside the tumour, T1 does not
+    same_shift = target.clone()
+    same_shift[:, :2] += 0.2  # both off by the same amount: the enhancement is right
+    lost = target.clone()
+    lost[:, 1] = 0.0  # T1c rendered like T1: the enhancement is gone
+    lost[:, 0] += 0.1  # ... with as much plain error as above spread over two channels
+    off, on = 0.0, 1.0
+    assert float(reconstruction_l1(same_shift, target, 1.0, 3.0, on)) == pytest.approx(
+        float(reconstruction_l1(same_shift, target, 1.0, 3.0, off)), abs=1e-6)
+    assert float(reconstruction_l1(lost, target, 1.0, 3.0, on)) > float(reconstruction_l1(lost, target, 1.0, 3.0, off))
+    assert float(reconstruction_l1(target, target, 1.0, 3.0, on)) == 0.0
+    with pytest.raises(ValueError, match="enhancement_weight"):
+        AutoencoderConfig(enhancement_weight=-1.0)

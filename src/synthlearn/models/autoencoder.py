@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthlearn.data.contract import SEQUENCES
+
 log = logging.getLogger(__name__)
 
 #: channels of the generator's working tensor: the four sequences, then the whole-tumour mask
@@ -60,6 +62,10 @@ class AutoencoderConfig:
         tumour_weight: weight of the tumour's voxels (target mask > 0.5) in the four sequences' L1, relative
             to the rest of the brain (1 = uniform). The tumour is 1-2 % of the voxels: uniformly weighted,
             a briefly trained decoder renders it as a dark hole (docs/benchmarks.md).
+        enhancement_weight: weight of an L1 term on the T1c - T1 difference image (contrast enhancement,
+            the enhancing ring of a glioblastoma), tumour-weighted like the sequences' L1; 0 = off (not in the
+            paper). The two sequences' own L1 terms let a decoder get both slightly wrong in ways that swap
+            which class enhances; this term scores the difference itself (docs/benchmarks.md).
         mask_dice_weight: weight of a soft Dice loss on the mask channel (not in the paper: with L1 alone a
             tumour of 1-3 % of the volume is predicted as background for many hundreds of steps, longer than
             a CPU budget allows; Dice does not depend on the tumour's share of the volume). 0 = off.
@@ -93,6 +99,7 @@ class AutoencoderConfig:
     posterior_log_var_init: float | None = -6.0
     mask_weight: float = 1.0
     tumour_weight: float = 1.0
+    enhancement_weight: float = 0.0
     mask_dice_weight: float = 1.0
     adv_weight: float = 0.01
     adv_start_epoch: int = 0
@@ -120,8 +127,8 @@ class AutoencoderConfig:
         for name in ("latent_channels", "num_res_blocks", "epochs", "batch_size", "disc_channels", "disc_layers"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
                 raise ValueError(f"autoencoder.{name} must be >= 1, found {getattr(self, name)}")
-        for name in ("kl_weight", "mask_weight", "tumour_weight", "mask_dice_weight", "adv_weight",
-                     "perceptual_weight", "lr", "disc_lr"):
+        for name in ("kl_weight", "mask_weight", "tumour_weight", "enhancement_weight", "mask_dice_weight",
+                     "adv_weight", "perceptual_weight", "lr", "disc_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"autoencoder.{name} must be >= 0, found {getattr(self, name)}")
         if self.lr_schedule not in ("poly", "constant"):
@@ -254,7 +261,7 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: float = 1.0,
-                      tumour_weight: float = 1.0) -> torch.Tensor:
+                      tumour_weight: float = 1.0, enhancement_weight: float = 0.0) -> torch.Tensor:
     """Pixel L1 over the 5 channels; the mask channel's term is multiplied by ``mask_weight``.
 
     Args:
@@ -262,17 +269,25 @@ def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: fl
         mask_weight: weight of the mask channel's mean error against each sequence's.
         tumour_weight: voxel weight of the tumour (target mask > 0.5) inside the sequences' mean error,
             normalised so that a uniform error gives the same loss (1 = plain mean).
+        enhancement_weight: weight of the same (tumour-weighted) mean error of the T1c - T1 difference image,
+            added to the channel average (0 = off).
     """
-    diff = (recon.float() - target.float()).abs()
+    recon, target = recon.float(), target.float()
+    diff = (recon - target).abs()
+    w = 1.0 + (tumour_weight - 1.0) * (target[:, MASK_CHANNEL:MASK_CHANNEL + 1] > 0.5).float()
     if tumour_weight != 1.0:
-        w = 1.0 + (tumour_weight - 1.0) * (target[:, MASK_CHANNEL:MASK_CHANNEL + 1].float() > 0.5).float()
         seq = (diff[:, :MASK_CHANNEL] * w).sum(dim=(0, 2, 3, 4)) / w.sum()
         err = torch.cat([seq, diff[:, MASK_CHANNEL:].mean(dim=(0, 2, 3, 4))])
     else:
         err = diff.mean(dim=(0, 2, 3, 4))  # per channel
     weights = torch.ones_like(err)
     weights[MASK_CHANNEL] = mask_weight
-    return (err * weights).sum() / weights.sum()
+    loss = (err * weights).sum() / weights.sum()
+    if enhancement_weight:
+        t1, t1c = SEQUENCES.index("t1"), SEQUENCES.index("t1c")
+        enh = ((recon[:, t1c] - recon[:, t1]) - (target[:, t1c] - target[:, t1])).abs()
+        loss = loss + enhancement_weight * (enh * w[:, 0]).sum() / w[:, 0].sum()
+    return loss
 
 
 def mask_dice_loss(recon: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

@@ -544,7 +544,7 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
             with rt.autocast():
                 recon, mu, sigma = step_ae(xb, eps)
                 recon = recon.float()
-                l1 = reconstruction_l1(recon, xb, acfg.mask_weight, acfg.tumour_weight)
+                l1 = reconstruction_l1(recon, xb, acfg.mask_weight, acfg.tumour_weight, acfg.enhancement_weight)
                 kl = kl_loss(mu, sigma)
                 dice = mask_dice_loss(recon, xb)
                 loss = l1 + acfg.kl_weight * kl + acfg.mask_dice_weight * dice
@@ -667,7 +667,8 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
                 xb = xb[..., x0 : x0 + px, y0 : y0 + py, z0 : z0 + pz]
             with rt.autocast():
                 out = run(z, corner).float()
-                l1 = reconstruction_l1(out, xb, cfg.autoencoder.mask_weight, cfg.autoencoder.tumour_weight)
+                l1 = reconstruction_l1(out, xb, cfg.autoencoder.mask_weight, cfg.autoencoder.tumour_weight,
+                                       cfg.autoencoder.enhancement_weight)
                 s_loss = ssim(out[:, :MASK_CHANNEL], xb[:, :MASK_CHANNEL])
                 dice = mask_dice_loss(out, xb)
                 loss = l1 + scfg.ssim_weight * s_loss + cfg.autoencoder.mask_dice_weight * dice
