@@ -12,7 +12,11 @@ decay is tied to the last epoch) reports, on the members' reconstructions (poste
 - ``tstr`` and ``tstr_by_group``: a logistic regression on tumour features (``diffusion_conditioning``:
   shape and place, per-sequence mean inside the tumour, contrast to its shell) trained on the
   reconstructions, AUC on the study's real test cases; the same for the real members is the ceiling;
-- ``sigma`` / ``mu_std``: mean posterior standard deviation and spread of the posterior means.
+- ``sigma`` / ``mu_std``: mean posterior standard deviation and spread of the posterior means;
+- ``class_contrast``: per class, the mean contrast of each sequence inside the real tumour mask to the rest of
+  the brain (z-scored over the real brain, t1, t1c, t2, flair), of the reconstructions; the ``real members``
+  row gives the same for the real cases. The class difference in these (wildtype minus mutant) is what the
+  task model reads, so a reconstruction that shrinks or flips it loses the class before any diffusion model.
 
 ``--stage2-lr LR [LR ...]``: after the last entry of ``--epochs``, a copy of the autoencoder goes through the
 config's stage 2 (decoder + super-resolution module, ``superres.epochs``) at each learning rate, and the same
@@ -95,8 +99,27 @@ def _dice(rec: torch.Tensor, x: torch.Tensor) -> float:
     return round(float((2 * inter / ((p.sum((1, 2, 3)) + t.sum((1, 2, 3))).float() + 1e-6)).mean()), 3)
 
 
+def class_contrast(images: torch.Tensor, x: torch.Tensor, class_index: torch.Tensor, names) -> dict:
+    """Per class, mean (over cases) z-contrast of each sequence inside the real mask of ``x`` to the rest of
+    the real brain. ``images``: ``(N, >=4, X, Y, Z)`` to score, ``x``: ``(N, 5, X, Y, Z)`` the real cases."""
+    out: dict[str, list] = {}
+    for i in range(len(x)):
+        brain = x[i, :4].abs().sum(0) > 1e-3
+        tumour = (x[i, 4] > 0.5) & brain
+        rest = brain & ~tumour
+        if not tumour.any() or not rest.any():
+            continue
+        row = []
+        for c in range(4):
+            v = images[i, c].float()
+            mu, sd = v[brain].mean(), v[brain].std().clamp_min(1e-6)
+            row.append(float((v[tumour].mean() - v[rest].mean()) / sd))
+        out.setdefault(names[int(class_index[i])], []).append(row)
+    return {k: [round(float(m), 2) for m in np.mean(v, axis=0)] for k, v in sorted(out.items())}
+
+
 @torch.no_grad()
-def _scores(ae, decode, data, held, test) -> dict:
+def _scores(ae, decode, data, held, test, names) -> dict:
     """Reconstruction figures of ``decode(posterior mean)`` for the members (and the held-out cases' Dice)."""
     ae.eval()
     rec = torch.cat([decode(ae.ae.encode(data.x[i:i + 4])[0]) for i in range(0, len(data.x), 4)])
@@ -108,7 +131,8 @@ def _scores(ae, decode, data, held, test) -> dict:
     return {"mae": round(float(err.mean()), 4),
             "tumour_mae": round(float((err * tumour).sum() / (4 * tumour.sum())), 4),
             "dice": _dice(rec, data.x), "holdout_dice": _dice(hrec, held.x), "tstr": groups["all"],
-            "tstr_by_group": groups, "sigma": round(float(sigma.mean()), 3), "mu_std": round(float(mu.std()), 3)}
+            "tstr_by_group": groups, "sigma": round(float(sigma.mean()), 3), "mu_std": round(float(mu.std()), 3),
+            "class_contrast": class_contrast(rec, data.x, data.class_index, names)}
 
 
 def main(argv=None) -> list[dict]:
@@ -158,7 +182,8 @@ def main(argv=None) -> list[dict]:
     test_data = load_site_tensors(tuple(c for s in study.sites_with_role("test") for c in s.cases), base)
     test = feature_matrix(test_data.x, test_data.class_index)
     results = [{"name": "real members", "site": args.site, "n_members": len(member_cases),
-                "tstr_by_group": _tstr_groups(data.x, data.class_index, test)}]
+                "tstr_by_group": _tstr_groups(data.x, data.class_index, test),
+                "class_contrast": class_contrast(data.x, data.x, data.class_index, base.class_names)}]
     print(json.dumps(results[-1]), flush=True)
     for name, ae_over, top in variants:
         cfg = dataclasses.replace(base, autoencoder=dataclasses.replace(base.autoencoder, **ae_over), **top)
@@ -174,7 +199,7 @@ def main(argv=None) -> list[dict]:
             _train_autoencoder(ae, data.x, stage, rt, seed=0, ckpt=ckpt, progress=False)
             train_s += time.perf_counter() - t0
             row = {"name": name, "epochs": epochs, "train_s": round(train_s),
-                   **_scores(ae, lambda z: ae.ae.decode(z), data, held, test)}
+                   **_scores(ae, lambda z: ae.ae.decode(z), data, held, test, cfg.class_names)}
             print(json.dumps(row), flush=True)
             results.append(row)
             ae.train()
@@ -189,7 +214,8 @@ def main(argv=None) -> list[dict]:
             sr_ckpt.unlink(missing_ok=True)
             sr.eval()
             row = {"name": name, "stage2_lr": lr,
-                   **_scores(refined, lambda z, r=refined, m=sr: m.refine(m.upsample(r.ae.decode(z))), data, held, test)}
+                   **_scores(refined, lambda z, r=refined, m=sr: m.refine(m.upsample(r.ae.decode(z))), data, held, test,
+                                   cfg.class_names)}
             print(json.dumps(row), flush=True)
             results.append(row)
         ckpt.unlink(missing_ok=True)
