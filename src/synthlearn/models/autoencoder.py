@@ -65,7 +65,9 @@ class AutoencoderConfig:
         enhancement_weight: weight of an L1 term on the T1c - T1 difference image (contrast enhancement,
             the enhancing ring of a glioblastoma), tumour-weighted like the sequences' L1; 0 = off (not in the
             paper). The two sequences' own L1 terms let a decoder get both slightly wrong in ways that swap
-            which class enhances; this term scores the difference itself (docs/benchmarks.md).
+            which class enhances; this term scores the difference itself. Measured at 1 on two demo sites: it
+            restored the enhancement gap at one and washed the tumour out at the other (docs/benchmarks.md,
+            section 13), so the demo leaves it off.
         mask_dice_weight: weight of a soft Dice loss on the mask channel (not in the paper: with L1 alone a
             tumour of 1-3 % of the volume is predicted as background for many hundreds of steps, longer than
             a CPU budget allows; Dice does not depend on the tumour's share of the volume). 0 = off.
