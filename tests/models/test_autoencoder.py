@@ -183,7 +183,7 @@ def test_enhancement_weight_scores_the_t1c_minus_t1_difference():
     same_shift[:, :2] += 0.2  # both off by the same amount: the enhancement is right
     lost = target.clone()
     lost[:, 1] = 0.0  # T1c rendered like T1: the enhancement is gone
-    lost[:, 0] += 0.1  # ... with as much plain error as above spread over two channels
+    lost[:, 0] += 0.1  # and T1 a little off everywhere
     off, on = 0.0, 1.0
     assert float(reconstruction_l1(same_shift, target, 1.0, 3.0, on)) == pytest.approx(
         float(reconstruction_l1(same_shift, target, 1.0, 3.0, off)), abs=1e-6)
