@@ -12,8 +12,12 @@ latents per class (DDIM, ``--steps``) at several guidance scales and reports:
   tumour and its contrast to a 2-voxel shell; ``generator_quality.tumour_features``) fitted on the decoded
   samples, AUC on the real cases of the study's test sites. (The CNN of the study is what finally counts;
   with 2 x ``--per-class`` samples this proxy moves by about +/-0.1 between runs.)
-- the same two numbers for the artifact's own diffusion model (``--artifact-diffusion``), and ``tstr`` of the
-  real member cases and of their autoencoder reconstructions, the ceiling the diffusion model can reach.
+- ``contrast``: per class, the mean contrast of each sequence inside each decoded sample's own mask to the rest
+  of its brain (z-units of that brain; t1, t1c, t2, flair) and the mean mask size: whether the samples show
+  the classes' tumour appearance the way the real members do;
+- the same numbers for the artifact's own diffusion model (``--artifact-diffusion``), and ``tstr`` and
+  ``contrast`` of the real member cases and of their autoencoder reconstructions, the ceiling the diffusion
+  model can reach.
 
 Run (about 4 minutes per variant at 700 steps on one busy core)::
 
@@ -89,6 +93,23 @@ def tstr_auc(xs, ys, test) -> float:
     return float(roc_auc_score(test[1], clf.predict_proba(test[0])[:, 1]))
 
 
+def sample_contrast(out: torch.Tensor, cls: torch.Tensor, names) -> dict:
+    """Per class, mean z-contrast (over the decoded brain) of each sequence inside each decoded sample's own
+    thresholded mask, and the mean mask size: ``{class: [t1, t1c, t2, flair, voxels]}``."""
+    from synthlearn.synthesis.cases import BRAIN_FLOOR
+
+    rows: dict[str, list] = {}
+    for x, c in zip(out.float(), cls):
+        brain = x[:4].mean(0) > BRAIN_FLOOR / 2
+        tumour = (x[4] > 0.5) & brain
+        rest = brain & ~tumour
+        if tumour.sum() < 2 or not rest.any():
+            continue
+        row = [float((x[k][tumour].mean() - x[k][rest].mean()) / x[k][brain].std().clamp_min(1e-6)) for k in range(4)]
+        rows.setdefault(names[int(c)], []).append(row + [float(tumour.sum())])
+    return {k: [round(float(v), 2) for v in np.mean(r, axis=0)] for k, r in sorted(rows.items())}
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value;...`` -> (name, DiffusionConfig overrides); a bad key or value names the variant."""
     from synthlearn.models.diffusion import DiffusionConfig
@@ -123,7 +144,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--study", type=Path, default=Path("data/phantom"))
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=value;... over diffusion settings (channels, class_in_timestep, lr, epochs, "
-                             "batch_size)")
+                             "batch_size, ema_decay, tumour_weight, ...)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--per-class", type=int, default=24)
     parser.add_argument("--steps", type=int, default=25)
@@ -147,6 +168,7 @@ def main(argv=None) -> list[dict]:
         _train_diffusion,
         encode_site,
         latent_scale_factor,
+        latent_tumour_map,
         load_site_tensors,
         setup_runtime,
     )
@@ -164,6 +186,7 @@ def main(argv=None) -> list[dict]:
     test = feature_matrix(test_data.x, test_data.class_index)
     rt = setup_runtime(cfg)
     mu, sigma = encode_site(gen.autoencoder, data.x, rt, flips=cfg.augment_flip)
+    tumour = latent_tumour_map(data.x, cfg.latent_shape, flips=cfg.augment_flip)
     classes = torch.cat([data.class_index] * (2 if cfg.augment_flip else 1))
     scale = latent_scale_factor(mu, sigma, torch_generator(0, "latent-scale"))
     latent_clf = LogisticRegression(max_iter=3000, C=0.1).fit(mu.flatten(1).numpy(), classes.numpy())
@@ -171,6 +194,8 @@ def main(argv=None) -> list[dict]:
         recon = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 8])[0]) for i in range(0, len(data.x), 8)])
     results = [{"name": "ceiling", "real_members_tstr": round(tstr_auc(data.x, data.class_index, test), 3),
                 "reconstructions_tstr": round(tstr_auc(recon, data.class_index, test), 3),
+                "real_members_contrast": sample_contrast(data.x, data.class_index, cfg.class_names),
+                "reconstructions_contrast": sample_contrast(recon, data.class_index, cfg.class_names),
                 "n_members": len(members), "n_test": int(len(test[1]))}]
     print(json.dumps(results[-1]), flush=True)
     n_cls = len(cfg.class_names)
@@ -185,7 +210,8 @@ def main(argv=None) -> list[dict]:
                 out = torch.cat([gen.decode(z[i:i + 8]) for i in range(0, len(z), 8)])
             proba = latent_clf.predict_proba(z.flatten(1).numpy())[:, 1]
             row[f"g{g:g}"] = {"latent_auc": round(float(roc_auc_score(cls.numpy(), proba)), 3),
-                              "tstr": round(tstr_auc(out, cls, test), 3)}
+                              "tstr": round(tstr_auc(out, cls, test), 3),
+                              "contrast": sample_contrast(out, cls, cfg.class_names)}
         print(json.dumps(row), flush=True)
         results.append(row)
 
@@ -201,7 +227,8 @@ def main(argv=None) -> list[dict]:
         for epochs in sorted({dcfg.epochs // 3, 2 * dcfg.epochs // 3, dcfg.epochs} - {0}):
             stage = dataclasses.replace(cfg, diffusion=dataclasses.replace(dcfg, epochs=epochs))
             t0 = time.perf_counter()
-            _, ema = _train_diffusion(model, mu, sigma, classes, scale, stage, rt, seed=0, ckpt=ckpt, progress=False)
+            _, ema = _train_diffusion(model, mu, sigma, classes, scale, stage, rt, seed=0, ckpt=ckpt, progress=False,
+                                      tumour=tumour)
             train_s += time.perf_counter() - t0
             steps = epochs * -(-len(mu) // dcfg.batch_size)
             shipped = model

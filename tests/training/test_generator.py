@@ -201,3 +201,47 @@ def test_generator_input_keeps_the_tumour_contrast_the_task_model_sees(tiny_stud
         expected, found = _tumour_contrast(task_images, task_seg), _tumour_contrast(x[:4], seg)
         assert np.abs(found - expected).max() < 0.05, (case.case_id, found, expected)
         assert np.abs(_tumour_contrast(raw_images, task_seg) - expected).max() > 0.05  # the check can tell them apart
+
+
+def test_latent_tumour_map_follows_encode_sites_order_and_weighted_mse_normalises():
+    from synthlearn.models.diffusion import DiffusionConfig
+    from synthlearn.training.generator import latent_tumour_map, weighted_mse
+
+    x = torch.zeros(2, 5, 16, 16, 16)
+    x[0, 4, 0:3, 4:6, 4:6] = 1.0  # case 0: a tumour on the low-x side (a corner of latent voxel x=0)
+    tmap = latent_tumour_map(x, (4, 4, 4), flips=True)
+    assert tmap.shape == (4, 1, 4, 4, 4)
+    assert tmap[0, 0, 0].sum() == 1 and tmap[0].sum() == 1  # the pooled corner counts
+    assert tmap[1].sum() == 0 and tmap[3].sum() == 0  # case 1 has no tumour, nor has its flipped copy
+    assert tmap[2, 0, 3].sum() == 1 and tmap[2].sum() == 1  # the flipped copy of case 0: the high-x side
+    pred, target = torch.zeros(4, 2, 4, 4, 4), torch.full((4, 2, 4, 4, 4), 0.5)
+    w = 1.0 + 4.0 * tmap
+    assert float(weighted_mse(pred, target, w)) == pytest.approx(0.25)  # uniform error: the plain mean
+    assert float(weighted_mse(pred, target, None)) == pytest.approx(0.25)
+    pred[0, :, 0, 1, 1] = 0.5  # fix the error at the tumour position only
+    assert float(weighted_mse(pred, target, w)) < float(weighted_mse(pred, target, None))
+    with pytest.raises(ValueError, match="tumour_weight"):
+        DiffusionConfig(tumour_weight=0.0)
+
+
+def test_diffusion_trains_with_a_tumour_weighted_loss_and_checks_the_map(tmp_path):
+    from synthlearn.models.diffusion import ClassConditionedUNet
+    from synthlearn.training.generator import _train_diffusion
+
+    cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
+    dcfg = dataclasses.replace(cfg.diffusion, channels=(8, 8), attention_levels=(False, True), num_head_channels=4,
+                               norm_num_groups=4, cross_attention_dim=8, epochs=1, batch_size=2, tumour_weight=5.0)
+    cfg = dataclasses.replace(cfg, diffusion=dcfg)
+    torch.manual_seed(0)
+    model = ClassConditionedUNet(dcfg, latent_channels=2, num_classes=2)
+    mu, sigma = torch.randn(4, 2, 4, 4, 4), torch.full((4, 2, 4, 4, 4), 0.01)
+    classes = torch.tensor([0, 1, 0, 1])
+    tumour = torch.zeros(4, 1, 4, 4, 4)
+    tumour[:, :, 1:3, 1:3, 1:3] = 1.0
+    rt = Runtime(device=torch.device("cpu"), precision="fp32")
+    history, _ = _train_diffusion(model, mu, sigma, classes, 1.0, cfg, rt, seed=0, ckpt=tmp_path / "d.pt",
+                                  progress=False, tumour=tumour)
+    assert len(history["mse"]) == 1 and history["mse"][0] > 0
+    with pytest.raises(ValueError, match="tumour map"):
+        _train_diffusion(model, mu, sigma, classes, 1.0, cfg, rt, seed=0, ckpt=tmp_path / "e.pt", progress=False,
+                         tumour=tumour[:, :, :2])

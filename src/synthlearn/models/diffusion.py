@@ -56,6 +56,9 @@ class DiffusionConfig:
         batch_size: latents per step.
         lr: AdamW learning rate.
         ema_decay: exponential moving average of the weights that the artifact ships (0 = no EMA).
+        tumour_weight: weight, in the training loss, of the latent positions the tumour covers (the whole-tumour
+            mask average-pooled to the latent grid, > 0) relative to the rest (1 = plain mean squared error).
+            The tumour covers a few of the 512 positions of an 8^3 latent; the class lives there.
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -76,8 +79,11 @@ class DiffusionConfig:
     batch_size: int = 4
     lr: float = 2e-4
     ema_decay: float = 0.0
+    tumour_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.tumour_weight <= 0:
+            raise ValueError(f"diffusion.tumour_weight must be > 0, found {self.tumour_weight}")
         if len(self.channels) < 2:
             raise ValueError(f"diffusion.channels needs at least 2 levels, found {self.channels}")
         bad = [c for c in self.channels if c % self.norm_num_groups]

@@ -610,6 +610,32 @@ def encode_site(ae: GeneratorAutoencoder, x: torch.Tensor, rt: Runtime, flips: b
     return torch.cat(mus), torch.cat(sigmas)
 
 
+def latent_tumour_map(x: torch.Tensor, latent_shape: Sequence[int], flips: bool) -> torch.Tensor:
+    """Where the tumour lies on the latent grid, in :func:`encode_site`'s order.
+
+    Args:
+        x: ``(N, 5, *shape)`` generator tensors (mask channel last).
+        latent_shape: the latent grid ``(x, y, z)``.
+        flips: also the left-right flipped copies (``N' = 2N``), as ``encode_site(flips=True)``.
+
+    Returns:
+        ``(N', 1, *latent_shape)`` float: 1 where the average-pooled mask is > 0, else 0.
+    """
+    variants = [x, x.flip(-3)] if flips else [x]
+    mask = torch.cat([v[:, MASK_CHANNEL:MASK_CHANNEL + 1].float() for v in variants])
+    pooled = F.adaptive_avg_pool3d(mask, tuple(int(s) for s in latent_shape))
+    return (pooled > 0).float()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error with a per-position weight ``(B, 1, *latent)`` (None = plain mean), normalised so
+    that a uniform error gives the plain mean."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    w = weight.expand_as(pred)
+    return ((pred - target) ** 2 * w).sum() / w.sum()
+
+
 def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tensor, cfg: GeneratorConfig,
                     rt: Runtime, *, seed: int, ckpt: Path, progress: bool) -> dict[str, list[float]]:
     """Stage 2: decoder + SR module on the frozen encoder, ``x`` ``(N, 5, *shape)``."""
@@ -721,9 +747,11 @@ def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) ->
 
 def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      scale: float, cfg: GeneratorConfig, rt: Runtime, *, seed: int, ckpt: Path,
-                     progress: bool) -> tuple[dict[str, list[float]], dict[str, torch.Tensor] | None]:
+                     progress: bool, tumour: torch.Tensor | None = None,
+                     ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor] | None]:
     """Stage 3: DDPM noise (or velocity) prediction on scaled latents; ``classes`` -1 = unknown (trained as the
-    null class)."""
+    null class). ``tumour``: :func:`latent_tumour_map` of the same latents; with ``diffusion.tumour_weight``
+    != 1 its positions weigh that much more in the loss (ignored when None)."""
     dcfg = cfg.diffusion
     opt = torch.optim.AdamW(model.parameters(), lr=dcfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
@@ -746,6 +774,12 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
     null = model.null_class
     targets = torch.where(classes >= 0, classes, torch.full_like(classes, null))
     n = mu.shape[0]
+    weights = None
+    if tumour is not None and dcfg.tumour_weight != 1.0:
+        if tumour.shape != (n, 1, *mu.shape[2:]):
+            raise ValueError(f"tumour map must be {(n, 1, *mu.shape[2:])} (one per latent), "
+                             f"found {tuple(tumour.shape)}")
+        weights = 1.0 + (dcfg.tumour_weight - 1.0) * tumour
     for epoch in range(start, dcfg.epochs):
         gen = torch_generator(seed, "diffusion", epoch)
         run.train()
@@ -762,7 +796,7 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
             noisy, target, t, cls = noisy.to(rt.device), target.to(rt.device), t.to(rt.device), cls.to(rt.device)
             with rt.autocast():
                 pred = run(noisy, t, cls).float()
-                loss = F.mse_loss(pred, target)
+                loss = weighted_mse(pred, target, None if weights is None else weights[idx].to(rt.device))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -917,8 +951,9 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
     classes = torch.cat([data.class_index] * (2 if cfg.augment_flip else 1))
     scale = latent_scale_factor(mu, sigma, torch_generator(seed, "latent-scale"))
     log.info("latent scale factor %.4f (latent std %.4f)", scale, 1 / scale)
+    tumour = latent_tumour_map(data.x, cfg.latent_shape, flips=cfg.augment_flip)
     histories["diffusion"], ema = _train_diffusion(dm, mu, sigma, classes, scale, cfg, rt, seed=seed,
-                                                   ckpt=ckpt_dir / "diffusion.pt", progress=progress)
+                                                   ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour)
     if not rt.is_main:
         rt.barrier()
         return out
