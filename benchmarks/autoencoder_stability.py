@@ -112,7 +112,7 @@ def class_contrast(images: torch.Tensor, x: torch.Tensor, class_index: torch.Ten
         row = []
         for c in range(4):
             v = images[i, c].float()
-            mu, sd = v[brain].mean(), v[brain].std().clamp_min(1e-6)
+            sd = v[brain].std().clamp_min(1e-6)
             row.append(float((v[tumour].mean() - v[rest].mean()) / sd))
         out.setdefault(names[int(class_index[i])], []).append(row)
     return {k: [round(float(m), 2) for m in np.mean(v, axis=0)] for k, v in sorted(out.items())}

@@ -57,9 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from synthlearn.models.classifier import ClassifierConfig, build_classifier
-    from synthlearn.training.trainer import TrainConfig, load_batch, train_model, voxel_loss
-
     from synthlearn.runtime import configure_threads
+    from synthlearn.training.trainer import TrainConfig, load_batch, train_model, voxel_loss
 
     if args.blas_unlimited:  # reproduce the spinning OpenBLAS pool (docs/benchmarks.md)
         torch.set_num_threads(args.threads)

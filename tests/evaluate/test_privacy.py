@@ -8,8 +8,8 @@ from synthlearn.data.io import CaseArrays
 from synthlearn.data.layouts import open_study
 from synthlearn.evaluate.privacy import (
     attack_metrics,
-    audit_site,
     auc_score,
+    audit_site,
     copy_rate,
     make_memorising_set,
     normalize_for_ssim,
