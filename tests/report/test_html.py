@@ -50,3 +50,25 @@ def test_report_refuses_missing_or_bad_results(tmp_path):
     (tmp_path / "results.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected an object"):
         write_report(tmp_path)
+
+
+def test_privacy_table_flags_a_membership_attack_above_chance(tmp_path):
+    def site(auc, lo, hi):
+        return {"n_train": 37, "n_holdout": 11, "n_synthetic": 64,
+                "membership": {"auc": auc, "ci_low": lo, "ci_high": hi, "tpr_at_1pct_fpr": 0.0,
+                               "above_chance": lo > 0.5, "underpowered": True},
+                "negative_control": {"auc": 0.5, "ci_low": 0.3, "ci_high": 0.7}, "negative_control_ok": True,
+                "positive_control": {"auc": 1.0, "ci_low": 1.0, "ci_high": 1.0}, "positive_control_caught": True,
+                "copy_rate": {"rate": 0.0}}
+
+    results = _results()
+    results["arms"]["catphishing"]["privacy"] = {"tcga": site(0.45, 0.30, 0.60), "egd": site(0.74, 0.58, 0.90)}
+    results["arms"]["catphishing"]["generators"] = {"tcga": {"bytes": 5_000_000, "training_cases": 37},
+                                                    "egd": {"bytes": 5_000_000, "training_cases": 37}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    md = write_report(tmp_path)[1].read_text()
+    privacy = md[md.index("Privacy audit (catphishing)"):].splitlines()
+    egd = next(line for line in privacy if line.startswith("| egd |"))
+    tcga = next(line for line in privacy if line.startswith("| tcga |"))
+    assert "0.740 [0.580, 0.900] (ABOVE chance" in egd
+    assert "ABOVE" not in tcga and "0.450 [0.300, 0.600] |" in tcga

@@ -291,7 +291,8 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
             mem, neg, pos, cr = v.get("membership", {}), v.get("negative_control", {}), v.get("positive_control", {}), \
                 v.get("copy_rate", {})
             gen = v.get("positive_control_generator") or {}
-            rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem),
+            flag = " (ABOVE chance: members closer to the synthetic cases)" if mem.get("above_chance") else ""
+            rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem) + flag,
                          _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),
                          f"{_ci(neg)} ({'at chance' if v.get('negative_control_ok') else 'NOT at chance'})",
                          f"{_ci(pos)} ({'caught' if v.get('positive_control_caught') else 'NOT caught'})",
