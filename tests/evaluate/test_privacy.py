@@ -205,3 +205,38 @@ def test_generator_positive_control_is_caught_when_its_samples_copy_the_memorise
                        control_case_ids=memorised)
     assert not blind["positive_control_generator_caught"]
     assert "positive_control_generator" not in audit_site(members, holdout, unrelated, n_bootstrap=50)
+
+
+def test_reference_control_scores_the_same_split_against_generators_that_never_saw_it(tiny_study):
+    study = open_study(tiny_study)
+    tcga = list(study.site("tcga").cases)
+    members, holdout = tcga[:3], tcga[3:]
+    unrelated, other = list(study.site("egd").cases), list(study.site("utsw").cases)
+    out = audit_site(members, holdout, unrelated, n_bootstrap=200,
+                     reference_synthetic={"egd": unrelated, "leak": members, "utsw": other})
+    json.dumps(out)
+    ref = out["reference_control"]
+    assert set(ref["by_generator"]) == {"egd", "leak", "utsw"}
+    # the same synthetic cases as the attack's own give the membership AUC exactly
+    assert ref["by_generator"]["egd"]["auc"] == out["membership"]["auc"]
+    assert ref["by_generator"]["egd"]["n_synthetic"] == len(unrelated)
+    # a "reference" made of the members themselves exposes them: the split is what it measures
+    assert ref["by_generator"]["leak"]["auc"] == 1.0
+    aucs = [r["auc"] for r in ref["by_generator"].values()]
+    assert ref["auc_mean"] == pytest.approx(np.mean(aucs))
+    assert ref["excess_auc"] == pytest.approx(out["membership"]["auc"] - ref["auc_mean"])
+    assert ref["excess_ci_low"] <= ref["excess_auc"] <= ref["excess_ci_high"]
+    assert ref["excess_above_zero"] == (ref["excess_ci_low"] > 0)
+    # against a reference of unrelated cases only, the attack's own synthetic set shows no excess: CI covers 0
+    same = audit_site(members, holdout, unrelated, n_bootstrap=200, reference_synthetic={"egd": unrelated})
+    assert same["reference_control"]["excess_auc"] == 0.0
+    assert same["reference_control"]["excess_ci_low"] == same["reference_control"]["excess_ci_high"] == 0.0
+    # synthetic cases that copy the members exceed a reference that does not
+    copies = audit_site(members, holdout, members, n_bootstrap=200, reference_synthetic={"egd": unrelated})
+    assert copies["reference_control"]["excess_auc"] == pytest.approx(1.0 - out["membership"]["auc"])
+    # not asked for: not run; every other figure is unchanged by it
+    plain = audit_site(members, holdout, unrelated, n_bootstrap=200)
+    assert "reference_control" not in plain
+    assert plain["membership"] == out["membership"] and plain["negative_control"] == out["negative_control"]
+    with pytest.raises(ValueError, match="reference_synthetic\\['empty'\\]"):
+        audit_site(members, holdout, unrelated, reference_synthetic={"empty": []})

@@ -63,6 +63,9 @@ def test_privacy_table_flags_a_membership_attack_above_chance(tmp_path):
 
     results = _results()
     results["arms"]["catphishing"]["privacy"] = {"tcga": site(0.45, 0.30, 0.60), "egd": site(0.74, 0.58, 0.90)}
+    results["arms"]["catphishing"]["privacy"]["egd"]["reference_control"] = {
+        "by_generator": {"tcga": {"auc": 0.644}, "utsw": {"auc": 0.57}}, "auc_mean": 0.607, "excess_auc": 0.133,
+        "excess_ci_low": -0.02, "excess_ci_high": 0.3, "excess_above_zero": False}
     results["arms"]["catphishing"]["generators"] = {"tcga": {"bytes": 5_000_000, "training_cases": 37},
                                                     "egd": {"bytes": 5_000_000, "training_cases": 37}}
     (tmp_path / "results.json").write_text(json.dumps(results))
@@ -72,3 +75,4 @@ def test_privacy_table_flags_a_membership_attack_above_chance(tmp_path):
     tcga = next(line for line in privacy if line.startswith("| tcga |"))
     assert "0.740 [0.580, 0.900] (ABOVE chance" in egd
     assert "ABOVE" not in tcga and "0.450 [0.300, 0.600] |" in tcga
+    assert "| 0.607 (tcga 0.644, utsw 0.570); excess 0.133 [-0.020, 0.300] |" in egd and "| not run |" in tcga

@@ -67,6 +67,10 @@ def test_results_carry_the_arm_and_its_audits(demo_run):
         assert isinstance(p["negative_control_ok"], bool) and isinstance(p["positive_control_caught"], bool)
         assert p["positive_control_caught"], "noisy copies of training cases must be caught"
         assert (out / p["montage"]).is_file()
+        # the reference control: the same split attacked with the other sites' samples
+        ref = p["reference_control"]
+        assert set(ref["by_generator"]) == set(sites) - {site}
+        assert ref["excess_auc"] == pytest.approx(p["membership"]["auc"] - ref["auc_mean"])
         # the generator positive control ran at the site: its artifact is a verified one, its memorised cases members
         gen = p["positive_control_generator"]
         assert isinstance(p["positive_control_generator_caught"], bool) and 0.0 <= gen["auc"] <= 1.0

@@ -286,13 +286,20 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
         rows = []
         for s, v in priv.items():
             if "skipped" in v:
-                rows.append([s, "skipped: " + str(v["skipped"])] + ["–"] * 7)
+                rows.append([s, "skipped: " + str(v["skipped"])] + ["–"] * 8)
                 continue
             mem, neg, pos, cr = v.get("membership", {}), v.get("negative_control", {}), v.get("positive_control", {}), \
                 v.get("copy_rate", {})
             gen = v.get("positive_control_generator") or {}
             flag = " (ABOVE chance: members closer to the synthetic cases)" if mem.get("above_chance") else ""
+            ref = v.get("reference_control") or {}
+            ref_cell = (f"{_num(ref.get('auc_mean'))} (" + ", ".join(
+                f"{g} {_num(r.get('auc'))}" for g, r in (ref.get("by_generator") or {}).items())
+                + f"); excess {_num(ref.get('excess_auc'))} [{_num(ref.get('excess_ci_low'))}, "
+                f"{_num(ref.get('excess_ci_high'))}]"
+                + (" (above the reference)" if ref.get("excess_above_zero") else "")) if ref else "not run"
             rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem) + flag,
+                         ref_cell,
                          _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),
                          f"{_ci(neg)} ({'at chance' if v.get('negative_control_ok') else 'NOT at chance'})",
                          f"{_ci(pos)} ({'caught' if v.get('positive_control_caught') else 'NOT caught'})",
@@ -300,7 +307,8 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                           f"{_ci(gen)} ({'caught' if v.get('positive_control_generator_caught') else 'NOT caught'}; "
                           f"{len(gen.get('memorised_case_ids', []))} cases)" if gen else "not run"),
                          _num(cr.get("rate")), "underpowered" if mem.get("underpowered") else "–"])
-        doc.table(["site", "members / non-members / synthetic", "membership AUC [95% CI]", "TPR at 1% FPR",
+        doc.table(["site", "members / non-members / synthetic", "membership AUC [95% CI]",
+                   "reference control: AUC against generators that never saw these cases", "TPR at 1% FPR",
                    "negative control (members vs members)", "positive control (memorised copies)",
                    "positive control (over-fitted generator)", "copy rate", "power"], rows)
         doc.p("SSIM distance-based membership inference (paper 000, Supplementary Note 4: AUC 0.493): a case's "
@@ -309,7 +317,11 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
               "chance and the positive controls are caught: noisy copies of a few training cases (what a perfectly "
               "memorising generator would emit) and the samples of the site's own generator with its decoder and "
               "diffusion model fine-tuned on a few members only (a generator deliberately over-fitted to them; its "
-              "memorised cases against the held-out ones). Fewer than 250 members or non-members cannot certify an "
+              "memorised cases against the held-out ones). The reference control attacks the same members and "
+              "non-members with the other sites' synthetic cases, from generators that never saw them: its AUC is "
+              "what the split alone gives (a few held-out cases can be less typical brains than the members), so "
+              "a membership AUC above chance points at the site's generator only by its excess over the "
+              "reference (95 % CI from a paired bootstrap). Fewer than 250 members or non-members cannot certify an "
               "AUC bound of 0.55 (PRIVACY.md P1). Copy rate: share of synthetic cases closer to a training case "
               "than 95 % of held-out cases are; the closest pairs are in the privacy closest figures.")
 

@@ -18,8 +18,11 @@ What happens, in order (each step resumes from what a previous run left in the a
 3. **Audits** (``audit = true``): per-sequence Frechet radiomics distances real vs synthetic per site and
    the cross-site matrix (:func:`synthlearn.evaluate.fidelity.fidelity`), BRISQUE and PIQE real vs
    synthetic, and per site the SSIM membership inference with its negative and positive controls and the
-   copy rate with a montage of the closest pairs (:func:`synthlearn.evaluate.privacy.audit_site`). The
-   audits read the real cases at the site that owns them; only their numbers would leave a site.
+   copy rate with a montage of the closest pairs (:func:`synthlearn.evaluate.privacy.audit_site`), and its
+   **reference control**: the same members and non-members attacked with the other sites' synthetic cases
+   (generators that never saw them), which measures what the split alone gives. The audits read the real
+   cases at the site that owns them (the server can send a site the other sites' synthetic cases); only
+   their numbers would leave a site.
    The **generator positive control** (``privacy_control_generator``) runs at each site too: the site's
    generator with its decoder and diffusion UNet fine-tuned on ``privacy_control_cases`` members only
    (:func:`synthlearn.training.memorising.train_memorising_generator`), sampled like the real one; the
@@ -426,21 +429,27 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
     draw_synthetic_vs_real(real, kept, label, figures / "synthetic_vs_real.png")
     privacy: dict[str, Any] = {}
     by_id = {s.name: {c.case_id: c for c in s.cases} for s in ctx.train_sites}
+    attacked: dict[str, list] = {}  # the synthetic cases each site's attack compares against
+    for site, syn in generated.items():
+        if cfg.privacy_n_synthetic is not None and len(syn) > cfg.privacy_n_synthetic:
+            idx = numpy_generator(ctx.setup.seed, "privacy-synthetic", site).choice(
+                len(syn), cfg.privacy_n_synthetic, replace=False)
+            syn = [syn[i] for i in sorted(idx)]
+        attacked[site] = list(syn)
     for site in generated:
         if not holdout[site] or len(holdout[site]) < 2 or len(members[site]) < 2:
             privacy[site] = {"skipped": f"needs >= 2 held-out and >= 2 member cases (holdout_fraction "
                                         f"{cfg.holdout_fraction}; found {len(holdout[site])} and {len(members[site])})"}
             continue
-        syn = generated[site]
-        if cfg.privacy_n_synthetic is not None and len(syn) > cfg.privacy_n_synthetic:
-            idx = numpy_generator(ctx.setup.seed, "privacy-synthetic", site).choice(
-                len(syn), cfg.privacy_n_synthetic, replace=False)
-            syn = [syn[i] for i in sorted(idx)]
         t0 = time.perf_counter()
         memorised, control = (controls or {}).get(site, (None, None))
-        result = audit_site([by_id[site][i] for i in members[site]], [by_id[site][i] for i in holdout[site]], syn,
-                            preprocess=pre, seed=ctx.setup.seed, montage_path=figures / f"privacy_closest_{site}.png",
-                            control_synthetic=control, control_case_ids=memorised, progress=ctx.progress)
+        # the reference control: the other sites' generators never saw this site's cases
+        reference = {other: syn for other, syn in attacked.items() if other != site and syn}
+        result = audit_site([by_id[site][i] for i in members[site]], [by_id[site][i] for i in holdout[site]],
+                            attacked[site], preprocess=pre, seed=ctx.setup.seed,
+                            montage_path=figures / f"privacy_closest_{site}.png", control_synthetic=control,
+                            control_case_ids=memorised, reference_synthetic=reference or None,
+                            progress=ctx.progress)
         if result.get("montage"):
             result["montage"] = str(Path(result["montage"]).relative_to(ctx.arm_dir.parent))
         result["wall_s"] = time.perf_counter() - t0
