@@ -32,8 +32,8 @@ def main() -> None:
     from synthlearn.data.layouts import open_study
     from synthlearn.evaluate.privacy import audit_site
     from synthlearn.runtime import configure_threads
+    from synthlearn.strategies.catphishing import privacy_attack_set
     from synthlearn.study import load_study_config
-    from synthlearn.training.seeding import numpy_generator
 
     configure_threads(1)
     cfg = load_study_config(args.config)
@@ -45,14 +45,8 @@ def main() -> None:
     sites = sorted(p.stem for p in holdout_dir.glob("*.json"))
     study = open_study(args.study)
     by_id = {s.name: {c.case_id: c for c in s.cases} for s in study.sites if s.name in sites}
-    n_syn = cfg.catphishing.privacy_n_synthetic
-    synthetic = {}
-    for site in sites:
-        cases = list(open_study(synthetic_dir / site).sites[0].cases)
-        if n_syn is not None and len(cases) > n_syn:
-            idx = numpy_generator(cfg.seed, "privacy-synthetic", site).choice(len(cases), n_syn, replace=False)
-            cases = [cases[i] for i in sorted(idx)]
-        synthetic[site] = cases
+    synthetic = {site: privacy_attack_set(list(open_study(synthetic_dir / site).sites[0].cases),
+                                          cfg.catphishing.privacy_n_synthetic, cfg.seed, site) for site in sites}
     results = {}
     for site in sites:
         split = json.loads((holdout_dir / f"{site}.json").read_text())

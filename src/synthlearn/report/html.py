@@ -209,6 +209,16 @@ def _ci(block: dict, key: str = "auc") -> str:
     return f"{_num(block[key])} [{_num(lo)}, {_num(hi)}]" if lo is not None else _num(block[key])
 
 
+def _reference_cell(ref: dict | None) -> str:
+    """The privacy table's reference-control cell: mean AUC (per generator); excess [CI]."""
+    if not ref:
+        return "not run"
+    per_generator = ", ".join(f"{g} {_num(r.get('auc'))}" for g, r in (ref.get("by_generator") or {}).items())
+    above = " (above the reference)" if ref.get("excess_above_zero") else ""
+    return (f"{_num(ref.get('auc_mean'))} ({per_generator}); excess {_num(ref.get('excess_auc'))} "
+            f"[{_num(ref.get('excess_ci_low'))}, {_num(ref.get('excess_ci_high'))}]{above}")
+
+
 def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
     """The generator arms' own sections: what each site shipped, the synthetic data, fidelity, privacy."""
     gens = arm.get("generators") or {}
@@ -292,12 +302,7 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                 v.get("copy_rate", {})
             gen = v.get("positive_control_generator") or {}
             flag = " (ABOVE chance: members closer to the synthetic cases)" if mem.get("above_chance") else ""
-            ref = v.get("reference_control") or {}
-            ref_cell = (f"{_num(ref.get('auc_mean'))} (" + ", ".join(
-                f"{g} {_num(r.get('auc'))}" for g, r in (ref.get("by_generator") or {}).items())
-                + f"); excess {_num(ref.get('excess_auc'))} [{_num(ref.get('excess_ci_low'))}, "
-                f"{_num(ref.get('excess_ci_high'))}]"
-                + (" (above the reference)" if ref.get("excess_above_zero") else "")) if ref else "not run"
+            ref_cell = _reference_cell(v.get("reference_control"))
             rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem) + flag,
                          ref_cell,
                          _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),

@@ -399,6 +399,15 @@ def draw_synthetic_vs_real(real: dict[str, list[CaseRecord]], synthetic: dict[st
 
 
 # --------------------------------------------------------------------------------------------------- audits
+def privacy_attack_set(synthetic: list, n: int | None, seed: int, site: str) -> list:
+    """The synthetic cases of ``site`` the membership attack compares against: all of them, or a seeded
+    subset of ``n`` (``CatphishingConfig.privacy_n_synthetic``) in their original order."""
+    if n is None or len(synthetic) <= n:
+        return list(synthetic)
+    idx = numpy_generator(seed, "privacy-synthetic", site).choice(len(synthetic), n, replace=False)
+    return [synthetic[i] for i in sorted(idx)]
+
+
 def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dict[str, list[str]],
                holdout: dict[str, list[str]], generated: dict[str, list[CaseRecord]],
                kept: dict[str, list[CaseRecord]],
@@ -429,13 +438,9 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
     draw_synthetic_vs_real(real, kept, label, figures / "synthetic_vs_real.png")
     privacy: dict[str, Any] = {}
     by_id = {s.name: {c.case_id: c for c in s.cases} for s in ctx.train_sites}
-    attacked: dict[str, list] = {}  # the synthetic cases each site's attack compares against
-    for site, syn in generated.items():
-        if cfg.privacy_n_synthetic is not None and len(syn) > cfg.privacy_n_synthetic:
-            idx = numpy_generator(ctx.setup.seed, "privacy-synthetic", site).choice(
-                len(syn), cfg.privacy_n_synthetic, replace=False)
-            syn = [syn[i] for i in sorted(idx)]
-        attacked[site] = list(syn)
+    # the synthetic cases each site's attack compares against
+    attacked = {site: privacy_attack_set(syn, cfg.privacy_n_synthetic, ctx.setup.seed, site)
+                for site, syn in generated.items()}
     for site in generated:
         if not holdout[site] or len(holdout[site]) < 2 or len(members[site]) < 2:
             privacy[site] = {"skipped": f"needs >= 2 held-out and >= 2 member cases (holdout_fraction "
