@@ -14,10 +14,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export FLWR_HOME := $(CURDIR)/.flwr
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-slow bench clean help
+.PHONY: install demo demo-long test test-slow bench clean help
 
 help:
 	@echo "make demo       set up .venv, make the default phantom study if absent, run the four-arm demo study and its report"
+	@echo "make demo-long  the same with CATphishing generators trained 3x as long (~50 min; closer to centralized)"
 	@echo "make test       set up .venv and run the test suite (slow and gpu tests excluded)"
 	@echo "make test-slow  the longer checks (pytest -m slow)"
 	@echo "make bench      the benchmarks recorded in docs/benchmarks.md"
@@ -36,6 +37,9 @@ STUDY ?= data/phantom
 
 demo: $(STAMP)
 	$(VENV)/bin/synthlearn demo --study $(STUDY) --out runs/demo
+
+demo-long: $(STAMP)
+	$(VENV)/bin/synthlearn demo --study $(STUDY) --config configs/demo_long.toml --out runs/demo_long
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -20,10 +20,23 @@ from synthlearn.training.generator import (
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "cpu", "demo", "demo_long", "paper"])
 def test_shipped_configs_load(name):
     cfg = load_generator_config(CONFIGS / f"generator_{name}.toml")
     assert cfg.label == "idh"
+
+
+def test_long_demo_config_is_the_demo_generator_trained_three_times_as_long():
+    """generator_demo_long.toml (docs/benchmarks.md, section 15) changes only the epochs and the guidance."""
+    demo = load_generator_config(CONFIGS / "generator_demo.toml")
+    long = load_generator_config(CONFIGS / "generator_demo_long.toml")
+    assert long.autoencoder.epochs == 3 * demo.autoencoder.epochs
+    assert long.autoencoder.adv_start_epoch == 3 * demo.autoencoder.adv_start_epoch
+    assert long.diffusion.epochs == 3 * demo.diffusion.epochs
+    assert long.sampling.guidance_scale == 1.5
+    same = dataclasses.replace(long, autoencoder=demo.autoencoder, diffusion=demo.diffusion,
+                               sampling=dataclasses.replace(long.sampling, guidance_scale=demo.sampling.guidance_scale))
+    assert same == demo
 
 
 def test_paper_config_is_paper_scale():
