@@ -102,8 +102,8 @@ def test_unknown_arm_and_bad_config(tmp_path, tiny_study):
         load_study_config(bad)
 
 
-@pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml", "demo.toml", "demo_long.toml",
-                                  "demo_tiny.toml", "demo_paper.toml", "study_tumor_type.toml"])
+@pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml", "demo.toml",
+                                  "demo_long.toml", "demo_tiny.toml", "demo_paper.toml", "study_tumor_type.toml"])
 def test_shipped_configs_load(name):
     cfg = load_study_config(ROOT / "configs" / name)
     assert cfg.arms[0] == "centralized"
