@@ -193,3 +193,35 @@ def test_enhancement_weight_scores_the_t1c_minus_t1_difference():
     assert float(reconstruction_l1(target, target, 1.0, 3.0, on)) == 0.0
     with pytest.raises(ValueError, match="enhancement_weight"):
         AutoencoderConfig(enhancement_weight=-1.0)
+
+
+def test_class_conditional_decoder_adds_one_vector_per_class_and_needs_the_classes():
+    from synthlearn.models.autoencoder import decode_latent
+
+    torch.manual_seed(0)
+    plain = GeneratorAutoencoder(AutoencoderConfig(**TINY), shape=(16, 16, 16), latent_shape=(8, 8, 8))
+    torch.manual_seed(0)
+    cond = GeneratorAutoencoder(AutoencoderConfig(**TINY, class_conditional_decoder=True), shape=(16, 16, 16),
+                                latent_shape=(8, 8, 8), num_classes=3)
+    assert cond.ae.class_vectors.shape == (3, 2) and "class_vectors" in cond.ae.state_dict()
+    assert "class_vectors" not in plain.ae.state_dict()
+    z = torch.randn(3, 2, 8, 8, 8)
+    classes = torch.tensor([0, 2, -1])
+    with torch.no_grad():
+        # zero at the start (same other weights): the same output as the plain decoder, which ignores classes
+        assert torch.allclose(cond.decode(z, classes), plain.decode(z))
+        assert torch.equal(plain.decode(z, classes), plain.decode(z))
+        cond.ae.class_vectors.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, -1.0]]))
+        out = cond.decode(z, classes)
+        h = cond.ae.post_quant_conv(z)
+        expected = cond.ae.decoder(h + torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]])[:, :, None, None, None])
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert torch.allclose(out[2:], plain.decode(z[2:]), atol=1e-4)  # class -1 (unknown): no vector
+        assert not torch.allclose(out[:1], plain.decode(z[:1]))
+    with pytest.raises(ValueError, match="class-conditional"):
+        cond.decode(z)
+    with pytest.raises(ValueError, match="one class per latent"):
+        decode_latent(cond.ae, z, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="number of classes"):
+        GeneratorAutoencoder(AutoencoderConfig(**TINY, class_conditional_decoder=True), shape=(16, 16, 16),
+                             latent_shape=(8, 8, 8))

@@ -89,6 +89,13 @@ class AutoencoderConfig:
             at random (docs/benchmarks.md); the decay lets them settle.
         patch_size: train on random patches of this size (None = whole volumes); the network is fully
             convolutional when no attention is used, so patches make each step much cheaper on CPU.
+        class_conditional_decoder: the decoder also sees the case's class: a learned vector per class
+            (``latent_channels`` values, zero at the start) is added to the decoder's input after
+            ``post_quant_conv`` (not in the paper). Training decodes each case with its own class, sampling
+            with the class the diffusion model was conditioned on, so the decoder can render what the latent
+            does not carry about the class. Cases of unknown class get no vector. On the default phantom a
+            task model trained on the members' reconstructions reached 0.91 on average with it against 0.80
+            without (docs/benchmarks.md, section 16).
     """
 
     channels: tuple[int, ...] = (16, 32, 64)
@@ -115,6 +122,7 @@ class AutoencoderConfig:
     disc_lr: float = 1e-4
     lr_schedule: Literal["poly", "constant"] = "constant"
     patch_size: tuple[int, int, int] | None = None
+    class_conditional_decoder: bool = False
 
     def __post_init__(self) -> None:
         if len(self.channels) < 2:
@@ -214,20 +222,29 @@ class GeneratorAutoencoder(nn.Module):
         cfg: the autoencoder settings.
         shape: case shape ``(X, Y, Z)``.
         latent_shape: latent spatial shape; ``working_shape = latent_shape * 2**(levels - 1)``.
+        num_classes: K, the classes of the class-conditional decoder (needed when
+            ``cfg.class_conditional_decoder``; its ``(K, latent_channels)`` vectors are the parameter
+            ``ae.class_vectors``, so they travel in the autoencoder's state dict).
 
     Shapes:
         ``encode``: ``(B, 5, *shape)`` -> ``mu, sigma`` each ``(B, latent_channels, *latent_shape)``;
-        ``decode``: ``(B, latent_channels, *latent_shape)`` -> ``(B, 5, *working_shape)``;
+        ``decode``: ``(B, latent_channels, *latent_shape)`` (+ ``(B,)`` classes) -> ``(B, 5, *working_shape)``;
         ``to_working``: ``(B, 5, *shape)`` -> ``(B, 5, *working_shape)``.
     """
 
-    def __init__(self, cfg: AutoencoderConfig, shape: Sequence[int], latent_shape: Sequence[int]):
+    def __init__(self, cfg: AutoencoderConfig, shape: Sequence[int], latent_shape: Sequence[int],
+                 num_classes: int = 0):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.working_shape = working_shape(self.shape, self.latent_shape, cfg)
         self.latent_channels = cfg.latent_channels
         self.ae = build_autoencoder(cfg)
+        if cfg.class_conditional_decoder:
+            if num_classes < 1:
+                raise ValueError(f"autoencoder.class_conditional_decoder needs the number of classes, found "
+                                 f"{num_classes}")
+            self.ae.register_parameter("class_vectors", nn.Parameter(torch.zeros(num_classes, cfg.latent_channels)))
 
     def to_working(self, x: torch.Tensor) -> torch.Tensor:
         """Resample a whole case ``(B, C, *shape)`` to the working grid; anything else (already on the working
@@ -240,15 +257,37 @@ class GeneratorAutoencoder(nn.Module):
         """Posterior mean and standard deviation of the latent, ``(B, latent_channels, *latent)`` each."""
         return self.ae.encode(self.to_working(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode a latent to ``(B, 5, *working_shape)`` (stage 2 refines it to the case grid)."""
-        return self.ae.decode(z)
+    def decode(self, z: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode a latent to ``(B, 5, *working_shape)`` (stage 2 refines it to the case grid); ``classes``
+        ``(B,)`` (-1 = unknown) is needed by a class-conditional decoder and ignored otherwise."""
+        return decode_latent(self.ae, z, classes)
 
     @staticmethod
     def sample(mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Reparameterised latent ``mu + sigma * eps`` with ``eps`` drawn from ``generator``."""
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         return mu + sigma * eps
+
+
+def decode_latent(ae: nn.Module, z: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """``AutoencoderKL.decode`` of ``z`` ``(B, C, *latent)``, with the class vectors of a class-conditional
+    decoder (``ae.class_vectors``, ``(K, C)``) added after ``post_quant_conv``; ``classes`` ``(B,)`` long,
+    -1 = unknown (no vector). Without class vectors ``classes`` is ignored.
+
+    Raises:
+        ValueError: the decoder is class-conditional and ``classes`` is missing or does not match ``z``.
+    """
+    vectors = getattr(ae, "class_vectors", None)
+    if vectors is None:
+        return ae.decode(z)
+    if classes is None or classes.shape != (z.shape[0],):
+        raise ValueError(f"this autoencoder's decoder is class-conditional: decode needs one class per latent "
+                         f"((B,) = ({z.shape[0]},)), found {None if classes is None else tuple(classes.shape)}")
+    classes = classes.to(vectors.device).long()
+    known = (classes >= 0).to(vectors.dtype)[:, None]
+    h = ae.post_quant_conv(z)
+    h = h + (vectors[classes.clamp_min(0)] * known).to(h.dtype)[:, :, None, None, None]
+    return ae.decoder(h)
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -188,9 +188,10 @@ class LoadedGenerator:
         return list(self.manifest["class_names"])
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(B, latent_channels, *latent_shape)`` at the autoencoder's scale -> ``(B, 5, *shape)``."""
-        return self.superres(self.autoencoder.decode(latents))
+    def decode(self, latents: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, latent_channels, *latent_shape)`` at the autoencoder's scale -> ``(B, 5, *shape)``; ``classes``
+        ``(B,)`` (the conditioned class of each latent) is needed when the decoder is class-conditional."""
+        return self.superres(self.autoencoder.decode(latents, classes))
 
 
 def load_generator(artifact_dir: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
@@ -215,7 +216,7 @@ def load_generator(artifact_dir: str | Path, device: str | torch.device = "cpu")
         cfg = from_dict(GeneratorConfig, config)
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST}: 'config' is not a valid generator config ({exc})") from exc
-    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape)
+    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(cfg.class_names))
     sr = SuperResolution(cfg.superres, cfg.shape)
     dm = ClassConditionedUNet(cfg.diffusion, cfg.autoencoder.latent_channels, len(cfg.class_names))
     for module, name in ((ae.ae, "autoencoder.safetensors"), (sr, "superres.safetensors"),

@@ -237,13 +237,14 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
             max_draws = per_class * sampling.max_draws_per_case
             while made < per_class and draws < max_draws:
                 b = min(batch_size, per_class - made, max_draws - draws)
+                labels = torch.full((b,), c_index, dtype=torch.long)
                 latents = sample_latents(
-                    gen_model.diffusion, cfg.diffusion, torch.full((b,), c_index, dtype=torch.long),
+                    gen_model.diffusion, cfg.diffusion, labels,
                     cfg.latent_shape, cfg.autoencoder.latent_channels, generator=generator,
                     scale_factor=float(manifest["latent_scale_factor"]), num_inference_steps=steps,
                     guidance_scale=guidance, scheduler=scheduler, eta=sampling.eta,
                     guidance_interval=interval)  # type: ignore[arg-type]
-                decoded = gen_model.decode(latents).float().cpu().numpy()
+                decoded = gen_model.decode(latents, labels).float().cpu().numpy()
                 draws += b
                 for sample in decoded:
                     case = postprocess_sample(sample, mask_threshold=sampling.mask_threshold)

@@ -48,6 +48,7 @@ from synthlearn.models.autoencoder import (
     AutoencoderConfig,
     GeneratorAutoencoder,
     build_discriminator,
+    decode_latent,
     kl_loss,
     make_perceptual_loss,
     mask_dice_loss,
@@ -420,21 +421,21 @@ def _clip(module: nn.Module, max_norm: float) -> None:
 
 
 class _AutoencoderStep(nn.Module):
-    """forward(x, eps) -> (reconstruction, mu, sigma) with the reparameterisation noise given (DDP-friendly,
-    reproducible)."""
+    """forward(x, eps, classes) -> (reconstruction, mu, sigma) with the reparameterisation noise given
+    (DDP-friendly, reproducible); ``classes`` ``(B,)`` for a class-conditional decoder."""
 
     def __init__(self, ae: GeneratorAutoencoder):
         super().__init__()
         self.ae = ae.ae
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, classes: torch.Tensor | None = None):
         mu, sigma = self.ae.encode(x)
-        return self.ae.decode(mu + sigma * eps.to(mu.dtype)), mu, sigma
+        return decode_latent(self.ae, mu + sigma * eps.to(mu.dtype), classes), mu, sigma
 
 
 class _DecodeRefine(nn.Module):
-    """forward(z, corner) -> the super-resolved decoder output, or a patch of it starting at ``corner``: what
-    stage 2 trains (decoder + SR module). The decoder always decodes the whole latent."""
+    """forward(z, corner, classes) -> the super-resolved decoder output, or a patch of it starting at ``corner``:
+    what stage 2 trains (decoder + SR module). The decoder always decodes the whole latent."""
 
     def __init__(self, ae: GeneratorAutoencoder, sr: SuperResolution, patch_size: tuple[int, int, int] | None):
         super().__init__()
@@ -442,8 +443,9 @@ class _DecodeRefine(nn.Module):
         self.sr = sr
         self.patch_size = patch_size
 
-    def forward(self, z: torch.Tensor, corner: tuple[int, int, int] | None = None) -> torch.Tensor:
-        up = self.sr.upsample(self.ae.decode(z))
+    def forward(self, z: torch.Tensor, corner: tuple[int, int, int] | None = None,
+                classes: torch.Tensor | None = None) -> torch.Tensor:
+        up = self.sr.upsample(decode_latent(self.ae, z, classes))
         if corner is not None and self.patch_size is not None:
             (x0, y0, z0), (px, py, pz) = corner, self.patch_size
             up = up[..., x0 : x0 + px, y0 : y0 + py, z0 : z0 + pz]
@@ -481,8 +483,10 @@ def _reduce(sums: dict[str, float], count: int, rt: Runtime) -> tuple[dict[str, 
 
 
 def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: GeneratorConfig, rt: Runtime, *,
-                       seed: int, ckpt: Path, progress: bool) -> dict[str, list[float]]:
-    """Stage 1 on ``x_work`` ``(N, 5, *working_shape)``; returns the per-epoch loss history."""
+                       seed: int, ckpt: Path, progress: bool,
+                       classes: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Stage 1 on ``x_work`` ``(N, 5, *working_shape)`` (``classes`` ``(N,)``, -1 = unknown: what a
+    class-conditional decoder decodes with); returns the per-epoch loss history."""
     from monai.losses import PatchAdversarialLoss
 
     acfg = cfg.autoencoder
@@ -536,13 +540,14 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
                 if opt_d is not None:
                     _set_lr(opt_d, poly_lr(acfg.disc_lr, step_no, total))
             xb = x_work[idx]
+            cb = classes[idx].to(rt.device) if classes is not None else None
             if cfg.augment_flip:
                 xb = _random_flip(xb, gen)
             xb = _random_patch(xb, acfg.patch_size, gen, cfg.tumour_patch_fraction).contiguous(memory_format=layout)
             eps = _latent_eps((xb.shape[0], acfg.latent_channels, *(s // f for s in xb.shape[-3:])), gen)
             xb, eps = xb.to(rt.device), eps.to(rt.device)
             with rt.autocast():
-                recon, mu, sigma = step_ae(xb, eps)
+                recon, mu, sigma = step_ae(xb, eps, cb)
                 recon = recon.float()
                 l1 = reconstruction_l1(recon, xb, acfg.mask_weight, acfg.tumour_weight, acfg.enhancement_weight)
                 kl = kl_loss(mu, sigma)
@@ -637,8 +642,10 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 
 def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tensor, cfg: GeneratorConfig,
-                    rt: Runtime, *, seed: int, ckpt: Path, progress: bool) -> dict[str, list[float]]:
-    """Stage 2: decoder + SR module on the frozen encoder, ``x`` ``(N, 5, *shape)``."""
+                    rt: Runtime, *, seed: int, ckpt: Path, progress: bool,
+                    classes: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Stage 2: decoder + SR module on the frozen encoder, ``x`` ``(N, 5, *shape)`` (``classes`` ``(N,)`` for a
+    class-conditional decoder)."""
     from monai.losses import SSIMLoss
 
     scfg = cfg.superres
@@ -647,6 +654,8 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
         perceptual = perceptual.to(rt.device)
     trainable = _DecodeRefine(ae, sr, scfg.patch_size)
     params = list(ae.ae.post_quant_conv.parameters()) + list(ae.ae.decoder.parameters()) + list(sr.parameters())
+    if getattr(ae.ae, "class_vectors", None) is not None:
+        params.append(ae.ae.class_vectors)
     opt = torch.optim.Adam(params, lr=scfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
     history: dict[str, list[float]] = {}
@@ -679,6 +688,7 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
         count = 0
         for idx in _progress(batches, len(batches), f"superres {epoch + 1}/{scfg.epochs}", progress):
             xb = x[idx]
+            cb = classes[idx].to(rt.device) if classes is not None else None
             if cfg.augment_flip:
                 xb = _random_flip(xb, gen)
             xb = xb.to(rt.device)
@@ -692,7 +702,7 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
                 (x0, y0, z0), (px, py, pz) = corner, scfg.patch_size
                 xb = xb[..., x0 : x0 + px, y0 : y0 + py, z0 : z0 + pz]
             with rt.autocast():
-                out = run(z, corner).float()
+                out = run(z, corner, cb).float()
                 l1 = reconstruction_l1(out, xb, cfg.autoencoder.mask_weight, cfg.autoencoder.tumour_weight,
                                        cfg.autoencoder.enhancement_weight)
                 s_loss = ssim(out[:, :MASK_CHANNEL], xb[:, :MASK_CHANNEL])
@@ -937,16 +947,16 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
              counts, unlabelled, cfg.shape, cfg.autoencoder.latent_channels, cfg.latent_shape)
 
     torch.manual_seed(seed)  # initial weights: same seed, same network
-    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape).to(rt.device)
+    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(names)).to(rt.device)
     sr = SuperResolution(cfg.superres, cfg.shape).to(rt.device)
     dm = ClassConditionedUNet(cfg.diffusion, cfg.autoencoder.latent_channels, len(names)).to(rt.device)
 
     x_work = ae.to_working(data.x) if ae.working_shape != tuple(cfg.shape) else data.x
     histories: dict[str, dict[str, list[float]]] = {}
     histories["autoencoder"] = _train_autoencoder(ae, x_work, cfg, rt, seed=seed, ckpt=ckpt_dir / "autoencoder.pt",
-                                                  progress=progress)
+                                                  progress=progress, classes=data.class_index)
     histories["superres"] = _train_superres(ae, sr, data.x, cfg, rt, seed=seed, ckpt=ckpt_dir / "superres.pt",
-                                            progress=progress)
+                                            progress=progress, classes=data.class_index)
     mu, sigma = encode_site(ae, data.x, rt, flips=cfg.augment_flip)
     classes = torch.cat([data.class_index] * (2 if cfg.augment_flip else 1))
     scale = latent_scale_factor(mu, sigma, torch_generator(seed, "latent-scale"))

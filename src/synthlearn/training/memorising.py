@@ -100,7 +100,7 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
         gen.autoencoder.train()
         gen.superres.train()
         histories["decoder"] = _train_superres(gen.autoencoder, gen.superres, data.x, sr_cfg, rt, seed=seed,
-                                               ckpt=ckpt, progress=progress)
+                                               ckpt=ckpt, progress=progress, classes=data.class_index)
         ckpt.unlink(missing_ok=True)
         gen.autoencoder.eval()
         gen.superres.eval()
