@@ -191,7 +191,8 @@ def main(argv=None) -> list[dict]:
     scale = latent_scale_factor(mu, sigma, torch_generator(0, "latent-scale"))
     latent_clf = LogisticRegression(max_iter=3000, C=0.1).fit(mu.flatten(1).numpy(), classes.numpy())
     with torch.no_grad():
-        recon = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 8])[0]) for i in range(0, len(data.x), 8)])
+        recon = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 8])[0], data.class_index[i:i + 8])
+                           for i in range(0, len(data.x), 8)])
     results = [{"name": "ceiling", "real_members_tstr": round(tstr_auc(data.x, data.class_index, test), 3),
                 "reconstructions_tstr": round(tstr_auc(recon, data.class_index, test), 3),
                 "real_members_contrast": sample_contrast(data.x, data.class_index, cfg.class_names),
@@ -207,7 +208,7 @@ def main(argv=None) -> list[dict]:
                 z = sample_latents(model, dcfg, cls, cfg.latent_shape, cfg.autoencoder.latent_channels,
                                    generator=torch.Generator().manual_seed(1), scale_factor=scale,
                                    num_inference_steps=args.steps, guidance_scale=g)
-                out = torch.cat([gen.decode(z[i:i + 8]) for i in range(0, len(z), 8)])
+                out = torch.cat([gen.decode(z[i:i + 8], cls[i:i + 8]) for i in range(0, len(z), 8)])
             proba = latent_clf.predict_proba(z.flatten(1).numpy())[:, 1]
             row[f"g{g:g}"] = {"latent_auc": round(float(roc_auc_score(cls.numpy(), proba)), 3),
                               "tstr": round(tstr_auc(out, cls, test), 3),

@@ -74,7 +74,7 @@ def reconstruction_metrics(artifact: Path, cases, cfg) -> dict:
         for i in range(data.x.shape[0]):
             x = data.x[i : i + 1]
             mu, _ = gen.autoencoder.encode(x)
-            recon = gen.decode(mu)
+            recon = gen.decode(mu, data.class_index[i : i + 1])
             brain = (x[0, :4] != 0).any(0)
             for c, s in enumerate(SEQUENCES):
                 mae[s].append(float((recon[0, c] - x[0, c]).abs()[brain].mean()))

@@ -135,8 +135,8 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
                 decoded = data.x
             else:
                 with torch.no_grad():
-                    decoded = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 4])[0])
-                                         for i in range(0, len(data.x), 4)])
+                    decoded = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 4])[0],
+                                                    data.class_index[i:i + 4]) for i in range(0, len(data.x), 4)])
             cases = [(f"{kind}-{c.case_id}", decoded[i].float().numpy(), cfg.class_names[int(data.class_index[i])])
                      for i, c in enumerate(members)]
             _write_site(tmp / f"{kind}_{name}", cases, cfg.label, cfg.shape, data.voxel_size)
