@@ -161,9 +161,9 @@ def test_autoencoder_trains_channels_last_on_cpu_and_hands_back_the_default_layo
     seen = []
     step_forward = gen_mod._AutoencoderStep.forward
 
-    def spy(self, xb, eps):
+    def spy(self, xb, eps, classes=None):
         seen.append(xb.is_contiguous(memory_format=torch.channels_last_3d) and not xb.is_contiguous())
-        return step_forward(self, xb, eps)
+        return step_forward(self, xb, eps, classes)
 
     monkeypatch.setattr(gen_mod._AutoencoderStep, "forward", spy)
     gen_mod._train_autoencoder(ae, x, cfg, gen_mod.setup_runtime(cfg), seed=0, ckpt=tmp_path / "ae.pt",
