@@ -93,9 +93,11 @@ class AutoencoderConfig:
             (``latent_channels`` values, zero at the start) is added to the decoder's input after
             ``post_quant_conv`` (not in the paper). Training decodes each case with its own class, sampling
             with the class the diffusion model was conditioned on, so the decoder can render what the latent
-            does not carry about the class. Cases of unknown class get no vector. On the default phantom a
-            task model trained on the members' reconstructions reached 0.91 on average with it against 0.80
-            without (docs/benchmarks.md, section 16).
+            does not carry about the class. Cases of unknown class get no vector. On the default phantom,
+            fine-tuning make demo-long's decoders with it took a task model trained on the members'
+            reconstructions to 0.91 on average (0.80 without) but not one on its samples; trained from scratch
+            at the demo's budget, one run's arm gave 0.46 (the demo's 0.70), so it stays off
+            (docs/benchmarks.md, section 16).
     """
 
     channels: tuple[int, ...] = (16, 32, 64)
