@@ -173,6 +173,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--task-seeds", type=int, nargs="+", default=[0], help="task-model seeds per row")
     parser.add_argument("--one", nargs=3, metavar=("SITE", "VARIANT", "DEST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.lr <= 0 or args.workers < 1:
+        raise SystemExit(f"--steps, --workers: expected >= 1 and --lr > 0, found {args.steps}, {args.workers}, "
+                         f"{args.lr}")
+    if args.sample_guidance is not None and args.sample_guidance < 0:
+        raise SystemExit(f"--sample-guidance: expected a scale >= 0, found {args.sample_guidance}")
+    if not (args.study / "study.json").is_file():
+        raise SystemExit(f"--study {args.study}: expected a study folder with study.json, found none")
+    if not args.config.is_file():
+        raise SystemExit(f"--config {args.config}: expected a study config TOML, found no such file")
     if args.one:
         site, variant, dest = args.one
         finetune_site(args.run, args.study, site, variant, args.steps, args.lr, Path(dest))
@@ -196,7 +205,8 @@ def main(argv=None) -> list[dict]:
                              "--one", site, variant, str(dest)])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with ThreadPoolExecutor(args.workers) as pool:
-        for proc in pool.map(lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, check=False), jobs):
+        runs = pool.map(lambda cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, check=False), jobs)
+        for proc in runs:
             print(proc.stdout[-600:], proc.stderr[-600:] if proc.returncode else "", flush=True)
             if proc.returncode:
                 raise SystemExit(f"a fine-tuning failed (rc {proc.returncode})")
