@@ -100,7 +100,7 @@ def sample_contrast(out: torch.Tensor, cls: torch.Tensor, names) -> dict:
 
     rows: dict[str, list] = {}
     for x, c in zip(out.float(), cls):
-        brain = x[:4].mean(0) > BRAIN_FLOOR / 2
+        brain = x[:4].mean(0) > BRAIN_FLOOR  # as synthesize (sampling.brain_threshold)
         tumour = (x[4] > 0.5) & brain
         rest = brain & ~tumour
         if tumour.sum() < 2 or not rest.any():

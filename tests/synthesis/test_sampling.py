@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from synthlearn.models.diffusion import ClassConditionedUNet, DiffusionConfig
 from synthlearn.synthesis.cases import (
@@ -17,6 +18,7 @@ from synthlearn.synthesis.cases import (
     postprocess_sample,
 )
 from synthlearn.synthesis.sampling import guided_noise, sample_latents
+from synthlearn.training.generator import SamplingConfig
 
 CFG = DiffusionConfig(channels=(8, 8), attention_levels=(False, True), num_head_channels=4, norm_num_groups=4,
                       cross_attention_dim=8, num_train_timesteps=50)
@@ -138,6 +140,27 @@ def test_postprocess_sample_makes_a_contract_case():
     assert case.tumour_components == 2 and case.tumour_voxels == 64
     assert count_components(case.seg > 0) == 1
     assert not (case.seg > 0)[~brain].any()
+
+
+def test_postprocess_sample_keeps_the_blurred_brain_edge_out():
+    # a decoder blurs the brain's edge: at the generator scale every real brain voxel is >= BRAIN_FLOOR, so
+    # the brain of a blurred case must come out about as large as the sharp one (half the floor added 20 %)
+    rng = np.random.default_rng(0)
+    grid = np.indices((32, 32, 32)) - 15.5
+    ball = (grid ** 2).sum(0) < 11 ** 2
+    sharp = generator_intensities(np.where(ball[None], rng.uniform(100, 900, (4, 32, 32, 32)), 0).astype(np.float32))
+    decoded = np.zeros((5, 32, 32, 32), np.float32)
+    decoded[:4] = ndimage.gaussian_filter(sharp, (0, 0.7, 0.7, 0.7))
+    decoded[4] = (grid ** 2).sum(0) < 3 ** 2
+    assert postprocess_sample(decoded).brain_voxels == pytest.approx(ball.sum(), rel=0.06)
+    assert postprocess_sample(decoded, brain_threshold=BRAIN_FLOOR / 2).brain_voxels > 1.15 * ball.sum()
+
+
+def test_sampling_config_refuses_a_brain_threshold_off_the_scale():
+    assert SamplingConfig().brain_threshold == BRAIN_FLOOR
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="brain_threshold"):
+            SamplingConfig(brain_threshold=bad)
 
 
 def test_postprocess_sample_checks_input():

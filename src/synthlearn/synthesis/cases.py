@@ -4,9 +4,11 @@ The generator works on five channels: the four sequences in the generator's inte
 about [0.2, 1.5], background exactly 0; see :func:`generator_intensities`) and the whole-tumour mask. A
 decoded sample becomes a case by:
 
-1. **brain**: voxels whose mean over the four sequences exceeds ``brain_threshold`` (half the lowest brain
-   intensity of the scale), largest connected component, holes filled; the background is set to exactly 0
-   (the contract's skull-stripped convention, on which preprocessing's crop and z-score rely);
+1. **brain**: voxels whose mean over the four sequences exceeds ``brain_threshold`` (the lowest brain
+   intensity of the scale, :data:`BRAIN_FLOOR`: every real brain voxel is at or above it in every sequence, so
+   a decoded voxel below it is the decoder's blurred brain edge), largest connected component, holes filled;
+   the background is set to exactly 0 (the contract's skull-stripped convention, on which preprocessing's
+   crop and z-score rely);
 2. **tumour**: the mask channel thresholded at ``mask_threshold`` inside the brain, keeping the largest
    connected component (26-connectivity; :func:`largest_component`);
 3. writing the four sequences (float32) and the segmentation with :func:`synthlearn.data.io.write_case`
@@ -99,13 +101,16 @@ class SyntheticCase:
 
 
 def postprocess_sample(decoded: np.ndarray, *, mask_threshold: float = 0.5,
-                       brain_threshold: float = BRAIN_FLOOR / 2) -> SyntheticCase:
+                       brain_threshold: float = BRAIN_FLOOR) -> SyntheticCase:
     """Split the mask channel off a decoded sample, threshold it, keep the largest tumour component.
 
     Args:
         decoded: ``(5, X, Y, Z)``: four sequences in the generator scale, then the whole-tumour mask.
         mask_threshold: threshold of the mask channel.
         brain_threshold: threshold of the mean of the four sequences that separates brain from background.
+            At half the floor (0.1, before 2026-12) the decoder's blurred edge joined the brain: 7-10 % more
+            brain voxels than the real cases, a darker brain mean, and after the task's z-score a tumour
+            0.6-1.0 brighter in T2 than the same tumour in the real case (docs/benchmarks.md, section 17).
     """
     decoded = np.asarray(decoded, dtype=np.float32)
     if decoded.ndim != 4 or decoded.shape[0] != len(SEQUENCES) + 1:
@@ -247,7 +252,8 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
                 decoded = gen_model.decode(latents, labels).float().cpu().numpy()
                 draws += b
                 for sample in decoded:
-                    case = postprocess_sample(sample, mask_threshold=sampling.mask_threshold)
+                    case = postprocess_sample(sample, mask_threshold=sampling.mask_threshold,
+                                              brain_threshold=sampling.brain_threshold)
                     if case.tumour_voxels < sampling.min_tumour_voxels or made >= per_class:
                         rejected += 1
                         continue
@@ -274,7 +280,7 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
             "artifact_manifest_sha256": file_sha256(Path(artifact_dir) / MANIFEST),
             "label": cfg.label, "per_class": per_class, "seed": seed, "scheduler": scheduler, "steps": steps,
             "guidance_scale": guidance, "guidance_interval": list(interval), "eta": sampling.eta,
-            "mask_threshold": sampling.mask_threshold,
+            "mask_threshold": sampling.mask_threshold, "brain_threshold": sampling.brain_threshold,
             "seg_value": SYNTHETIC_TUMOUR_LABEL, "classes": summary,
             "wall_time_s": round(time.perf_counter() - t0, 1)})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the site folder is meant to be shared

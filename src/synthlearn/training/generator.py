@@ -80,6 +80,9 @@ class SamplingConfig:
         eta: DDIM stochasticity.
         batch_size: samples decoded together.
         mask_threshold: threshold of the decoded mask channel.
+        brain_threshold: a decoded voxel is brain where the mean of its four sequences exceeds this
+            (generator scale; :data:`synthlearn.synthesis.cases.BRAIN_FLOOR`, the lowest real brain value, by
+            default); :func:`synthlearn.synthesis.cases.postprocess_sample`.
         min_tumour_voxels: a sample whose largest tumour component is smaller is drawn again (0 accepts
             samples without any tumour voxel).
         max_draws_per_case: at most this many draws per requested case before giving up (logged).
@@ -92,6 +95,7 @@ class SamplingConfig:
     eta: float = 0.0
     batch_size: int = 4
     mask_threshold: float = 0.5
+    brain_threshold: float = 0.2
     min_tumour_voxels: int = 8
     max_draws_per_case: int = 3
 
@@ -106,6 +110,9 @@ class SamplingConfig:
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"sampling.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, found "
                              f"{list(self.guidance_interval)}")
+        if not 0.0 < self.brain_threshold < 1.5:
+            raise ValueError(f"sampling.brain_threshold must be in (0, 1.5) (generator intensity scale: brain in "
+                             f"[0.2, 1.5]), found {self.brain_threshold}")
         if self.guidance_scale < 0 or self.eta < 0:
             raise ValueError(f"sampling.guidance_scale and eta must be >= 0, found {self.guidance_scale}, {self.eta}")
 
