@@ -108,9 +108,9 @@ def postprocess_sample(decoded: np.ndarray, *, mask_threshold: float = 0.5,
         decoded: ``(5, X, Y, Z)``: four sequences in the generator scale, then the whole-tumour mask.
         mask_threshold: threshold of the mask channel.
         brain_threshold: threshold of the mean of the four sequences that separates brain from background.
-            At half the floor (0.1, before 2026-12) the decoder's blurred edge joined the brain: 7-10 % more
-            brain voxels than the real cases, a darker brain mean, and after the task's z-score a tumour
-            0.6-1.0 brighter in T2 than the same tumour in the real case (docs/benchmarks.md, section 17).
+            At half the floor (0.1, the earlier default) the decoder's blurred edge joined the brain: 7-10 %
+            more brain voxels than the real cases, whose dark shell lowered the brain mean that the task's
+            z-score subtracts, shifting every tumour (docs/benchmarks.md, section 17).
     """
     decoded = np.asarray(decoded, dtype=np.float32)
     if decoded.ndim != 4 or decoded.shape[0] != len(SEQUENCES) + 1:
