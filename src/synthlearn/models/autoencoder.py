@@ -95,9 +95,9 @@ class AutoencoderConfig:
             with the class the diffusion model was conditioned on, so the decoder can render what the latent
             does not carry about the class. Cases of unknown class get no vector. On the default phantom,
             fine-tuning make demo-long's decoders with it took a task model trained on the members'
-            reconstructions to 0.91 on average (0.80 without) but not one on its samples; trained from scratch
-            at the demo's budget, one run's arm gave 0.46 (the demo's 0.70), so it stays off
-            (docs/benchmarks.md, section 16).
+            reconstructions to 0.91 on average (0.80 without) but not one on its samples; trained from scratch,
+            the arm gave 0.46 at the demo's budget (the demo's 0.70) and 0.67-0.77 over three task seeds at
+            demo-long's (0.73-0.78 without), so it stays off (docs/benchmarks.md, sections 16 and 17).
     """
 
     channels: tuple[int, ...] = (16, 32, 64)
