@@ -211,7 +211,7 @@ def main(argv=None) -> list[dict]:
             if proc.returncode:
                 raise SystemExit(f"a fine-tuning failed (rc {proc.returncode})")
     sys.path.insert(0, str(Path(__file__).parent))
-    from synthetic_gap import tumour_stats
+    from synthetic_gap import centralized_test, tumour_stats, write_study
 
     from synthlearn.study import load_study_config
     from synthlearn.tasks import get_task
@@ -234,12 +234,7 @@ def main(argv=None) -> list[dict]:
             studies[f"{tag}:{variant}"] = (root, [f"{variant}_{s}" for s in sites])
     rows = []
     for name, (root, train_sites) in studies.items():
-        study_sites = {s: {"role": "train"} for s in train_sites}
-        for s in tests:
-            if not (root / s.name).exists():
-                os.symlink(Path(s.path).resolve(), root / s.name)
-            study_sites[s.name] = {"role": "test"}
-        (root / "study.json").write_text(json.dumps({**meta, "sites": study_sites}, indent=2) + "\n")
+        write_study(root, meta, train_sites, tests)
         st = open_study(root)
         row = {"row": name, "steps": args.steps, "auc": {},
                "tumour_stats": tumour_stats([c for s in st.sites if s.role == "train" for c in s.cases], task,
@@ -248,10 +243,7 @@ def main(argv=None) -> list[dict]:
             cfg_file = args.out / f"task_seed{seed}.toml"
             cfg_file.write_text(f'base = "{args.config.resolve()}"\nseed = {seed}\n')
             run_dir = args.out / "runs" / name.replace(":", "_") / f"seed{seed}"
-            if not (run_dir / "results.json").is_file():
-                subprocess.run([sys.executable, "-m", "synthlearn.cli", "study", "run", "--config", str(cfg_file),
-                                "--study", str(root), "--arms", "centralized", "--out", str(run_dir), "-q"], check=True)
-            res = json.loads((run_dir / "results.json").read_text())["arms"]["centralized"]["test"]["combined"]
+            res = centralized_test(cfg_file, root, run_dir)["combined"]
             row["auc"][seed] = [round(res["auc"], 3)] + [round(v, 3) for v in res["auc_ci"]]
         rows.append(row)
         print(json.dumps(row), flush=True)

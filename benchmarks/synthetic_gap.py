@@ -67,6 +67,26 @@ def _write_site(out: Path, cases: list[tuple[str, object, str]], label: str, sha
     write_labels_csv(out / "labels.csv", rows)
 
 
+def write_study(root: Path, meta: dict, train_sites: list[str], tests) -> None:
+    """Make ``root`` a study: its site folders ``train_sites`` as training sites, links to the real ``tests``
+    sites as test sites, and ``study.json`` (``meta`` with those roles)."""
+    sites = {name: {"role": "train"} for name in train_sites}
+    for s in tests:
+        if not (root / s.name).exists():
+            os.symlink(Path(s.path).resolve(), root / s.name)
+        sites[s.name] = {"role": "test"}
+    (root / "study.json").write_text(json.dumps({**meta, "sites": sites}, indent=2) + "\n")
+
+
+def centralized_test(config: Path, study: Path, run_dir: Path) -> dict:
+    """The task model of ``config`` trained on ``study``'s training sites (``synthlearn study run --arms
+    centralized``, skipped when ``run_dir`` already holds its results): its ``test`` block of results.json."""
+    if not (run_dir / "results.json").is_file():
+        subprocess.run([sys.executable, "-m", "synthlearn.cli", "study", "run", "--config", str(config),
+                        "--study", str(study), "--arms", "centralized", "--out", str(run_dir), "-q"], check=True)
+    return json.loads((run_dir / "results.json").read_text())["arms"]["centralized"]["test"]
+
+
 def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
                   guidance: tuple[float, ...] = ()) -> dict[str, Path]:
     """Write one study folder per kind under ``out/studies`` (test sites linked, not copied)."""
@@ -141,10 +161,7 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
                      for i, c in enumerate(members)]
             _write_site(tmp / f"{kind}_{name}", cases, cfg.label, cfg.shape, data.voxel_size)
             sites[f"{kind}_{name}"] = {"role": "train"}
-        for s in tests:
-            os.symlink(Path(s.path).resolve(), tmp / s.name)
-            sites[s.name] = {"role": "test"}
-        (tmp / "study.json").write_text(json.dumps({**meta, "sites": sites}, indent=2) + "\n")
+        write_study(tmp, meta, list(sites), tests)
         os.replace(tmp, root)
         studies[kind] = root
     return studies
@@ -252,10 +269,7 @@ def main(argv=None) -> list[dict]:
     for kind, root in studies.items():
         run_dir = args.out / "runs" / kind
         t0 = time.perf_counter()
-        if not (run_dir / "results.json").is_file():
-            subprocess.run([sys.executable, "-m", "synthlearn.cli", "study", "run", "--config", str(args.config),
-                            "--study", str(root), "--arms", "centralized", "--out", str(run_dir), "-q"], check=True)
-        res = json.loads((run_dir / "results.json").read_text())["arms"]["centralized"]["test"]
+        res = centralized_test(args.config, root, run_dir)
         n_train = sum(len((p / "labels.csv").read_text().splitlines()) - 1 for p in root.iterdir()
                       if p.is_dir() and not p.is_symlink())
         row = {"kind": kind, "auc": round(res["combined"]["auc"], 3),
