@@ -96,8 +96,11 @@ def test_the_synthetic_task_model_trains_its_own_epochs(demo_run):
     setup = json.loads((out / "catphishing" / "model" / "model.json").read_text())["setup"]
     reference = json.loads((out / "centralized" / "model" / "model.json").read_text())["setup"]
     assert setup["train"]["epochs"] == 2 and reference["train"]["epochs"] == 1  # catphishing.task_epochs
-    assert {k: v for k, v in setup["train"].items() if k != "epochs"} == {
-        k: v for k, v in reference["train"].items() if k != "epochs"}
+    # catphishing.task_augment_intensity
+    assert setup["train"]["augment_intensity"] == 0.3 and reference["train"]["augment_intensity"] == 0.0
+    own = ("epochs", "augment_intensity")
+    assert {k: v for k, v in setup["train"].items() if k not in own} == {
+        k: v for k, v in reference["train"].items() if k not in own}
     with pytest.raises(ValueError, match="task_epochs"):
         CatphishingConfig(task_epochs=0)
 
@@ -191,6 +194,8 @@ def test_config_checks_and_generator_label_follows_the_task(tmp_path, tiny_study
         CatphishingConfig(fidelity_extractor="torch")
     with pytest.raises(ValueError, match="task_augment_noise"):  # refused at load, not after the generators
         CatphishingConfig(task_augment_noise=-0.5)
+    with pytest.raises(ValueError, match="task_augment_intensity"):
+        CatphishingConfig(task_augment_intensity=2.0)
     with pytest.raises(ValueError, match="privacy_control_steps"):
         CatphishingConfig(privacy_control_steps=0)
     assert load_generator_for_task("configs/generator_tiny.toml", "tumor_type").label == "tumor_type"

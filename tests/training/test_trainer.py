@@ -157,3 +157,27 @@ def test_brain_noise_leaves_background_and_is_seeded():
     assert 0 < float(inside.std()) < 0.8
     with pytest.raises(ValueError, match="augment_noise"):
         TrainConfig(augment_noise=-0.1)
+
+
+def test_random_intensity_keeps_background_order_and_seed():
+    from synthlearn.training.seeding import torch_generator
+    from synthlearn.training.trainer import TrainConfig, random_intensity
+
+    gen = torch.Generator().manual_seed(3)
+    images = torch.zeros(4, 2, 8, 8, 8)
+    images[:, :, 2:6, 2:6, 2:6] = torch.randn(4, 2, 4, 4, 4, generator=gen) * 0.8 + 0.3
+    a = random_intensity(images, 0.4, torch_generator(0, "intensity"))
+    b = random_intensity(images, 0.4, torch_generator(0, "intensity"))
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :, :2], images[:, :, :2])  # background untouched
+    brain = images[:, :, 2:6, 2:6, 2:6].flatten(2)
+    changed = a[:, :, 2:6, 2:6, 2:6].flatten(2)
+    for i in range(4):
+        for c in range(2):  # monotone per case and channel: the voxels keep their order
+            assert torch.equal(torch.argsort(brain[i, c]), torch.argsort(changed[i, c]))
+    ratio = changed.std(-1) / brain.std(-1)  # contrast and gamma move the spread, case by case
+    assert float(ratio.min()) < 0.97 and float(ratio.max()) > 1.03
+    assert float((changed - brain).abs().max()) < 3.0  # a bounded change, not a new image
+    assert torch.allclose(random_intensity(images, 1e-6, torch_generator(1, "x")), images, atol=1e-4)
+    with pytest.raises(ValueError, match="augment_intensity"):
+        TrainConfig(augment_intensity=1.5)

@@ -103,6 +103,9 @@ class CatphishingConfig:
             generated cases).
         task_augment_noise: ``train.augment_noise`` of the task model trained on the synthetic cases (the
             decoded cases carry no scanner noise, the real test cases do); None: the study's ``train`` value.
+        task_augment_intensity: ``train.augment_intensity`` of that task model (random gamma, contrast and
+            brightness per sequence: the decoder renders each sequence's tumour contrast a little off); None: the
+            study's ``train`` value.
         task_epochs: ``train.epochs`` of the task model trained on the synthetic cases; None: the study's
             ``train`` value. With many more synthetic than real cases, fewer passes keep the number of
             training steps near the other arms' (the model and everything else stay the same).
@@ -134,6 +137,7 @@ class CatphishingConfig:
     quality_n: int = 300
     privacy_n_synthetic: int | None = None
     task_augment_noise: float | None = None
+    task_augment_intensity: float | None = None
     task_epochs: int | None = None
     privacy_control_generator: bool = True
     privacy_control_cases: int = 2
@@ -158,6 +162,9 @@ class CatphishingConfig:
         if self.task_augment_noise is not None and not 0 <= self.task_augment_noise < 10:
             raise ValueError(f"catphishing.task_augment_noise must be in [0, 10) (z-score units) or absent, found "
                              f"{self.task_augment_noise}")
+        if self.task_augment_intensity is not None and not 0 <= self.task_augment_intensity < 1:
+            raise ValueError(f"catphishing.task_augment_intensity must be in [0, 1) or absent, found "
+                             f"{self.task_augment_intensity}")
         if self.task_epochs is not None and (isinstance(self.task_epochs, bool) or not isinstance(self.task_epochs, int)
                                              or self.task_epochs < 1):
             raise ValueError(f"catphishing.task_epochs must be an integer >= 1 or absent, found {self.task_epochs!r}")
@@ -595,7 +602,8 @@ def run(ctx: ArmContext) -> ArmOutput:
              ", ".join(f"{n}: {len(kept[n])}/{len(generated[n])} kept" for n in sites))
     t0 = time.perf_counter()
     setup = ctx.setup
-    train_over = {k: v for k, v in (("augment_noise", cfg.task_augment_noise), ("epochs", cfg.task_epochs))
+    train_over = {k: v for k, v in (("augment_noise", cfg.task_augment_noise),
+                                    ("augment_intensity", cfg.task_augment_intensity), ("epochs", cfg.task_epochs))
                   if v is not None}  # the arm's own task-training settings; everything else is the study's
     if train_over:
         setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, **train_over))

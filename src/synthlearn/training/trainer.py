@@ -56,6 +56,11 @@ class TrainConfig:
         augment_noise: Gaussian noise added to the (z-scored) images inside the brain, its standard deviation
             drawn per case from U(0, augment_noise); 0 = off. For training on synthetic cases, whose decoder
             averages scanner noise away (CatphishingConfig.task_augment_noise).
+        augment_intensity: random brightness, contrast and gamma per case and sequence inside the brain
+            (nnU-Net's intensity augmentations, in z-score units): gamma ``exp(U(-a, a))`` over the brain's
+            intensity range, contrast ``U(1 - a, 1 + a)`` about the brain mean, brightness ``U(-a, a)``; 0 = off.
+            Makes the model less sensitive to how bright each sequence renders the tumour, the gap between
+            decoded and real cases (CatphishingConfig.task_augment_intensity).
         bf16: bfloat16 autocast for forward/backward (CPU with AVX-512 BF16, or CUDA).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
         checkpoint_every: write the resumable checkpoint every this many epochs (and at the end).
@@ -72,6 +77,7 @@ class TrainConfig:
     class_weighting: Literal["none", "balanced"] = "none"
     augment_flips: bool = True
     augment_noise: float = 0.0
+    augment_intensity: float = 0.0
     bf16: bool = False
     device: str = "auto"
     checkpoint_every: int = 1
@@ -95,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"train.checkpoint_every must be >= 1, found {self.checkpoint_every}")
         if not 0 <= self.augment_noise < 10:
             raise ValueError(f"train.augment_noise must be in [0, 10) (z-score units), found {self.augment_noise}")
+        if not 0 <= self.augment_intensity < 1:
+            raise ValueError(f"train.augment_intensity must be in [0, 1), found {self.augment_intensity}")
 
 
 def add_brain_noise(images: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
@@ -104,6 +112,34 @@ def add_brain_noise(images: torch.Tensor, max_std: float, generator: torch.Gener
     noise = torch.randn(images.shape, generator=generator) * std.view(-1, *([1] * (images.ndim - 1)))
     brain = (images != 0).any(dim=1, keepdim=True)
     return images + noise.to(images.dtype) * brain
+
+
+def random_intensity(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """``images`` ``(B, C, X, Y, Z)`` with a random gamma, contrast and brightness per case and channel, inside
+    the brain (where any channel is non-zero); the background stays 0.
+
+    Per case and channel, with ``a = strength``: the brain's intensities ``x`` in ``[lo, hi]`` become
+    ``lo + (hi - lo) * ((x - lo) / (hi - lo)) ** g`` with ``g = exp(U(-a, a))`` (monotone: the order of the
+    voxels is kept), then ``(x - m) * c + m + b`` with ``m`` their mean, ``c ~ U(1 - a, 1 + a)``,
+    ``b ~ U(-a, a)``.
+    """
+    b, c = images.shape[:2]
+    brain = (images != 0).any(dim=1, keepdim=True)
+    flat = images.flatten(2).float()
+    inside = brain.flatten(2).expand_as(flat)
+    n = inside.sum(-1).clamp_min(1)
+    lo = torch.where(inside, flat, torch.inf).amin(-1).nan_to_num(0.0, posinf=0.0)
+    hi = torch.where(inside, flat, -torch.inf).amax(-1).nan_to_num(0.0, neginf=0.0)
+    span = (hi - lo).clamp_min(1e-6)
+    gamma = torch.exp((torch.rand(b, c, generator=generator) * 2 - 1) * strength)
+    contrast = 1 + (torch.rand(b, c, generator=generator) * 2 - 1) * strength
+    brightness = (torch.rand(b, c, generator=generator) * 2 - 1) * strength
+    lo_, span_ = lo[..., None], span[..., None]
+    out = lo_ + span_ * ((flat - lo_) / span_).clamp(0, 1) ** gamma[..., None]
+    mean = (out * inside).sum(-1, keepdim=True) / n[..., None]
+    out = (out - mean) * contrast[..., None] + mean + brightness[..., None]
+    out = torch.where(inside, out, flat).view(images.shape)
+    return out.to(images.dtype)
 
 
 @dataclasses.dataclass
@@ -295,6 +331,7 @@ def train_model(
         order = torch.randperm(len(dataset), generator=torch_generator(seed, "order", name, epoch))
         flip_gen = torch_generator(seed, "flips", name, epoch)
         noise_gen = torch_generator(seed, "noise", name, epoch)
+        intensity_gen = torch_generator(seed, "intensity", name, epoch)
         torch.manual_seed(derive_seed(seed, "dropout", name, epoch))  # dropout draws from the global RNG
         epoch_loss, n_batches = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
@@ -302,6 +339,8 @@ def train_model(
             images, seg = load_batch(dataset, idx.tolist())
             if cfg.augment_flips:
                 images, seg = random_flips(images, seg, flip_gen)
+            if cfg.augment_intensity > 0:
+                images = random_intensity(images, cfg.augment_intensity, intensity_gen)
             if cfg.augment_noise > 0:
                 images = add_brain_noise(images, cfg.augment_noise, noise_gen)
             images, seg = images.to(device, non_blocking=True), seg.to(device, non_blocking=True)
