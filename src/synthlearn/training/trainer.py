@@ -61,9 +61,9 @@ class TrainConfig:
             intensity range, contrast ``U(1 - a, 1 + a)`` about the brain mean, brightness ``U(-a, a)``; 0 = off.
             Makes the model less sensitive to how bright each sequence renders the tumour, the gap between
             decoded and real cases (CatphishingConfig.task_augment_intensity); at 0.3 on the demo-long arm's
-            synthetic cases it lowered the task model (0.724 vs 0.759 over six seeds), while on the demo's real
-            sites it lifted the local model of the site with the strongest bias field (utsw 0.936 vs 0.477)
-            and cost the other two 0.05-0.08 (one seed; docs/benchmarks.md 18).
+            synthetic cases it lowered the task model (0.724 vs 0.759 over six seeds); on the demo's real sites
+            it cost egd's local model 0.03-0.08 on each of three seeds and tcga's 0.08 on one
+            (docs/benchmarks.md 18).
         bf16: bfloat16 autocast for forward/backward (CPU with AVX-512 BF16, or CUDA).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
         checkpoint_every: write the resumable checkpoint every this many epochs (and at the end).
