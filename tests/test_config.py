@@ -49,3 +49,11 @@ def test_toml_base_chain_and_overrides(tmp_path):
         load_toml(Outer, tmp_path / "bad.toml")
     with pytest.raises(FileNotFoundError):
         load_toml(Outer, tmp_path / "none.toml")
+
+
+def test_a_value_the_config_refuses_names_the_file(tmp_path):
+    from synthlearn.study import load_study_config
+
+    (tmp_path / "study.toml").write_text('[train]\naugment_intensity = 1.5\n')
+    with pytest.raises(ConfigError, match=r"study\.toml: train\.augment_intensity must be in \[0, 1\), found 1\.5"):
+        load_study_config(tmp_path / "study.toml")

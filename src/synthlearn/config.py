@@ -150,13 +150,18 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_toml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
-    """Load ``cls`` from a TOML file (with ``base`` chain) and optional nested overrides."""
+    """Load ``cls`` from a TOML file (with ``base`` chain) and optional nested overrides.
+
+    Raises:
+        ConfigError: a key the dataclasses do not know or a value of the wrong type, and also a value their own
+            checks (``__post_init__``) refuse; every message starts with ``path``.
+    """
     data = read_toml(path)
     if overrides:
         data = _merge(data, overrides)
     try:
         return from_dict(cls, data)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError from the key/type checks, ValueError from a dataclass's own checks
         raise ConfigError(f"{path}: {exc}") from None
 
 
