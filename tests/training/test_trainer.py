@@ -90,7 +90,9 @@ def test_random_flips_keep_image_and_seg_aligned():
 
 def test_train_config_checks():
     for kwargs in ({"epochs": 0}, {"batch_size": 0}, {"lr": 0}, {"momentum": 1.0}, {"momentum": 0, "nesterov": True},
-                   {"lr_schedule": "cosine"}, {"class_weighting": "x"}, {"checkpoint_every": 0}):
+                   {"lr_schedule": "cos"}, {"class_weighting": "x"}, {"checkpoint_every": 0},
+                   {"optimizer": "adam"}, {"warmup_epochs": -1}, {"epochs": 2, "warmup_epochs": 2},
+                   {"loss_normalisation": "x"}, {"collapse_margin": 1.0}, {"retrain_collapsed": -1}):
         with pytest.raises(ValueError):
             TrainConfig(**kwargs)
 

@@ -32,6 +32,7 @@ from synthlearn.data.io import write_json
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.models.classifier import ClassifierConfig, VoxelClassifierUNet, build_classifier
 from synthlearn.tasks import Stage, Task, get_task
+from synthlearn.training.learning_check import check_learning, summarise_checks
 from synthlearn.training.seeding import derive_seed, numpy_generator
 from synthlearn.training.trainer import TrainConfig, predict_probabilities, train_model
 
@@ -292,6 +293,38 @@ class TaskModel:
         return cls(setup, networks, meta.get("info"))
 
 
+def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int], stage: Stage, ckpt_dir: Path, *,
+                   progress: bool, label: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train network ``name`` from its initialisation, check that it learned
+    (:func:`synthlearn.training.learning_check.check_learning`) and, with ``train.retrain_collapsed = n``, train
+    it again from the next seeds' initialisations (``seed + 1``, ``seed + 2``... up to ``n`` times) until one
+    learns. Returns the network and its check (``retried_seeds`` lists every seed tried when it retried)."""
+    tried: list[int] = []
+    for attempt in range(setup.train.retrain_collapsed + 1):
+        run_setup = setup if attempt == 0 else dataclasses.replace(setup, seed=setup.seed + attempt)
+        suffix = "" if attempt == 0 else f".retry{attempt}"
+        net = init_model(run_setup, name)
+        ckpt = ckpt_dir / f"{name}{suffix}.pt"
+        outcome = train_model(net, dataset, targets, setup.train, seed=run_setup.seed, name=name, checkpoint_path=ckpt,
+                              progress=progress, num_classes=stage.num_classes)
+        check = check_learning(net, dataset, targets, outcome.losses, setup.train, stage.num_classes,
+                               stage.class_names)
+        check.update(seed=run_setup.seed, losses=outcome.losses)
+        tried.append(run_setup.seed)
+        if not check["learned"]:
+            log.warning("%s %s (seed %d) did not learn: %s", label or "task model", name, run_setup.seed,
+                        "; ".join(check["reasons"]))
+        if check["learned"] or attempt == setup.train.retrain_collapsed:
+            break
+        log.warning("%s %s: retraining with seed %d (train.retrain_collapsed = %d)", label or "task model", name,
+                    setup.seed + attempt + 1, setup.train.retrain_collapsed)
+    for attempt in range(len(tried)):
+        (ckpt_dir / f"{name}{'' if attempt == 0 else f'.retry{attempt}'}.pt").unlink(missing_ok=True)
+    if len(tried) > 1:
+        check["retried_seeds"] = tried
+    return net, check
+
+
 def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir: str | Path, *,
                      cache: DatasetCache | None = None, progress: bool = True,
                      label: str = "") -> TaskModel:
@@ -316,7 +349,7 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
     cache = cache or DatasetCache(setup.preprocess)
     data = stage_data(cases, setup)
     networks = {}
-    info: dict[str, Any] = {"training_cases": {}}
+    info: dict[str, Any] = {"training_cases": {}, "learning_check": {}}
     for name in model_names(setup):
         stage, fold = split_name(name)
         sd = data[stage]
@@ -328,21 +361,26 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
         if len(set(targets)) < 2:
             log.warning("%s %s: training cases hold a single class (%s)", label, name,
                         sd.stage.class_names[targets[0]])
-        net = init_model(setup, name)
+        dataset = cache.dataset([sd.cases[i] for i in idx])
         done_path = work_dir / "checkpoints" / f"{name}.done.pt"
+        check_path = work_dir / "checkpoints" / f"{name}.done.json"
         if done_path.is_file():
+            net = init_model(setup, name)
             net.load_state_dict(torch.load(done_path, map_location="cpu", weights_only=True))
+            check = json.loads(check_path.read_text()) if check_path.is_file() else check_learning(
+                net, dataset, targets, None, setup.train, sd.stage.num_classes, sd.stage.class_names)
         else:
-            train_model(net, cache.dataset([sd.cases[i] for i in idx]), targets, setup.train, seed=setup.seed,
-                        name=name, checkpoint_path=work_dir / "checkpoints" / f"{name}.pt", progress=progress,
-                        num_classes=sd.stage.num_classes)
+            net, check = _train_checked(setup, name, dataset, targets, sd.stage, work_dir / "checkpoints",
+                                        progress=progress, label=label)
             done_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = done_path.with_suffix(".tmp")
             torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
             tmp.replace(done_path)
-            (work_dir / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)  # the finished weights suffice
+            write_json(check_path, check)
         networks[name] = net.cpu().eval()
         info["training_cases"][name] = len(idx)
+        info["learning_check"][name] = check
+    info["learning_summary"] = summarise_checks(info["learning_check"])
     model = TaskModel(setup, networks, info)
     model.save(work_dir / "model")
     return model
@@ -360,6 +398,9 @@ class ArmContext:
         config: the whole study config (arm-specific tables, e.g. ``config.fedavg``).
         cache: preprocessed-case cache shared by the arms of a run.
         progress: show progress bars.
+        primary_dir: None when this is the run's primary seed; for a further seed of a multi-seed run
+            (``StudyConfig.seeds``), the arm's primary-seed folder, whose seed-independent work the arm may reuse
+            (CATphishing's generators, trained once) rather than redo. ``setup.seed`` is this run's seed.
     """
 
     name: str
@@ -369,6 +410,7 @@ class ArmContext:
     config: StudyConfig
     cache: DatasetCache
     progress: bool = True
+    primary_dir: Path | None = None
 
     @property
     def train_cases(self) -> tuple[CaseRecord, ...]:

@@ -42,6 +42,7 @@ from synthlearn.strategies.base import (
     stage_data,
 )
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
+from synthlearn.training.learning_check import check_learning, summarise_checks
 from synthlearn.training.trainer import train_model
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,45 @@ def task_model_from_states(states: Mapping[str, Mapping[str, torch.Tensor]], set
     return TaskModel(setup, networks, info)
 
 
+def federated_learning_check(model: TaskModel, sites: Sequence[SiteRecord], setup: TrainingSetup,
+                             history: Sequence[Mapping[str, Any]], cache: DatasetCache | None = None
+                             ) -> dict[str, dict[str, Any]]:
+    """Did the final global model learn? :func:`synthlearn.training.learning_check.check_learning` of every network
+    on the training cases of its fold (every site's), with the final training loss taken as the sites' last-round
+    losses weighted by their training cases (what the sites reported; ``history[-1]["loss"]``).
+
+    In this simulation the study process reads the cases; in a deployment each site would compute its share (its
+    predicted-class counts and class masses) and send only those numbers.
+    """
+    cache = cache or DatasetCache(setup.preprocess)
+    pooled = [c for s in sites for c in s.cases]
+    data = stage_data(pooled, setup)
+    last = history[-1]["loss"] if history else {}
+    site_sizes = {s.name: stage_data(s.cases, setup) for s in sites}
+    checks = {}
+    for name in model_names(setup):
+        stage, fold = split_name(name)
+        sd = data[stage]
+        idx = sd.training_indices(fold, setup.n_folds)
+        if not idx:
+            continue
+        losses, weights = [], []
+        for site in sites:
+            value = (last.get(site.name) or {}).get(name)
+            n = len(site_sizes[site.name][stage].training_indices(fold, setup.n_folds))
+            if value is not None and np.isfinite(value) and n:
+                losses.append(float(value))
+                weights.append(n)
+        final = [float(np.average(losses, weights=weights))] if losses else None
+        checks[name] = check_learning(model.networks[name], cache.dataset([sd.cases[i] for i in idx]),
+                                      [sd.targets[i] for i in idx], final, setup.train, sd.stage.num_classes,
+                                      sd.stage.class_names)
+        checks[name]["seed"] = setup.seed
+        if not checks[name]["learned"]:
+            log.warning("fedavg %s (seed %d) did not learn: %s", name, setup.seed, "; ".join(checks[name]["reasons"]))
+    return checks
+
+
 def run(ctx: ArmContext) -> ArmOutput:
     """The FedAvg arm: rounds on Flower (or in process), then the final global model as a task model."""
     cfg: FedAvgConfig = ctx.config.fedavg
@@ -311,6 +351,8 @@ def run(ctx: ArmContext) -> ArmOutput:
     info = {"rounds": final.round, "history": final.history, "backend": cfg.backend,
             "bytes_to_sites": final.bytes_to_sites}
     model = task_model_from_states(final.states, ctx.setup, info)
+    checks = federated_learning_check(model, ctx.train_sites, ctx.setup, final.history, ctx.cache)
+    model.info.update(learning_check=checks, learning_summary=summarise_checks(checks))
     model.save(ctx.arm_dir / "model")
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=final.bytes_from_sites, rounds=final.round,
                      extra={"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend})

@@ -48,10 +48,25 @@ class TrainConfig:
         momentum: SGD momentum (nnU-Net: 0.99).
         nesterov: Nesterov momentum.
         weight_decay: L2 weight decay (nnU-Net: 3e-5).
-        lr_schedule: ``poly``: ``lr * (1 - epoch / total) ** 0.9`` per epoch; ``constant``.
+        optimizer: ``sgd`` (the paper's; ``momentum``/``nesterov`` apply) or ``adamw`` (Adam with decoupled
+            weight decay, betas (0.9, 0.999); ``momentum``/``nesterov`` are ignored).
+        lr_schedule: ``poly``: ``lr * (1 - epoch / total) ** 0.9`` per epoch (nnU-Net); ``cosine``: half a
+            cosine from ``lr`` to 0 over every step; ``constant``.
+        warmup_epochs: linear warm-up of the learning rate from ~0 over this many epochs' steps (0 = none),
+            then the schedule (counted from the warm-up's end for ``cosine``).
         grad_clip: clip the gradient norm (0 = off; nnU-Net: 12).
         class_weighting: ``none`` (plain voxel cross-entropy) or ``balanced`` (classes weighted by
             inverse case frequency in the training cases).
+        loss_normalisation: ``voxel``: the cross-entropy is the mean over every tumour voxel of the batch
+            (paper 000: a case with a large tumour weighs more); ``case``: the mean over each case's tumour
+            voxels, then the mean over the batch's cases (each case weighs the same, whatever its tumour's
+            size; on the phantom the wildtype tumours are about twice the mutant ones).
+        collapse_margin: after training, a network "did not learn" when its final training loss is above
+            ``(1 - collapse_margin)`` times the loss of predicting the training class frequencies (the chance
+            level of its loss), or when it predicts one class for every training case
+            (:func:`synthlearn.training.learning_check.check_learning`); reported, never silent.
+        retrain_collapsed: retrain a network that did not learn with the next seed, at most this many times
+            (0 = off: report only); every retry is recorded in ``model.json``.
         augment_flips: random flips along each spatial axis.
         augment_noise: Gaussian noise added to the (z-scored) images inside the brain, its standard deviation
             drawn per case from U(0, augment_noise); 0 = off. For training on synthetic cases, whose decoder
@@ -75,15 +90,20 @@ class TrainConfig:
     momentum: float = 0.99
     nesterov: bool = True
     weight_decay: float = 3e-5
-    lr_schedule: Literal["poly", "constant"] = "poly"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr_schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_epochs: float = 0.0
     grad_clip: float = 12.0
     class_weighting: Literal["none", "balanced"] = "none"
+    loss_normalisation: Literal["voxel", "case"] = "voxel"
     augment_flips: bool = True
     augment_noise: float = 0.0
     augment_intensity: float = 0.0
     bf16: bool = False
     device: str = "auto"
     checkpoint_every: int = 1
+    collapse_margin: float = 0.1
+    retrain_collapsed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -94,10 +114,20 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, found {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"train.momentum must be in [0, 1), found {self.momentum}")
-        if self.nesterov and self.momentum == 0:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"train.optimizer must be sgd or adamw, found {self.optimizer!r}")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("train.nesterov needs momentum > 0; set nesterov = false or a momentum")
-        if self.lr_schedule not in ("poly", "constant"):
-            raise ValueError(f"train.lr_schedule must be poly or constant, found {self.lr_schedule!r}")
+        if self.lr_schedule not in ("poly", "cosine", "constant"):
+            raise ValueError(f"train.lr_schedule must be poly, cosine or constant, found {self.lr_schedule!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"train.warmup_epochs must be in [0, epochs = {self.epochs}), found {self.warmup_epochs}")
+        if self.loss_normalisation not in ("voxel", "case"):
+            raise ValueError(f"train.loss_normalisation must be voxel or case, found {self.loss_normalisation!r}")
+        if not 0 <= self.collapse_margin < 1:
+            raise ValueError(f"train.collapse_margin must be in [0, 1), found {self.collapse_margin}")
+        if isinstance(self.retrain_collapsed, bool) or self.retrain_collapsed < 0:
+            raise ValueError(f"train.retrain_collapsed must be an integer >= 0, found {self.retrain_collapsed!r}")
         if self.class_weighting not in ("none", "balanced"):
             raise ValueError(f"train.class_weighting must be none or balanced, found {self.class_weighting!r}")
         if self.checkpoint_every < 1:
@@ -191,7 +221,7 @@ def voxel_targets(seg: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def voxel_loss(logits: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor,
-               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+               class_weights: torch.Tensor | None = None, normalisation: str = "voxel") -> torch.Tensor:
     """Cross-entropy over tumour voxels, each labelled with its case's class (background ignored).
 
     Args:
@@ -199,14 +229,28 @@ def voxel_loss(logits: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor,
         seg: ``(B, *spatial)``.
         targets: ``(B,)`` class per case.
         class_weights: optional ``(K,)`` weights.
+        normalisation: ``voxel``: the (class-weighted) mean over every tumour voxel of the batch; ``case``: the
+            mean over each case's tumour voxels, then the (class-weighted) mean over the cases that have a
+            tumour (:class:`TrainConfig` ``loss_normalisation``).
 
     Returns:
         Scalar loss (0 with a gradient path when the batch holds no tumour voxel).
     """
     voxels = voxel_targets(seg, targets)
-    if not (voxels != IGNORE_INDEX).any():
+    tumour = voxels != IGNORE_INDEX
+    if not tumour.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), voxels, weight=class_weights, ignore_index=IGNORE_INDEX)
+    if normalisation == "voxel":
+        return F.cross_entropy(logits.float(), voxels, weight=class_weights, ignore_index=IGNORE_INDEX)
+    if normalisation != "case":
+        raise ValueError(f"normalisation must be voxel or case, found {normalisation!r}")
+    ce = F.cross_entropy(logits.float(), voxels, ignore_index=IGNORE_INDEX, reduction="none")  # 0 off the tumour
+    counts = tumour.flatten(1).sum(1)
+    per_case = ce.flatten(1).sum(1) / counts.clamp_min(1)
+    w = (counts > 0).float()
+    if class_weights is not None:
+        w = w * class_weights.to(w.device)[targets.long()]
+    return (per_case * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def poly_lr(base_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
@@ -214,10 +258,37 @@ def poly_lr(base_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9
     return base_lr * (1.0 - min(epoch, total_epochs) / max(total_epochs, 1)) ** exponent
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD as configured (paper 000: SGD)."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int, total_epochs: int) -> float:
+    """The learning rate of step ``step`` (0-based, within the epoch) of global epoch ``epoch``.
+
+    Warm-up: linear from ``lr / W`` to ``lr`` over the first ``W = round(warmup_epochs * steps_per_epoch)``
+    steps. Then ``poly`` (per epoch, :func:`poly_lr`, as nnU-Net), ``cosine`` (per step, from ``lr`` to 0 over the
+    steps after the warm-up) or ``constant``. A function of the global step alone, so a resumed run and a FedAvg
+    site (which trains a slice of the epochs per round) follow the same curve as one uninterrupted run.
+    """
+    spe = max(int(steps_per_epoch), 1)
+    g = epoch * spe + step
+    warm = int(round(cfg.warmup_epochs * spe))
+    if g < warm:
+        return cfg.lr * (g + 1) / warm
+    if cfg.lr_schedule == "poly":
+        return poly_lr(cfg.lr, epoch, total_epochs)
+    if cfg.lr_schedule == "cosine":
+        total = max(total_epochs * spe - warm, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(g - warm, total) / total))
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optimizer``: SGD (paper 000; momentum, Nesterov) or AdamW."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
 def class_weights_for(targets: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -327,17 +398,19 @@ def train_model(
 
         bar = tqdm(total=len(epochs), desc=name, unit="epoch", leave=False)
     model.train()
+    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    lr = cfg.lr
     for epoch in epochs:
-        lr = poly_lr(cfg.lr, epoch, total_epochs) if cfg.lr_schedule == "poly" else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         order = torch.randperm(len(dataset), generator=torch_generator(seed, "order", name, epoch))
         flip_gen = torch_generator(seed, "flips", name, epoch)
         noise_gen = torch_generator(seed, "noise", name, epoch)
         intensity_gen = torch_generator(seed, "intensity", name, epoch)
         torch.manual_seed(derive_seed(seed, "dropout", name, epoch))  # dropout draws from the global RNG
         epoch_loss, n_batches = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
+        for step, start in enumerate(range(0, len(order), cfg.batch_size)):
+            lr = learning_rate(cfg, epoch, step, steps_per_epoch, total_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             idx = order[start:start + cfg.batch_size]
             images, seg = load_batch(dataset, idx.tolist())
             if cfg.augment_flips:
@@ -350,7 +423,7 @@ def train_model(
             batch_targets = targets_t[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(images)
-            loss = voxel_loss(logits, seg, batch_targets, weights)
+            loss = voxel_loss(logits, seg, batch_targets, weights, cfg.loss_normalisation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
