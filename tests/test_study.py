@@ -118,3 +118,47 @@ def test_report_of_the_tiny_run(tiny_run, capsys):
     for arm in ("centralized", "local", "fedavg"):
         assert f"| {arm}" in md
     assert "data:image/png;base64," in page  # ROC / confusion figures embedded
+
+
+def test_a_model_that_cannot_learn_is_reported_in_results_and_can_be_retrained(copy_study, tmp_path):
+    """Labels shuffled across the training sites (no signal to learn) and, at one site, a single class: the
+    learning check reports every such network in results.json per seed, and ``train.retrain_collapsed`` retrains
+    each with the next seed and records it."""
+    import csv
+
+    rng = np.random.default_rng(0)
+    for site in ("tcga", "utsw", "egd"):
+        path = copy_study / site / "labels.csv"
+        rows = list(csv.DictReader(path.open()))
+        values = [r["idh"] for r in rows]
+        values = ["mutant"] * len(values) if site == "egd" else list(rng.permutation(values))
+        for r, v in zip(rows, values):
+            r["idh"], r["tumor_type"] = v, ""
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    config = tmp_path / "shuffled.toml"
+    config.write_text(f'base = "{TINY}"\narms = ["centralized", "local"]\nseeds = [0, 1]\n'
+                      f'[train]\nretrain_collapsed = 1\n')
+    out = tmp_path / "run"
+    assert main(["study", "run", "--config", str(config), "--study", str(copy_study), "--out", str(out), "-q"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1]
+    local = results["arms"]["local"]
+    assert local["learning"]["n_networks"] == 6
+    egd = [n for n in local["learning"]["collapsed"] if n.startswith("egd:")]
+    assert egd == ["egd:idh/fold-0", "egd:idh/fold-1"]  # one class: reported on every seed
+    for arm in ("centralized", "local"):
+        block = results["arms"][arm]
+        assert block["seeds"] == [0, 1] and set(block["per_seed"]) == {"0", "1"}
+        assert block["per_seed"]["1"]["learning"]["n_networks"] == block["learning"]["n_networks"]
+        assert block["over_seeds"]["seeds_with_collapse"] and block["over_seeds"]["n_seeds"] == 2
+    model = json.loads((out / "local" / "egd" / "model" / "model.json").read_text())
+    check = model["info"]["learning_check"]["idh/fold-0"]
+    assert check["retried_seeds"] == [0, 1] and not check["learned"] and check["seed"] == 1
+    assert local["learning"]["retrained"]["egd:idh/fold-0"] == [0, 1]
+    seed1 = json.loads((out / "local" / "seeds" / "1" / "egd" / "model" / "model.json").read_text())
+    assert seed1["info"]["learning_check"]["idh/fold-0"]["retried_seeds"] == [1, 2]
+    assert main(["study", "report", str(out)]) == 0
+    assert "did not learn" in (out / "report.md").read_text()

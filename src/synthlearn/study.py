@@ -85,7 +85,14 @@ class StudyConfig:
             ``--study`` overrides it.
         task: ``idh`` or ``tumor_type``.
         arms: arms to run, in order (``centralized`` first: the others are tested against it).
-        seed: run seed (every arm uses it the same way).
+        seed: run seed (every arm uses it the same way), when ``seeds`` is empty.
+        seeds: task-model seeds: every arm's task model is trained once per seed, with the same splits, data and
+            settings (the CATphishing arm trains its generators once, with the first seed, and draws a synthetic
+            set per seed from them). The first seed is the run's primary seed: its models are the ones in
+            ``<arm>/model`` that ``evaluate`` and ``predict`` apply, and its metrics fill the arm's usual keys of
+            ``results.json``; every seed's metrics and their mean and SD come beside them. Empty = ``(seed,)``.
+            A task model's seed alone moved an arm's AUC by up to 0.18 on fixed cases (docs/benchmarks.md), so a
+            comparison between arms should be read on seed means.
         n_folds: k-fold ensemble size (paper: 5).
         train_sites, test_sites: site names that override the roles of ``study.json`` (empty = its roles),
             e.g. the paper's tumour-type experiment trains on tcga, utsw, nyu and tests on egd, uwm, ucsf,
@@ -107,6 +114,7 @@ class StudyConfig:
     task: str = "idh"
     arms: tuple[str, ...] = ("centralized", "local", "fedavg")
     seed: int = 0
+    seeds: tuple[int, ...] = ()
     n_folds: int = 5
     train_sites: tuple[str, ...] = ()
     test_sites: tuple[str, ...] = ()
@@ -132,10 +140,20 @@ class StudyConfig:
             raise ValueError(f"train_sites and test_sites overlap: {sorted(set(self.train_sites) & set(self.test_sites))}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, found {self.threads}")
+        if self.seed < 0 or any(k < 0 for k in self.seeds):
+            raise ValueError(f"seed and seeds must be >= 0, found seed = {self.seed}, seeds = {list(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must not repeat, found {list(self.seeds)}")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The task-model seeds of the run, primary first: ``seeds``, or ``(seed,)`` when it is empty."""
+        return tuple(self.seeds) or (self.seed,)
 
     @property
     def setup(self) -> TrainingSetup:
-        return TrainingSetup(task=self.task, n_folds=self.n_folds, seed=self.seed, preprocess=self.preprocess,
+        """The training setup of the primary seed (``run_seeds[0]``)."""
+        return TrainingSetup(task=self.task, n_folds=self.n_folds, seed=self.run_seeds[0], preprocess=self.preprocess,
                              model=self.model, train=self.train)
 
 
@@ -179,10 +197,11 @@ def resolve_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str) -> dict[str, Any]:
-    """What must match for a complete arm to be reused: the training setup, the arm's own settings and
-    the data (by content)."""
-    d = to_dict(cfg.setup)
+def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str,
+                        setup: TrainingSetup | None = None) -> dict[str, Any]:
+    """What must match for a complete arm to be reused: the training setup (of its seed; default the primary
+    seed's), the arm's own settings and the data (by content)."""
+    d = to_dict(setup or cfg.setup)
     if arm == "fedavg":
         d["fedavg"] = to_dict(cfg.fedavg)
     if arm == "catphishing":
@@ -239,38 +258,126 @@ def predict_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRe
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def seed_dir(out: str | Path, arm: str, seed_index: int, seed: int) -> Path:
+    """The folder of ``arm`` trained with the run's ``seed_index``-th seed: ``out/<arm>`` for the primary seed,
+    ``out/<arm>/seeds/<seed>`` for the others."""
+    return Path(out) / arm if seed_index == 0 else Path(out) / arm / "seeds" / str(seed)
+
+
+def _arm_block(models: dict[str, dict], arm: str, test_sites: list[str], task, cfg: StudyConfig,
+               reference: dict | None, n_bootstrap: int) -> dict[str, Any]:
+    """The metrics block of one arm's models (one seed): one model's, or the mean over a local arm's site models
+    with each model's own block under ``site_models``."""
+    blocks = {label: metrics_block(p, test_sites, task, reference=reference, reference_name=REFERENCE_ARM,
+                                   n_bootstrap=n_bootstrap, ci=cfg.evaluate.ci, seed=cfg.seed)
+              for label, p in models.items()}
+    if list(blocks) == [arm]:
+        return blocks[arm]
+    block = mean_block(blocks, REFERENCE_ARM)
+    block["site_models"] = blocks
+    return block
+
+
+SEED_METRICS = ("acc", "sen", "spe", "auc")
+
+
+def _seed_entry(block: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """What ``per_seed`` keeps of one seed's block: per-site and combined metrics (no confusion matrices), the
+    site models' combined metrics, and the learning check's summary."""
+    keep = ("acc", "sen", "spe", "auc", "auc_ci", "n")
+    entry: dict[str, Any] = {"test": {site: {k: m.get(k) for k in keep} for site, m in block["test"].items()}}
+    if "site_models" in block:
+        entry["site_models"] = {label: {"test": {"combined": {k: b["test"]["combined"].get(k) for k in keep}}}
+                                for label, b in block["site_models"].items()}
+    entry["learning"] = info.get("extra", {}).get("learning")
+    return entry
+
+
+def _over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean, SD (n - 1), min and max over seeds of each combined metric (seeds where it is defined)."""
+    out: dict[str, Any] = {}
+    for metric in SEED_METRICS:
+        vals = [e["test"]["combined"][metric] for e in per_seed.values() if e["test"]["combined"].get(metric) is not None]
+        out[metric] = ({"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                        "min": float(min(vals)), "max": float(max(vals)), "n": len(vals)} if vals else None)
+    collapsed = [k for k, e in per_seed.items() if (e.get("learning") or {}).get("n_collapsed")]
+    out["seeds_with_collapse"] = collapsed
+    out["n_seeds"] = len(per_seed)
+    return out
+
+
+def paired_seed_comparison(arm_aucs: dict[str, float], reference_aucs: dict[str, float]) -> dict[str, Any] | None:
+    """An arm's combined AUC against the reference arm's over the seeds both ran: the mean and SD of the per-seed
+    difference (arm - reference) and a paired t-test over seeds (scipy ``ttest_rel``; None with fewer than two
+    seeds or no spread). Returns None without a common seed."""
+    from scipy import stats
+
+    common = sorted(set(arm_aucs) & set(reference_aucs), key=int)
+    pairs = [(arm_aucs[k], reference_aucs[k]) for k in common if arm_aucs[k] is not None and reference_aucs[k] is not None]
+    if not pairs:
+        return None
+    diff = np.array([a - r for a, r in pairs])
+    p = None
+    if len(diff) > 1 and np.std(diff) > 0:
+        p = float(stats.ttest_rel([a for a, _ in pairs], [r for _, r in pairs]).pvalue)
+    return {"reference": REFERENCE_ARM, "seeds": [int(k) for k in common], "auc_difference_mean": float(diff.mean()),
+            "auc_difference_sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "paired_t_p": p,
+            "arm_auc_mean": float(np.mean([a for a, _ in pairs])),
+            "reference_auc_mean": float(np.mean([r for _, r in pairs]))}
+
+
 def build_results(cfg: StudyConfig, out: str | Path) -> dict:
-    """Assemble ``results.json`` (and the figures) from the complete arms' folders."""
+    """Assemble ``results.json`` (and the figures) from the complete arms' folders.
+
+    Every arm's usual keys hold its primary seed's results; ``seeds``, ``per_seed`` (combined and per-site metrics
+    and the learning check of every complete seed), ``over_seeds`` (mean, SD, min, max of each combined metric,
+    and the seeds with a network that did not learn) and, for every arm but the reference,
+    ``vs_reference_over_seeds`` (:func:`paired_seed_comparison`) are added."""
     out = Path(out)
     task = get_task(cfg.task)
+    seeds = cfg.run_seeds
     arm_infos, preds = {}, {}
+    seed_preds: dict[str, dict[int, tuple[dict, dict]]] = {}
     for arm in cfg.arms:
         info_path = out / arm / "arm.json"
         if info_path.is_file():
             arm_infos[arm] = json.loads(info_path.read_text())
             preds[arm] = read_predictions(out / arm / "predictions.csv", task.class_names)
+            seed_preds[arm] = {seeds[0]: (arm_infos[arm], preds[arm])}
+            for i, k in enumerate(seeds[1:], start=1):
+                d = seed_dir(out, arm, i, k)
+                if (d / "arm.json").is_file():
+                    seed_preds[arm][k] = (json.loads((d / "arm.json").read_text()),
+                                          read_predictions(d / "predictions.csv", task.class_names))
     test_sites = json.loads((out / "splits.json").read_text())["test"] if (out / "splits.json").is_file() else []
     reference = None
     if REFERENCE_ARM in preds:
         reference = next(iter(preds[REFERENCE_ARM].values()))
     results: dict[str, Any] = {"task": cfg.task, "class_names": list(task.class_names), "test_sites": test_sites,
-                               "reference_arm": REFERENCE_ARM, "arms": {}}
+                               "reference_arm": REFERENCE_ARM, "seeds": list(seeds), "arms": {}}
     for arm, info in arm_infos.items():
-        models = preds[arm]
         ref = reference if arm != REFERENCE_ARM else None
-        blocks = {label: metrics_block(p, test_sites, task, reference=ref, reference_name=REFERENCE_ARM,
-                                       n_bootstrap=cfg.evaluate.n_bootstrap, ci=cfg.evaluate.ci, seed=cfg.seed)
-                  for label, p in models.items()}
-        if list(blocks) == [arm]:
-            block = blocks[arm]
-        else:
-            block = mean_block(blocks, REFERENCE_ARM)
-            block["site_models"] = blocks
+        block = _arm_block(preds[arm], arm, test_sites, task, cfg, ref, cfg.evaluate.n_bootstrap)
         block.update({"bytes_from_sites": int(info["bytes_from_sites"]), "rounds": int(info["rounds"]),
                       "wall_s": float(info["wall_s"]), "models": info["models"]})
         for k, v in info.get("extra", {}).items():
             block.setdefault(k, v)
+        per_seed = {str(seeds[0]): _seed_entry(block, info)}
+        for k, (k_info, k_preds) in seed_preds[arm].items():
+            if k != seeds[0]:
+                k_block = _arm_block(k_preds, arm, test_sites, task, cfg, None, cfg.evaluate.n_bootstrap)
+                per_seed[str(k)] = _seed_entry(k_block, k_info)
+        block["seeds"] = [int(k) for k in per_seed]
+        block["per_seed"] = per_seed
+        block["over_seeds"] = _over_seeds(per_seed)
         results["arms"][arm] = block
+    ref_block = results["arms"].get(REFERENCE_ARM)
+    if ref_block is not None:
+        ref_aucs = {k: e["test"]["combined"]["auc"] for k, e in ref_block["per_seed"].items()}
+        for arm, block in results["arms"].items():
+            if arm != REFERENCE_ARM:
+                block["vs_reference_over_seeds"] = paired_seed_comparison(
+                    {k: e["test"]["combined"]["auc"] for k, e in block["per_seed"].items()}, ref_aucs)
     results = json_safe(results)
     write_json(out / "results.json", results)
     if cfg.evaluate.figures and preds:
@@ -317,6 +424,74 @@ def _split_sites(study, cfg: StudyConfig):
     return train, test
 
 
+def learning_of(models: dict[str, TaskModel]) -> dict[str, Any]:
+    """One arm's learning checks (``model.json`` ``info["learning_summary"]`` of each of its models) together:
+    ``{"n_networks", "n_collapsed", "collapsed": ["<model>:<network>" | "<network>"], "retrained": {...},
+    "checked": bool}`` (``checked`` False when a model carries no check)."""
+    summaries = {label: m.info.get("learning_summary") for label, m in models.items()}
+    several = len(models) > 1
+    out: dict[str, Any] = {"n_networks": 0, "n_collapsed": 0, "collapsed": [], "retrained": {},
+                           "checked": all(v is not None for v in summaries.values())}
+    for label, summary in summaries.items():
+        if summary is None:
+            continue
+        prefix = f"{label}:" if several else ""
+        out["n_networks"] += summary["n_networks"]
+        out["n_collapsed"] += summary["n_collapsed"]
+        out["collapsed"] += [prefix + n for n in summary["collapsed"]]
+        out["retrained"].update({prefix + n: v for n, v in summary.get("retrained", {}).items()})
+    return out
+
+
+def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, train_sites, train_cases, test_cases,
+                  fingerprint: dict[str, Any], cache: DatasetCache, *, progress: bool, force: bool) -> None:
+    """Train and apply ``arm`` with the run's ``index``-th seed in :func:`seed_dir` (skipped when complete)."""
+    import shutil
+
+    from synthlearn.runinfo import data_fingerprint, write_run_info
+
+    arm_dir = seed_dir(out, arm, index, seed)
+    done = arm_dir / "arm.json"
+    setup = dataclasses.replace(cfg.setup, seed=seed)
+    signature = _training_signature(cfg, arm, fingerprint["sha256"], setup)
+    what = arm if index == 0 else f"{arm} (seed {seed})"
+    if done.is_file() and not force:
+        saved = json.loads(done.read_text()).get("signature")
+        if saved != signature:
+            raise ValueError(f"arm {what} in {out} was run with other settings or data; use a new --out, "
+                             f"--force, or remove {arm_dir}")
+        log.info("arm %s: complete in %s, skipped", what, arm_dir)
+        return
+    if done.is_file() and force:
+        shutil.rmtree(arm_dir)
+    log.info("arm %s: training on %d cases of %d sites", what, len(train_cases), len(train_sites))
+    t0 = time.perf_counter()
+    write_run_info(arm_dir, config=cfg, seed=seed, fingerprint=data_fingerprint(train_cases),
+                   extra={"arm": arm, "seed_index": index})
+    ctx = ArmContext(name=arm, setup=setup, train_sites=train_sites, arm_dir=arm_dir, config=cfg, cache=cache,
+                     progress=progress, primary_dir=None if index == 0 else out / arm)
+    output = resolve_arm(arm)(ctx)
+    if not output.models:
+        raise ValueError(f"arm {what} returned no model")
+    model_dirs = {}
+    for label, model in output.models.items():
+        mdir = arm_dir / "model" if label == arm else arm_dir / label / "model"
+        if not (mdir / "model.json").is_file():
+            model.save(mdir)
+        model_dirs[label] = str(mdir.relative_to(out))
+    learning = learning_of(output.models)
+    if learning["n_collapsed"]:
+        log.warning("arm %s: %d of %d networks did not learn (%s); see model.json's learning_check", what,
+                    learning["n_collapsed"], learning["n_networks"], ", ".join(learning["collapsed"]))
+    rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
+    atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, get_task(cfg.task).class_names))
+    wall = time.perf_counter() - t0
+    write_json(done, json_safe({"arm": arm, "seed": seed, "models": model_dirs,
+                                "bytes_from_sites": output.bytes_from_sites, "rounds": output.rounds, "wall_s": wall,
+                                "extra": {"learning": learning, **output.extra}, "signature": signature}))
+    log.info("arm %s: done in %.0f s", what, wall)
+
+
 # ------------------------------------------------------------------------------------------------ runner
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force: bool = False) -> dict:
     """Run every arm of ``cfg`` into ``out`` and return the results (also ``out/results.json``).
@@ -331,8 +506,6 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
         ValueError: no training or test sites, structural problems in the study, an arm already complete
             with different settings, an unknown arm.
     """
-    import shutil
-
     from synthlearn.data.layouts import open_study
     from synthlearn.runinfo import data_fingerprint, write_run_info
 
@@ -359,48 +532,19 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     test_cases = [c for s in test_sites for c in s.cases]
     fingerprint = data_fingerprint(train_cases + test_cases)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, config=cfg, seed=cfg.seed, fingerprint=fingerprint,
-                   extra={"study": str(Path(cfg.study).resolve())})
+    write_run_info(out, config=cfg, seed=cfg.run_seeds[0], fingerprint=fingerprint,
+                   extra={"study": str(Path(cfg.study).resolve()), "seeds": list(cfg.run_seeds)})
     write_json(out / "splits.json", {"train": [s.name for s in train_sites], "test": [s.name for s in test_sites],
                                      "n_folds": cfg.n_folds})
     cache = DatasetCache(cfg.preprocess)
+    seeds = cfg.run_seeds
     for arm in cfg.arms:
-        arm_dir = out / arm
-        done = arm_dir / "arm.json"
-        signature = _training_signature(cfg, arm, fingerprint["sha256"])
-        if done.is_file() and not force:
-            saved = json.loads(done.read_text()).get("signature")
-            if saved != signature:
-                raise ValueError(f"arm {arm} in {out} was run with other settings or data; use a new --out, "
-                                 f"--force, or remove {arm_dir}")
-            log.info("arm %s: complete in %s, skipped", arm, arm_dir)
-            continue
-        if done.is_file() and force:
-            shutil.rmtree(arm_dir)
-        log.info("arm %s: training on %d cases of %d sites", arm, len(train_cases), len(train_sites))
-        t0 = time.perf_counter()
-        write_run_info(arm_dir, config=cfg, seed=cfg.seed, fingerprint=data_fingerprint(train_cases),
-                       extra={"arm": arm})
-        ctx = ArmContext(name=arm, setup=cfg.setup, train_sites=train_sites, arm_dir=arm_dir, config=cfg,
-                         cache=cache, progress=progress)
-        output = resolve_arm(arm)(ctx)
-        if not output.models:
-            raise ValueError(f"arm {arm} returned no model")
-        model_dirs = {}
-        for label, model in output.models.items():
-            mdir = arm_dir / "model" if label == arm else arm_dir / label / "model"
-            if not (mdir / "model.json").is_file():
-                model.save(mdir)
-            model_dirs[label] = str(mdir.relative_to(out))
-        rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
-        atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, get_task(cfg.task).class_names))
-        wall = time.perf_counter() - t0
-        write_json(done, json_safe({"arm": arm, "models": model_dirs, "bytes_from_sites": output.bytes_from_sites,
-                                 "rounds": output.rounds, "wall_s": wall, "extra": output.extra,
-                                 "signature": signature}))
-        log.info("arm %s: done in %.0f s", arm, wall)
+        for index, seed in enumerate(seeds):
+            _run_arm_seed(cfg, arm, index, seed, out, train_sites, train_cases, test_cases, fingerprint, cache,
+                          progress=progress, force=force)
     return build_results(cfg, out)
 
 
-__all__ = ["ARMS", "EvaluationConfig", "StudyConfig", "build_results", "load_study_config", "read_predictions",
-           "register_arm", "resolve_arm", "run_study", "ConfigError"]
+__all__ = ["ARMS", "EvaluationConfig", "StudyConfig", "build_results", "learning_of", "load_study_config",
+           "paired_seed_comparison", "read_predictions", "register_arm", "resolve_arm", "run_study", "seed_dir",
+           "ConfigError"]

@@ -47,6 +47,25 @@ def format_summary(results: dict) -> str:
         lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
         for site, sub in block.get("site_models", {}).items():
             lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": float("nan")}))
+    seeds = results.get("seeds") or []
+    if len(seeds) > 1:
+        lines[0] += f"; the rows are the primary seed's ({seeds[0]})"
+    lines += ["", f"over task-model seeds {', '.join(map(str, seeds))}:" if seeds else "over task-model seeds:",
+              f"{'arm':<22}{'AUC mean':>9}{'SD':>7}{'min':>7}{'max':>7}  {'seeds':<12}{'not learned':<24}"
+              f"{'AUC - centralized (paired t p)'}"]
+    for arm, block in results["arms"].items():
+        over = block.get("over_seeds") or {}
+        auc = over.get("auc") or {}
+        vs = block.get("vs_reference_over_seeds")
+        vs_text = "-"
+        if vs:
+            vs_text = f"{vs['auc_difference_mean']:+.3f} +/- {vs['auc_difference_sd']:.3f}"
+            vs_text += f" (p {vs['paired_t_p']:.3g})" if vs.get("paired_t_p") is not None else ""
+        seeds_text = ",".join(str(k) for k in block.get("seeds", [])) or "-"
+        collapsed = over.get("seeds_with_collapse")
+        collapsed_text = (f"{len(collapsed)} of {over.get('n_seeds', 0)} seeds" if collapsed is not None else "-")
+        lines.append(f"{arm:<22}{fmt(auc.get('mean'), 9)}{fmt(auc.get('sd'))}{fmt(auc.get('min'))}{fmt(auc.get('max'))}"
+                     f"  {seeds_text:<12}{collapsed_text:<24}{vs_text}")
     return "\n".join(lines)
 
 

@@ -164,9 +164,12 @@ def _comparison(doc: _Doc, results: dict) -> None:
                      _num(arm.get("mcnemar_p_vs_centralized")), _bytes(arm.get("bytes_from_sites")),
                      _num(arm.get("rounds")), _duration(arm.get("wall_s"))])
     doc.table(header, rows)
+    seeds = results.get("seeds") or []
     doc.p("ACC, SEN, SPE at the 0.5 threshold; AUC with a bootstrap 95 % confidence interval. McNemar's test "
           "compares each arm's correct/incorrect calls with centralized training on the same cases. "
-          "Bytes from sites: what crossed the site boundary, measured on the messages or files.")
+          "Bytes from sites: what crossed the site boundary, measured on the messages or files."
+          + (f" These figures are the primary seed's ({seeds[0]})." if len(seeds) > 1 else ""))
+    _over_seeds_table(doc, arms, names)
     sites = _test_sites(arms)
     if sites:
         doc.h(2, "AUC per test site")
@@ -178,6 +181,41 @@ def _comparison(doc: _Doc, results: dict) -> None:
             test = arms[name].get("test") or {}
             rows.append([name, *("/".join(_num(test.get(s, {}).get(m), 2) for m in METRICS) for s in sites)])
         doc.table(["arm", *sites], rows)
+
+
+def _mean_sd(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    return f"{_num(stat.get('mean'))} ± {_num(stat.get('sd'))}"
+
+
+def _over_seeds_table(doc: _Doc, arms: dict, names: list[str]) -> None:
+    """Each arm's combined metrics as mean ± SD over its seeds, the seeds it ran, how many had a network that did not
+    learn, and its AUC against centralized on the seeds both ran (paired t-test over seeds)."""
+    if not any(arms[n].get("over_seeds") for n in names):
+        return
+    doc.h(2, "Over task-model seeds (mean ± SD)")
+    rows = []
+    for name in names:
+        arm = arms[name]
+        over = arm.get("over_seeds") or {}
+        learning = [((arm.get("per_seed") or {}).get(str(k)) or {}).get("learning") or {} for k in arm.get("seeds", [])]
+        not_learned = sum(x.get("n_collapsed", 0) for x in learning)
+        networks = sum(x.get("n_networks", 0) for x in learning)
+        vs = arm.get("vs_reference_over_seeds")
+        vs_text = "-"
+        if vs:
+            vs_text = f"{vs['auc_difference_mean']:+.3f} ± {_num(vs['auc_difference_sd'])}"
+            if vs.get("paired_t_p") is not None:
+                vs_text += f" (paired t p = {_num(vs['paired_t_p'])})"
+        rows.append([name, ", ".join(str(k) for k in arm.get("seeds", [])), *(_mean_sd(over.get(m)) for m in METRICS),
+                     _mean_sd(over.get("auc")), f"{len(over.get('seeds_with_collapse') or [])} of {over.get('n_seeds', 0)}"
+                     + (f" ({not_learned} of {networks} networks)" if networks else ""), vs_text])
+    doc.table(["arm", "seeds", *(f"{m.upper()}" for m in METRICS), "AUC", "seeds with a network that did not learn",
+               "AUC - centralized (same seeds)"], rows)
+    doc.p("A network did not learn when its final training loss stayed within the configured margin of the loss's "
+          "chance level or it called every training case the same class (model.json, learning_check); such a "
+          "model is counted here, never dropped. The local arm's value per seed is the mean over its site models.")
 
 
 def _flat_table(doc: _Doc, title: str, block: Any) -> None:

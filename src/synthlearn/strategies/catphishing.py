@@ -551,14 +551,25 @@ def run(ctx: ArmContext) -> ArmOutput:
             raise ValueError(f"catphishing: training site {s.name} has no folder; every site trains its generator "
                              f"on its own folder")
 
-    # 1. at each site: privacy holdout, then the generator on the remaining cases
+    # 1. at each site: privacy holdout, then the generator on the remaining cases. A further seed of a multi-seed
+    # run (ctx.primary_dir) reuses the primary seed's holdout and generators: only the synthetic draw and the task
+    # model depend on the seed.
+    primary = ctx.primary_dir
     members, holdout = {}, {}
     for name, site in sites.items():
+        if primary is not None:
+            split = json.loads((primary / "holdout" / f"{name}.json").read_text())
+            members[name], holdout[name] = list(split["members"]), list(split["holdout"])
+            continue
         members[name], holdout[name] = privacy_holdout(site, cfg.holdout_fraction, label, seed)
         write_json(arm_dir / "holdout" / f"{name}.json",
                    {"site": name, "fraction": cfg.holdout_fraction, "members": members[name],
                     "holdout": holdout[name], "note": "stays at the site: the privacy audit's non-members"})
-    artifacts = {name: arm_dir / "artifacts" / name for name in sites}
+    artifacts = {name: (primary or arm_dir) / "artifacts" / name for name in sites}
+    if primary is not None:
+        missing = [str(a) for a in artifacts.values() if not (a / "manifest.json").is_file()]
+        if missing:
+            raise ValueError(f"catphishing (seed {seed}): the primary seed's generator artifacts are missing: {missing}")
     jobs = {name: (str(sites[name].path), gcfg, str(artifacts[name]), seed, members[name], cfg.threads_per_site)
             for name in sites if not (artifacts[name] / "manifest.json").is_file()}
     log.info("catphishing: training %d site generator(s) (%d already done)", len(jobs), len(sites) - len(jobs))
@@ -622,7 +633,9 @@ def run(ctx: ArmContext) -> ArmOutput:
         "stage_wall_s": {"site_generators": generator_wall, "synthesis_and_filter": synthesis_wall,
                          "task_model": task_wall},
     }
-    if cfg.audit:
+    if primary is not None:
+        extra["audits"] = f"run once, with the primary seed's synthetic cases ({primary})"
+    if cfg.audit and primary is None:
         t0 = time.perf_counter()
         controls: dict[str, tuple[list[str], list[CaseRecord]]] = {}
         failed: dict[str, str] = {}
