@@ -71,6 +71,10 @@ def test_guidance_changes_samples_and_scale_factor_divides(model):
     base = _sample(model, 1, guidance_scale=1.0)
     assert not torch.allclose(base, _sample(model, 1, guidance_scale=4.0))
     torch.testing.assert_close(_sample(model, 1, guidance_scale=1.0, scale_factor=2.0), base / 2.0)
+    channels = base.shape[1]
+    scale, shift = torch.arange(1.0, channels + 1), torch.linspace(-1, 1, channels)
+    per_channel = _sample(model, 1, guidance_scale=1.0, scale_factor=scale, shift=shift)
+    torch.testing.assert_close(per_channel, base / scale.view(1, -1, 1, 1, 1) + shift.view(1, -1, 1, 1, 1))
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it(model, monkeypatch):

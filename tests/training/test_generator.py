@@ -108,6 +108,34 @@ def test_latent_scale_factor():
         latent_scale_factor(torch.zeros(2, 1, 2, 2, 2), torch.zeros(2, 1, 2, 2, 2), torch.Generator())
 
 
+def test_latent_normalisation_per_channel_and_global():
+    from synthlearn.training.generator import latent_normalisation, latent_norm_tensors
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(32, 3, 4, 4, 4, generator=g) * torch.tensor([0.1, 1.0, 5.0]).view(1, 3, 1, 1, 1)
+    mu = mu + torch.tensor([2.0, 0.0, -1.0]).view(1, 3, 1, 1, 1)
+    sigma = torch.zeros_like(mu)
+    norm = latent_normalisation(mu, sigma, torch.Generator().manual_seed(1), "channel")
+    shift, scale = latent_norm_tensors(norm, 3)
+    z = (mu - shift.view(1, 3, 1, 1, 1)) * scale.view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(z.transpose(0, 1).flatten(1).std(1), torch.ones(3), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(z.transpose(0, 1).flatten(1).mean(1), torch.zeros(3), rtol=1e-3, atol=1e-3)
+    assert norm["latent_channel_std"][2] / norm["latent_channel_std"][0] == pytest.approx(50, rel=0.1)
+    glob = latent_normalisation(mu, sigma, torch.Generator().manual_seed(1), "global")
+    assert glob["latent_shift"] == [0.0] * 3 and len(set(glob["latent_scale"])) == 1
+    assert glob["latent_scale"][0] == pytest.approx(glob["latent_scale_factor"])
+    # an artifact written before per-channel scaling: its one factor for every channel, no shift
+    shift, scale = latent_norm_tensors({"latent_scale_factor": 0.5}, 3)
+    assert shift.tolist() == [0.0] * 3 and scale.tolist() == [0.5] * 3
+    for bad in ({"latent_shift": [0.0] * 2, "latent_scale": [1.0] * 3}, {"latent_shift": [0.0] * 3,
+                "latent_scale": [1.0, 0.0, 1.0]}, {"latent_shift": ["a"] * 3, "latent_scale": [1.0] * 3},
+                {"latent_scale_factor": float("nan")}, {"latent_scale_factor": None}):
+        with pytest.raises(ValueError, match="latent_"):
+            latent_norm_tensors(bad, 3)
+    with pytest.raises(ValueError, match="did not train"):
+        latent_normalisation(torch.zeros(2, 2, 2, 2, 2), torch.zeros(2, 2, 2, 2, 2), torch.Generator(), "channel")
+
+
 def test_fp16_needs_cuda():
     from synthlearn.training.generator import setup_runtime
 
@@ -239,6 +267,26 @@ def test_latent_tumour_map_follows_encode_sites_order_and_weighted_mse_normalise
     assert float(weighted_mse(pred, target, w)) < float(weighted_mse(pred, target, None))
     with pytest.raises(ValueError, match="tumour_weight"):
         DiffusionConfig(tumour_weight=0.0)
+    with pytest.raises(ValueError, match="tumour_weighting"):
+        DiffusionConfig(tumour_weighting="x")
+    with pytest.raises(ValueError, match="latent_scaling"):
+        DiffusionConfig(latent_scaling="x")
+
+
+def test_case_tumour_weighting_gives_every_tumour_the_same_total():
+    from synthlearn.training.generator import latent_tumour_map
+
+    x = torch.zeros(3, 5, 16, 16, 16)
+    x[0, 4, 0:8, 0:8, 0:8] = 1.0   # a large tumour: 8 latent positions of a 4^3 grid
+    x[1, 4, 0:2, 0:2, 0:2] = 1.0   # a small one: 1 position
+    touched = latent_tumour_map(x, (4, 4, 4), flips=False)
+    assert touched.flatten(1).sum(1).tolist() == [8.0, 1.0, 0.0]
+    case = latent_tumour_map(x, (4, 4, 4), flips=False, mode="case")
+    totals = case.flatten(1).sum(1)
+    assert totals[0] == pytest.approx(4.5) and totals[1] == pytest.approx(4.5) and totals[2] == 0  # mean of 8 and 1
+    assert torch.equal(case > 0, touched > 0)  # the same positions
+    with pytest.raises(ValueError, match="mode"):
+        latent_tumour_map(x, (4, 4, 4), flips=False, mode="x")
 
 
 def test_diffusion_trains_with_a_tumour_weighted_loss_and_checks_the_map(tmp_path):

@@ -110,7 +110,11 @@ class SuperResolution(nn.Module):
         return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
     def refine(self, up: torch.Tensor) -> torch.Tensor:
-        """The UNet residual step on an already resampled ``(B, C, x, y, z)`` volume or patch."""
+        """The UNet residual step on an already resampled ``(B, C, x, y, z)`` volume or patch. An untrained module
+        (``superres.epochs = 0``: its residual head is still exactly zero) is the identity, and the UNet is not run
+        outside training (at inference, e.g. sampling, it would cost a UNet pass for nothing)."""
+        if not torch.is_grad_enabled() and not (self.head.weight.any() or self.head.bias.any()):
+            return up
         return up + self.head(self.unet(up))
 
     def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:

@@ -187,6 +187,14 @@ class LoadedGenerator:
     def class_names(self) -> list[str]:
         return list(self.manifest["class_names"])
 
+    @property
+    def latent_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, scale)`` ``(C,)`` each: the diffusion model saw ``(z - shift) * scale``
+        (:func:`synthlearn.training.generator.latent_norm_tensors`)."""
+        from synthlearn.training.generator import latent_norm_tensors
+
+        return latent_norm_tensors(self.manifest, self.cfg.autoencoder.latent_channels)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, latent_channels, *latent_shape)`` at the autoencoder's scale -> ``(B, 5, *shape)``; ``classes``

@@ -223,6 +223,7 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
     for c in names:
         if c not in classes:
             log.warning("class %s: no training case at this site; no %s cases are generated", c, c)
+    latent_shift, latent_scale = gen_model.latent_norm
     affine = centred_affine(cfg.shape, manifest["voxel_size_mm"])
     total = per_class * len(classes)
 
@@ -246,7 +247,7 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
                 latents = sample_latents(
                     gen_model.diffusion, cfg.diffusion, labels,
                     cfg.latent_shape, cfg.autoencoder.latent_channels, generator=generator,
-                    scale_factor=float(manifest["latent_scale_factor"]), num_inference_steps=steps,
+                    scale_factor=latent_scale, shift=latent_shift, num_inference_steps=steps,
                     guidance_scale=guidance, scheduler=scheduler, eta=sampling.eta,
                     guidance_interval=interval)  # type: ignore[arg-type]
                 decoded = gen_model.decode(latents, labels).float().cpu().numpy()

@@ -11,7 +11,7 @@ DDIM (Song et al. 2021, deterministic with ``eta = 0``) or DDPM (Ho et al. 2020)
         eps   = eps_u + g * (eps_c - eps_u)             (g = 1: purely conditional; g applies only while
                                                          t / T lies in the guidance interval, 1 outside it)
         x_{t-1} = scheduler.step(eps, t, x_t)           (DDPM draws its noise from the same generator)
-    return x_0 / scale_factor                            (back to the autoencoder's latent scale)
+    return x_0 / scale_factor + shift                    (back to the autoencoder's latent scale; per channel)
 
 Same generator state, same samples.
 """
@@ -61,7 +61,8 @@ def sample_latents(
     latent_channels: int,
     *,
     generator: torch.Generator,
-    scale_factor: float = 1.0,
+    scale_factor: float | torch.Tensor = 1.0,
+    shift: torch.Tensor | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     scheduler: Literal["ddim", "ddpm"] = "ddim",
@@ -79,7 +80,9 @@ def sample_latents(
         latent_shape: spatial latent shape ``(x, y, z)``.
         latent_channels: latent channels ``C``.
         generator: every random draw comes from it (initial noise; DDPM / DDIM-eta>0 step noise).
-        scale_factor: the latent scale used in training; the result is divided by it.
+        scale_factor: the latent scale used in training, one number or one per channel ``(C,)``; the result is
+            divided by it.
+        shift: ``(C,)`` per-channel shift subtracted in training (None = 0); added back after the division.
         num_inference_steps: DDIM steps (DDPM: must equal T for the exact ancestral sampler; fewer steps
             use MONAI's strided DDPM).
         guidance_scale: classifier-free guidance ``g`` (>= 0).
@@ -127,4 +130,9 @@ def sample_latents(
             x, _ = sched.step(eps, int(t), x, eta=eta, generator=generator)
         else:
             x, _ = sched.step(eps, int(t), x, generator=generator)
-    return x / scale_factor
+    if isinstance(scale_factor, torch.Tensor) and scale_factor.ndim == 1:
+        scale_factor = scale_factor.to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+    x = x / scale_factor
+    if shift is not None:
+        x = x + shift.to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+    return x

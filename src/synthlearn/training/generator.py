@@ -622,21 +622,95 @@ def encode_site(ae: GeneratorAutoencoder, x: torch.Tensor, rt: Runtime, flips: b
     return torch.cat(mus), torch.cat(sigmas)
 
 
-def latent_tumour_map(x: torch.Tensor, latent_shape: Sequence[int], flips: bool) -> torch.Tensor:
-    """Where the tumour lies on the latent grid, in :func:`encode_site`'s order.
+def latent_tumour_map(x: torch.Tensor, latent_shape: Sequence[int], flips: bool,
+                      mode: Literal["touched", "case"] = "touched") -> torch.Tensor:
+    """Where the tumour lies on the latent grid, in :func:`encode_site`'s order: what the diffusion loss weighs
+    ``diffusion.tumour_weight`` times more (``weight = 1 + (tumour_weight - 1) * map``).
 
     Args:
         x: ``(N, 5, *shape)`` generator tensors (mask channel last).
         latent_shape: the latent grid ``(x, y, z)``.
         flips: also the left-right flipped copies (``N' = 2N``), as ``encode_site(flips=True)``.
+        mode: ``touched``: 1 at every position the average-pooled mask is > 0 (a tumour's share of the loss grows
+            with its size); ``case``: the same positions, each case's scaled by ``T / n_i`` (``n_i`` its touched
+            positions, ``T`` the mean of ``n_i`` over the cases with a tumour), so every case's tumour carries
+            the same total weight (``diffusion.tumour_weighting``).
 
     Returns:
-        ``(N', 1, *latent_shape)`` float: 1 where the average-pooled mask is > 0, else 0.
+        ``(N', 1, *latent_shape)`` float, 0 off the tumour.
     """
     variants = [x, x.flip(-3)] if flips else [x]
     mask = torch.cat([v[:, MASK_CHANNEL:MASK_CHANNEL + 1].float() for v in variants])
     pooled = F.adaptive_avg_pool3d(mask, tuple(int(s) for s in latent_shape))
-    return (pooled > 0).float()
+    touched = (pooled > 0).float()
+    if mode == "touched":
+        return touched
+    if mode != "case":
+        raise ValueError(f"mode must be touched or case, found {mode!r}")
+    counts = touched.flatten(1).sum(1)
+    has = counts > 0
+    if not has.any():
+        return touched
+    per_case = torch.where(has, counts[has].mean() / counts.clamp_min(1), torch.zeros_like(counts))
+    return touched * per_case.view(-1, 1, 1, 1, 1)
+
+
+def latent_normalisation(mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator,
+                         mode: Literal["global", "channel"]) -> dict[str, Any]:
+    """How latents are brought to unit scale for the diffusion model (``diffusion.latent_scaling``).
+
+    From reparameterised latents ``z = mu + sigma * eps`` ``(N, C, *latent)``: ``global``: shift 0 and the single
+    factor ``1 / std(z)`` for every channel (Rombach et al. 2022); ``channel``: shift ``mean_c(z)`` and factor
+    ``1 / std_c(z)`` per channel. The diffusion model sees ``(z - shift) * scale``; sampling returns
+    ``x / scale + shift``.
+
+    Returns:
+        ``{"latent_scale_factor": 1 / std(z) (the global factor, always), "latent_shift": [C],
+        "latent_scale": [C], "latent_channel_mean": [C], "latent_channel_std": [C]}`` (the manifest's keys).
+
+    Raises:
+        ValueError: a channel (or the whole latent) has no spread: the autoencoder did not train.
+    """
+    z = mu + sigma * torch.randn(mu.shape, generator=generator)
+    per_channel = z.transpose(0, 1).flatten(1)
+    mean, std = per_channel.mean(1).double(), per_channel.std(1).double()
+    factor = latent_scale_factor(mu, sigma, generator)  # a fresh draw of eps: the same figure as before this option
+    if mode == "global":
+        shift, scale = torch.zeros_like(mean), torch.full_like(mean, factor)
+    elif mode == "channel":
+        if not torch.isfinite(std).all() or (std <= 0).any():
+            raise ValueError(f"latent channels have standard deviations {std.tolist()}; the autoencoder did not train")
+        shift, scale = mean, 1.0 / std
+    else:
+        raise ValueError(f"mode must be global or channel, found {mode!r}")
+    return {"latent_scale_factor": factor, "latent_shift": shift.tolist(), "latent_scale": scale.tolist(),
+            "latent_channel_mean": mean.tolist(), "latent_channel_std": std.tolist()}
+
+
+def latent_norm_tensors(manifest: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, scale)``, each ``(C,)`` float32, of an artifact's manifest: its ``latent_shift`` and ``latent_scale``
+    when it has them, else (artifacts written before per-channel scaling) shift 0 and ``latent_scale_factor``.
+
+    Raises:
+        ValueError: the values are missing, not ``channels`` long, not finite, or the scale is not positive.
+    """
+    if "latent_scale" in manifest or "latent_shift" in manifest:
+        shift, scale = manifest.get("latent_shift"), manifest.get("latent_scale")
+    else:
+        factor = manifest.get("latent_scale_factor")
+        shift, scale = [0.0] * channels, [factor] * channels
+    try:
+        shift_t = torch.tensor(shift, dtype=torch.float32)
+        scale_t = torch.tensor(scale, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"latent_shift / latent_scale must be lists of {channels} numbers, found {shift!r} and "
+                         f"{scale!r}") from exc
+    if shift_t.shape != (channels,) or scale_t.shape != (channels,):
+        raise ValueError(f"latent_shift and latent_scale must hold {channels} values (one per latent channel), found "
+                         f"{list(shift_t.shape)} and {list(scale_t.shape)}")
+    if not (torch.isfinite(shift_t).all() and torch.isfinite(scale_t).all()) or (scale_t <= 0).any():
+        raise ValueError(f"latent_shift must be finite and latent_scale finite and > 0, found {shift} and {scale}")
+    return shift_t, scale_t
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -682,7 +756,9 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
     for p in list(ae.ae.quant_conv_mu.parameters()) + list(ae.ae.quant_conv_log_sigma.parameters()):
         p.requires_grad_(False)
     run = rt.wrap(trainable)
-    ssim = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
+    from synthlearn.synthesis.cases import INTENSITY_CEIL
+
+    ssim = SSIMLoss(spatial_dims=3, data_range=INTENSITY_CEIL, win_size=7)  # the generator scale spans [0, 1.5]
     n = x.shape[0]
     for epoch in range(start, scfg.epochs):
         gen = torch_generator(seed, "superres", epoch)
@@ -763,12 +839,18 @@ def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) ->
 
 
 def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
-                     scale: float, cfg: GeneratorConfig, rt: Runtime, *, seed: int, ckpt: Path,
-                     progress: bool, tumour: torch.Tensor | None = None,
+                     scale: float | tuple[torch.Tensor, torch.Tensor], cfg: GeneratorConfig, rt: Runtime, *,
+                     seed: int, ckpt: Path, progress: bool, tumour: torch.Tensor | None = None,
                      ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor] | None]:
     """Stage 3: DDPM noise (or velocity) prediction on scaled latents; ``classes`` -1 = unknown (trained as the
-    null class). ``tumour``: :func:`latent_tumour_map` of the same latents; with ``diffusion.tumour_weight``
-    != 1 its positions weigh that much more in the loss (ignored when None)."""
+    null class). ``scale``: one factor, or ``(shift, scale)`` per channel ``(C,)`` each (the model sees
+    ``(z - shift) * scale``; :func:`latent_normalisation`). ``tumour``: :func:`latent_tumour_map` of the same
+    latents; with ``diffusion.tumour_weight`` != 1 the loss at each position is weighted ``1 + (tumour_weight - 1)
+    * map`` (ignored when None)."""
+    if isinstance(scale, tuple):
+        shift_c, scale_c = (t.float().view(1, -1, *([1] * (mu.dim() - 2))) for t in scale)
+    else:
+        shift_c, scale_c = torch.zeros(()), torch.tensor(float(scale))
     dcfg = cfg.diffusion
     opt = torch.optim.AdamW(model.parameters(), lr=dcfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
@@ -804,7 +886,7 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
         count = 0
         batches = _batches(n, dcfg.batch_size, gen, rt)
         for idx in _progress(batches, len(batches), f"diffusion {epoch + 1}/{dcfg.epochs}", progress):
-            z = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=gen)) * scale
+            z = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=gen) - shift_c) * scale_c
             noise = torch.randn(z.shape, generator=gen)
             t = torch.randint(0, dcfg.num_train_timesteps, (z.shape[0],), generator=gen)
             cls = drop_labels(targets[idx], dcfg.label_dropout, null, gen)
@@ -966,11 +1048,14 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
                                             progress=progress, classes=data.class_index)
     mu, sigma = encode_site(ae, data.x, rt, flips=cfg.augment_flip)
     classes = torch.cat([data.class_index] * (2 if cfg.augment_flip else 1))
-    scale = latent_scale_factor(mu, sigma, torch_generator(seed, "latent-scale"))
-    log.info("latent scale factor %.4f (latent std %.4f)", scale, 1 / scale)
-    tumour = latent_tumour_map(data.x, cfg.latent_shape, flips=cfg.augment_flip)
-    histories["diffusion"], ema = _train_diffusion(dm, mu, sigma, classes, scale, cfg, rt, seed=seed,
-                                                   ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour)
+    norm = latent_normalisation(mu, sigma, torch_generator(seed, "latent-scale"), cfg.diffusion.latent_scaling)
+    log.info("latents: global scale factor %.4f; per channel mean %s, std %s (%s scaling)",
+             norm["latent_scale_factor"], [round(v, 3) for v in norm["latent_channel_mean"]],
+             [round(v, 3) for v in norm["latent_channel_std"]], cfg.diffusion.latent_scaling)
+    tumour = latent_tumour_map(data.x, cfg.latent_shape, flips=cfg.augment_flip, mode=cfg.diffusion.tumour_weighting)
+    histories["diffusion"], ema = _train_diffusion(
+        dm, mu, sigma, classes, (torch.tensor(norm["latent_shift"]), torch.tensor(norm["latent_scale"])), cfg, rt,
+        seed=seed, ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour)
     if not rt.is_main:
         rt.barrier()
         return out
@@ -1002,7 +1087,7 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
         "working_shape": list(ae.working_shape),
         "latent_shape": list(cfg.latent_shape),
         "latent_channels": cfg.autoencoder.latent_channels,
-        "latent_scale_factor": scale,
+        **norm,
         "voxel_size_mm": list(data.voxel_size),
         "intensity_scale": "per sequence, z-scored over the brain at the case's resolution, fitted to the grid, "
                            "then brain 0.5th/99.5th percentiles -> 0.2/1.0, clipped to [0.2, 1.5]; "

@@ -117,8 +117,8 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     ckpt = out / "memorising.pt"
     ckpt.unlink(missing_ok=True)  # a control is cheap: start over rather than resume a different one
     gen.diffusion.train()
-    history, _ = _train_diffusion(gen.diffusion, mu, sigma, classes, float(manifest["latent_scale_factor"]),
-                                  tuned, rt, seed=seed, ckpt=ckpt, progress=progress)
+    history, _ = _train_diffusion(gen.diffusion, mu, sigma, classes, gen.latent_norm, tuned, rt, seed=seed,
+                                  ckpt=ckpt, progress=progress)
     ckpt.unlink(missing_ok=True)
     names = cfg.class_names
     counts = {name: int((data.class_index == i).sum()) for i, name in enumerate(names)}
