@@ -68,12 +68,21 @@ def load_nifti(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarr
     return data, affine
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: Path, writer) -> None:
+    """Write ``path`` through a temporary sibling (``writer(tmp)``) renamed into place; the file ends with the mode
+    a plain ``open(path, "w")`` would give it (0666 minus the umask), not the temporary file's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
