@@ -183,3 +183,26 @@ def test_random_intensity_keeps_background_order_and_seed():
     assert torch.allclose(random_intensity(images, 1e-6, torch_generator(1, "x")), images, atol=1e-4)
     with pytest.raises(ValueError, match="augment_intensity"):
         TrainConfig(augment_intensity=1.5)
+
+
+def test_parallel_networks_train_the_same_weights_as_one_after_another(tiny_study, tmp_path):
+    """train.parallel_networks = 2: the two folds train in two single-thread worker processes and give the
+    weights (and learning checks) of training them one after another on one thread."""
+    import json
+    from pathlib import Path
+
+    from synthlearn.data.layouts import open_study
+    from synthlearn.study import load_study_config
+    from synthlearn.strategies.base import train_task_model
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cfg = load_study_config(configs / "study_tiny.toml", {"study": str(tiny_study)})
+    cases = [c for s in open_study(tiny_study).sites_with_role("train") for c in s.cases]
+    one = train_task_model(cases, cfg.setup, tmp_path / "one", progress=False)
+    setup = dataclasses.replace(cfg.setup, train=dataclasses.replace(cfg.setup.train, parallel_networks=2))
+    two = train_task_model(cases, setup, tmp_path / "two", progress=False)
+    for name, net in one.networks.items():
+        for (k, a), b in zip(net.state_dict().items(), two.networks[name].state_dict().values()):
+            torch.testing.assert_close(a, b, msg=f"{name} {k}")
+    assert one.info["learning_check"] == two.info["learning_check"]
+    assert json.loads((tmp_path / "two" / "model" / "model.json").read_text())["info"]["learning_summary"]["n_networks"] == 2

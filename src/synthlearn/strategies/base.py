@@ -294,7 +294,7 @@ class TaskModel:
 
 
 def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int], stage: Stage, ckpt_dir: Path, *,
-                   progress: bool, label: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+                   progress: bool, label: str, on_epoch=None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train network ``name`` from its initialisation, check that it learned
     (:func:`synthlearn.training.learning_check.check_learning`) and, with ``train.retrain_collapsed = n``, train
     it again from the next seeds' initialisations (``seed + 1``, ``seed + 2``... up to ``n`` times) until one
@@ -306,7 +306,7 @@ def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int],
         net = init_model(run_setup, name)
         ckpt = ckpt_dir / f"{name}{suffix}.pt"
         outcome = train_model(net, dataset, targets, setup.train, seed=run_setup.seed, name=name, checkpoint_path=ckpt,
-                              progress=progress, num_classes=stage.num_classes)
+                              progress=progress, num_classes=stage.num_classes, on_epoch=on_epoch)
         check = check_learning(net, dataset, targets, outcome.losses, setup.train, stage.num_classes,
                                stage.class_names)
         check.update(seed=run_setup.seed, losses=outcome.losses)
@@ -325,6 +325,74 @@ def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int],
     return net, check
 
 
+class ArrayCases:
+    """Preprocessed cases held as ``(image (4, X, Y, Z), seg (X, Y, Z))`` arrays: ``len`` and ``arrays(i)``, what the
+    trainer reads. It pickles, so a worker process trains on exactly the arrays the parent preprocessed."""
+
+    def __init__(self, items: list[tuple[np.ndarray, np.ndarray]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.items[index]
+
+
+def _network_worker(setup: TrainingSetup, name: str, cases: ArrayCases, targets: list[int], ckpt_dir: str, label: str,
+                    epochs_done) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Runs in its own process (one torch thread): :func:`_train_checked` of one network; reports each epoch on
+    the ``epochs_done`` queue."""
+    from synthlearn.runtime import configure_threads
+
+    configure_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    stage = setup.task_spec.stage(split_name(name)[0])
+    net, check = _train_checked(setup, name, cases, targets, stage, Path(ckpt_dir), progress=False, label=label,
+                                on_epoch=lambda *_: epochs_done.put(1))
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, check
+
+
+def _train_in_parallel(setup: TrainingSetup, jobs: dict[str, tuple[Any, list[int]]], ckpt_dir: Path, *,
+                       progress: bool, label: str) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
+    """Train the networks of ``jobs`` (name -> (dataset, targets)) in ``train.parallel_networks`` worker processes,
+    each with one torch thread, with one progress bar over all their epochs."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from queue import Empty
+
+    from tqdm.auto import tqdm
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = min(setup.train.parallel_networks, len(jobs))
+    out: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = {}
+        for name, (dataset, targets) in jobs.items():
+            cases = ArrayCases([dataset.arrays(i) for i in range(len(dataset))])
+            futures[pool.submit(_network_worker, setup, name, cases, targets, str(ckpt_dir), label, queue)] = name
+        bar = tqdm(total=len(jobs) * setup.train.epochs, desc=f"{label or 'task model'}: {len(jobs)} networks",
+                   unit="epoch", disable=not progress, leave=False)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            try:
+                while True:
+                    queue.get_nowait()
+                    bar.update(1)
+            except Empty:
+                pass
+            for fut in done:
+                name = futures[fut]
+                state, check = fut.result()
+                net = init_model(setup, name)
+                net.load_state_dict(state)
+                out[name] = (net, check)
+        bar.close()
+    return out
+
+
 def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir: str | Path, *,
                      cache: DatasetCache | None = None, progress: bool = True,
                      label: str = "") -> TaskModel:
@@ -332,7 +400,10 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
 
     This is what the centralized arm does with the training sites' real cases, a local arm with one
     site's, and a synthetic-data arm (CATphishing) with the synthetic cases. Resumable: finished
-    networks are kept in ``work_dir/checkpoints`` and a rerun continues where it stopped.
+    networks are kept in ``work_dir/checkpoints`` and a rerun continues where it stopped. After training, every
+    network's learning check (:func:`synthlearn.training.learning_check.check_learning`) goes into ``model.json``
+    (``info["learning_check"]`` and ``info["learning_summary"]``). With ``train.parallel_networks > 1`` the
+    networks (folds, stages) train at the same time in that many worker processes of one torch thread each.
 
     Args:
         cases: training cases (unknown labels are masked per stage).
@@ -346,10 +417,12 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
         The trained :class:`TaskModel` (also saved to ``work_dir/model``).
     """
     work_dir = Path(work_dir)
+    ckpt_dir = work_dir / "checkpoints"
     cache = cache or DatasetCache(setup.preprocess)
     data = stage_data(cases, setup)
-    networks = {}
+    networks: dict[str, torch.nn.Module] = {}
     info: dict[str, Any] = {"training_cases": {}, "learning_check": {}}
+    todo: dict[str, tuple[Any, list[int]]] = {}
     for name in model_names(setup):
         stage, fold = split_name(name)
         sd = data[stage]
@@ -362,24 +435,33 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
             log.warning("%s %s: training cases hold a single class (%s)", label, name,
                         sd.stage.class_names[targets[0]])
         dataset = cache.dataset([sd.cases[i] for i in idx])
-        done_path = work_dir / "checkpoints" / f"{name}.done.pt"
-        check_path = work_dir / "checkpoints" / f"{name}.done.json"
+        info["training_cases"][name] = len(idx)
+        done_path = ckpt_dir / f"{name}.done.pt"
+        check_path = ckpt_dir / f"{name}.done.json"
         if done_path.is_file():
             net = init_model(setup, name)
             net.load_state_dict(torch.load(done_path, map_location="cpu", weights_only=True))
             check = json.loads(check_path.read_text()) if check_path.is_file() else check_learning(
                 net, dataset, targets, None, setup.train, sd.stage.num_classes, sd.stage.class_names)
+            networks[name], info["learning_check"][name] = net, check
         else:
-            net, check = _train_checked(setup, name, dataset, targets, sd.stage, work_dir / "checkpoints",
-                                        progress=progress, label=label)
-            done_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = done_path.with_suffix(".tmp")
-            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-            tmp.replace(done_path)
-            write_json(check_path, check)
-        networks[name] = net.cpu().eval()
-        info["training_cases"][name] = len(idx)
-        info["learning_check"][name] = check
+            todo[name] = (dataset, targets)
+    if len(todo) > 1 and setup.train.parallel_networks > 1:
+        trained = _train_in_parallel(setup, todo, ckpt_dir, progress=progress, label=label)
+    else:
+        trained = {name: _train_checked(setup, name, dataset, targets, setup.task_spec.stage(split_name(name)[0]),
+                                        ckpt_dir, progress=progress, label=label)
+                   for name, (dataset, targets) in todo.items()}
+    for name, (net, check) in trained.items():
+        done_path = ckpt_dir / f"{name}.done.pt"
+        done_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done_path.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+        tmp.replace(done_path)
+        write_json(ckpt_dir / f"{name}.done.json", check)
+        networks[name], info["learning_check"][name] = net, check
+    networks = {name: networks[name].cpu().eval() for name in model_names(setup)}
+    info["learning_check"] = {name: info["learning_check"][name] for name in model_names(setup)}
     info["learning_summary"] = summarise_checks(info["learning_check"])
     model = TaskModel(setup, networks, info)
     model.save(work_dir / "model")

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,7 +66,13 @@ class TrainConfig:
             level of its loss), or when it predicts one class for every training case
             (:func:`synthlearn.training.learning_check.check_learning`); reported, never silent.
         retrain_collapsed: retrain a network that did not learn with the next seed, at most this many times
-            (0 = off: report only); every retry is recorded in ``model.json``.
+            (0 = off: report only); every retry is recorded in ``model.json``. Arms that train with
+            ``train_task_model`` (centralized, local, catphishing) retry; a FedAvg federation is reported, not re-run.
+        parallel_networks: train this many of a task model's networks (its folds and stages) at the same time,
+            each in its own process with one torch thread (1 = one after another in the calling process, with its
+            threads). On two cores, two single-thread processes train about 1.5x as many networks per hour as one
+            two-thread process (docs/benchmarks.md, section 20); the weights differ from a sequential run only by
+            floating-point summation order.
         augment_flips: random flips along each spatial axis.
         augment_noise: Gaussian noise added to the (z-scored) images inside the brain, its standard deviation
             drawn per case from U(0, augment_noise); 0 = off. For training on synthetic cases, whose decoder
@@ -104,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     collapse_margin: float = 0.1
     retrain_collapsed: int = 0
+    parallel_networks: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -128,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"train.collapse_margin must be in [0, 1), found {self.collapse_margin}")
         if isinstance(self.retrain_collapsed, bool) or self.retrain_collapsed < 0:
             raise ValueError(f"train.retrain_collapsed must be an integer >= 0, found {self.retrain_collapsed!r}")
+        if isinstance(self.parallel_networks, bool) or self.parallel_networks < 1:
+            raise ValueError(f"train.parallel_networks must be an integer >= 1, found {self.parallel_networks!r}")
         if self.class_weighting not in ("none", "balanced"):
             raise ValueError(f"train.class_weighting must be none or balanced, found {self.class_weighting!r}")
         if self.checkpoint_every < 1:
@@ -332,6 +341,7 @@ def train_model(
     checkpoint_path: str | Path | None = None,
     progress: bool = True,
     num_classes: int | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainOutcome:
     """Train ``model`` in place on labelled cases for epochs ``[start_epoch, stop_epoch)``.
 
@@ -351,6 +361,7 @@ def train_model(
         checkpoint_path: resumable checkpoint; when it exists (same ``name``), training continues from it.
         progress: show a tqdm bar.
         num_classes: K (for class weighting; default: from the model's output on the first batch).
+        on_epoch: called as ``on_epoch(epoch, mean_loss)`` after every epoch (e.g. a worker's progress report).
 
     Returns:
         :class:`TrainOutcome`.
@@ -441,6 +452,8 @@ def train_model(
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
         log.debug("%s epoch %d loss %.4f lr %.3g", name, epoch, losses[-1], lr)
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
         done = epoch + 1
         if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == stop_epoch):
             save_checkpoint(checkpoint_path, {"name": name, "epoch": done, "model": model.state_dict(),
