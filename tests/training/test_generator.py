@@ -310,3 +310,35 @@ def test_diffusion_trains_with_a_tumour_weighted_loss_and_checks_the_map(tmp_pat
     with pytest.raises(ValueError, match="tumour map"):
         _train_diffusion(model, mu, sigma, classes, 1.0, cfg, rt, seed=0, ckpt=tmp_path / "e.pt", progress=False,
                          tumour=tumour[:, :, :2])
+
+
+def test_filled_background_has_no_step_at_the_brain_edge_and_a_brain_channel(tiny_study):
+    """``background = "filled"``: outside the brain each sequence holds the nearest brain voxel's value, a sixth
+    channel is the brain mask, and inside the brain nothing changes."""
+    import numpy as np
+
+    from synthlearn.data.layouts import open_study
+    from synthlearn.synthesis.cases import postprocess_sample
+    from synthlearn.training.generator import fill_background, load_site_tensors
+
+    cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
+    filled_cfg = dataclasses.replace(cfg, background="filled")
+    assert (cfg.channels, filled_cfg.channels) == (5, 6)
+    cases = tuple(open_study(tiny_study).site("tcga").cases[:2])
+    zero, filled = load_site_tensors(cases, cfg).x.numpy(), load_site_tensors(cases, filled_cfg).x.numpy()
+    assert filled.shape[1] == 6
+    for z, f in zip(zero, filled):
+        brain = (z[:4] > 0).any(0)
+        np.testing.assert_array_equal(f[5] > 0.5, brain)
+        np.testing.assert_array_equal(f[:5][:, brain], z[:5][:, brain])
+        assert (f[:4][:, ~brain] >= 0.2).all()  # no voxel of the background at 0: no edge to draw
+        np.testing.assert_array_equal(f[4], z[4])
+        case = postprocess_sample(f)  # the brain comes from the sixth channel, the background is 0 again
+        np.testing.assert_array_equal(case.images.any(0), brain)
+        assert case.tumour_voxels == int((z[4] > 0.5).sum())
+    img = np.zeros((1, 5, 1, 1), np.float32)
+    img[0, 1:3, 0, 0] = [3.0, 7.0]
+    out = fill_background(img, img[0] > 0)
+    assert out[0, :, 0, 0].tolist() == [3.0, 3.0, 7.0, 7.0, 7.0]
+    with pytest.raises(ValueError, match="background"):
+        dataclasses.replace(cfg, background="x")

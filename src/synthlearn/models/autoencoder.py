@@ -36,9 +36,11 @@ from synthlearn.data.contract import SEQUENCES
 
 log = logging.getLogger(__name__)
 
-#: channels of the generator's working tensor: the four sequences, then the whole-tumour mask
+#: channels of the generator's working tensor: the four sequences, then the whole-tumour mask (a generator with
+#: ``background = "filled"`` adds the brain mask as a sixth channel, :data:`BRAIN_CHANNEL`)
 GENERATOR_CHANNELS = 5
 MASK_CHANNEL = 4
+BRAIN_CHANNEL = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,21 +229,23 @@ class GeneratorAutoencoder(nn.Module):
         num_classes: K, the classes of the class-conditional decoder (needed when
             ``cfg.class_conditional_decoder``; its ``(K, latent_channels)`` vectors are the parameter
             ``ae.class_vectors``, so they travel in the autoencoder's state dict).
+        in_channels: channels of the generator tensor (5; 6 with the brain mask of ``background = "filled"``).
 
-    Shapes:
-        ``encode``: ``(B, 5, *shape)`` -> ``mu, sigma`` each ``(B, latent_channels, *latent_shape)``;
-        ``decode``: ``(B, latent_channels, *latent_shape)`` (+ ``(B,)`` classes) -> ``(B, 5, *working_shape)``;
-        ``to_working``: ``(B, 5, *shape)`` -> ``(B, 5, *working_shape)``.
+    Shapes (C = ``in_channels``):
+        ``encode``: ``(B, C, *shape)`` -> ``mu, sigma`` each ``(B, latent_channels, *latent_shape)``;
+        ``decode``: ``(B, latent_channels, *latent_shape)`` (+ ``(B,)`` classes) -> ``(B, C, *working_shape)``;
+        ``to_working``: ``(B, C, *shape)`` -> ``(B, C, *working_shape)``.
     """
 
     def __init__(self, cfg: AutoencoderConfig, shape: Sequence[int], latent_shape: Sequence[int],
-                 num_classes: int = 0):
+                 num_classes: int = 0, in_channels: int = GENERATOR_CHANNELS):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.working_shape = working_shape(self.shape, self.latent_shape, cfg)
         self.latent_channels = cfg.latent_channels
-        self.ae = build_autoencoder(cfg)
+        self.in_channels = int(in_channels)
+        self.ae = build_autoencoder(cfg, in_channels)
         if cfg.class_conditional_decoder:
             if num_classes < 1:
                 raise ValueError(f"autoencoder.class_conditional_decoder needs the number of classes, found "

@@ -224,8 +224,8 @@ def load_generator(artifact_dir: str | Path, device: str | torch.device = "cpu")
         cfg = from_dict(GeneratorConfig, config)
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root / MANIFEST}: 'config' is not a valid generator config ({exc})") from exc
-    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(cfg.class_names))
-    sr = SuperResolution(cfg.superres, cfg.shape)
+    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(cfg.class_names), cfg.channels)
+    sr = SuperResolution(cfg.superres, cfg.shape, cfg.channels)
     dm = ClassConditionedUNet(cfg.diffusion, cfg.autoencoder.latent_channels, len(cfg.class_names))
     for module, name in ((ae.ae, "autoencoder.safetensors"), (sr, "superres.safetensors"),
                          (dm, "diffusion.safetensors")):

@@ -105,7 +105,9 @@ def postprocess_sample(decoded: np.ndarray, *, mask_threshold: float = 0.5,
     """Split the mask channel off a decoded sample, threshold it, keep the largest tumour component.
 
     Args:
-        decoded: ``(5, X, Y, Z)``: four sequences in the generator scale, then the whole-tumour mask.
+        decoded: ``(5, X, Y, Z)``: four sequences in the generator scale, then the whole-tumour mask; or
+            ``(6, X, Y, Z)`` with the brain mask last (a ``background = "filled"`` generator): the brain is then that
+            channel above 0.5 (largest component, holes filled) and ``brain_threshold`` is not used.
         mask_threshold: threshold of the mask channel.
         brain_threshold: threshold of the mean of the four sequences that separates brain from background.
             At half the floor (0.1, the earlier default) the decoder's blurred edge joined the brain: 7-10 %
@@ -113,12 +115,16 @@ def postprocess_sample(decoded: np.ndarray, *, mask_threshold: float = 0.5,
             z-score subtracts, shifting every tumour (docs/benchmarks.md, section 17).
     """
     decoded = np.asarray(decoded, dtype=np.float32)
-    if decoded.ndim != 4 or decoded.shape[0] != len(SEQUENCES) + 1:
-        raise ValueError(f"decoded sample must be (5, X, Y, Z) (4 sequences + mask), found shape {decoded.shape}")
+    if decoded.ndim != 4 or decoded.shape[0] not in (len(SEQUENCES) + 1, len(SEQUENCES) + 2):
+        raise ValueError(f"decoded sample must be (5, X, Y, Z) (4 sequences + tumour mask) or (6, X, Y, Z) (+ brain "
+                         f"mask), found shape {decoded.shape}")
     if not np.isfinite(decoded).all():
         raise ValueError("decoded sample holds NaN or inf values")
     images = np.clip(decoded[: len(SEQUENCES)], 0.0, INTENSITY_CEIL)
-    brain = largest_component(images.mean(axis=0) > brain_threshold)
+    if decoded.shape[0] == len(SEQUENCES) + 2:
+        brain = largest_component(decoded[len(SEQUENCES) + 1] > 0.5)
+    else:
+        brain = largest_component(images.mean(axis=0) > brain_threshold)
     brain = ndimage.binary_fill_holes(brain)
     tumour_raw = (decoded[len(SEQUENCES)] > mask_threshold) & brain
     n_components = count_components(tumour_raw)
@@ -282,6 +288,8 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
             "label": cfg.label, "per_class": per_class, "seed": seed, "scheduler": scheduler, "steps": steps,
             "guidance_scale": guidance, "guidance_interval": list(interval), "eta": sampling.eta,
             "mask_threshold": sampling.mask_threshold, "brain_threshold": sampling.brain_threshold,
+            "brain_from": "brain mask channel > 0.5" if cfg.background == "filled" else "mean of the sequences > "
+                          "brain_threshold",
             "seg_value": SYNTHETIC_TUMOUR_LABEL, "classes": summary,
             "wall_time_s": round(time.perf_counter() - t0, 1)})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the site folder is meant to be shared
