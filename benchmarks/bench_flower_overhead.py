@@ -36,10 +36,15 @@ def main() -> None:
 
     from synthlearn.data.layouts import open_study
     from synthlearn.data.preprocess import PreprocessConfig
-    from synthlearn.federated.simulation import run_fedavg_simulation
+    from synthlearn.federated.simulation import run_protocol_simulation
     from synthlearn.models.classifier import ClassifierConfig
-    from synthlearn.strategies.base import DatasetCache, TrainingSetup
-    from synthlearn.strategies.fedavg import FedAvgConfig, run_rounds_inprocess
+    from synthlearn.strategies.fedavg import (
+        FedAvgConfig,
+        FedAvgProtocol,
+        run_rounds_inprocess,
+    )
+    from synthlearn.tasks.cache import DatasetCache
+    from synthlearn.tasks.setup import TrainingSetup
     from synthlearn.training.trainer import TrainConfig
 
     torch.set_num_threads(1)
@@ -56,7 +61,7 @@ def main() -> None:
         plain = run_rounds_inprocess(sites, setup, cfg, Path(tmp) / "plain", cache=DatasetCache(setup.preprocess))
         plain_total = time.perf_counter() - t0
         t0 = time.perf_counter()
-        flower = run_fedavg_simulation(sites, setup, cfg, Path(tmp) / "flower", progress=False)
+        flower = run_protocol_simulation(FedAvgProtocol(setup, cfg), sites, Path(tmp) / "flower", progress=False)
         flower_total = time.perf_counter() - t0
     p = [h["wall_s"] for h in plain.history]
     f = [h["wall_s"] for h in flower.history]

@@ -58,7 +58,12 @@ def main() -> None:
 
     from synthlearn.models.classifier import ClassifierConfig, build_classifier
     from synthlearn.runtime import configure_threads
-    from synthlearn.training.trainer import TrainConfig, load_batch, train_model, voxel_loss
+    from synthlearn.training.trainer import (
+        TrainConfig,
+        load_batch,
+        train_model,
+        voxel_loss,
+    )
 
     if args.blas_unlimited:  # reproduce the spinning OpenBLAS pool (docs/benchmarks.md)
         torch.set_num_threads(args.threads)
@@ -68,8 +73,8 @@ def main() -> None:
     if args.study:
         from synthlearn.data.layouts import open_study
         from synthlearn.data.preprocess import PreprocessConfig
-        from synthlearn.strategies.base import DatasetCache
         from synthlearn.tasks import get_task
+        from synthlearn.tasks.cache import DatasetCache
 
         site = open_study(args.study).sites_with_role("train")[0]
         cases = [c for c in site.cases if c.labels.idh is not None][: args.cases]

@@ -46,7 +46,7 @@ def main() -> None:
     study = open_study(args.study)
     by_id = {s.name: {c.case_id: c for c in s.cases} for s in study.sites if s.name in sites}
     synthetic = {site: privacy_attack_set(list(open_study(synthetic_dir / site).sites[0].cases),
-                                          cfg.catphishing.privacy_n_synthetic, cfg.seed, site) for site in sites}
+                                          cfg.arm_config("catphishing").privacy_n_synthetic, cfg.seed, site) for site in sites}
     results = {}
     for site in sites:
         split = json.loads((holdout_dir / f"{site}.json").read_text())

@@ -175,7 +175,7 @@ def blurred_test_auc(model_dir: Path, study_dir: Path, sigmas) -> dict[str, floa
     from synthlearn.data.datasets import CaseDataset
     from synthlearn.data.layouts import open_study
     from synthlearn.evaluate.classification import roc_auc
-    from synthlearn.strategies.base import TaskModel
+    from synthlearn.tasks.model import TaskModel
 
     model = TaskModel.load(model_dir)
     cases = [c for s in open_study(study_dir).sites if s.role == "test" for c in s.cases]
@@ -280,8 +280,8 @@ def main(argv=None) -> list[dict]:
     real_model = args.out / "runs" / "real" / "centralized" / "model"
     if (real_model / "model.json").is_file():
         from synthlearn.data.layouts import open_study
-        from synthlearn.strategies.base import TaskModel
         from synthlearn.strategies.catphishing import recognition_audit
+        from synthlearn.tasks.model import TaskModel
 
         model = TaskModel.load(real_model)
         for row in rows:

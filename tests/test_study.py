@@ -62,7 +62,7 @@ def test_results_schema(tiny_run):
 
 def test_saved_model_reloads_and_reproduces_predictions(tiny_run, tiny_study):
     from synthlearn.data.layouts import open_study
-    from synthlearn.strategies.base import TaskModel
+    from synthlearn.tasks.model import TaskModel
 
     out, _ = tiny_run
     model = TaskModel.load(out / "centralized" / "model")
@@ -162,3 +162,45 @@ def test_a_model_that_cannot_learn_is_reported_in_results_and_can_be_retrained(c
     assert seed1["info"]["learning_check"]["idh/fold-0"]["retried_seeds"] == [1, 2]
     assert main(["study", "report", str(out)]) == 0
     assert "did not learn" in (out / "report.md").read_text()
+
+
+def test_a_toy_arm_defined_in_the_test_runs_through_study_run(tiny_study, tmp_path, monkeypatch):
+    """An arm needs no change to the package: declared here with its own config table and a need, it runs through
+    `synthlearn study run`, gets its settings and the folder of the arm it needs, and its unknown keys are refused."""
+    import dataclasses
+
+    from synthlearn.config import ConfigError
+    from synthlearn.strategies import registry
+    from synthlearn.strategies.base import ArmOutput
+    from synthlearn.tasks.model import train_task_model
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        site: str = "tcga"
+        note: str = ""
+
+    def run(ctx):
+        site = next(s for s in ctx.train_sites if s.name == ctx.arm_config.site)
+        model = train_task_model(site.cases, ctx.setup, ctx.arm_dir, cache=ctx.cache, progress=False)
+        return ArmOutput(models={ctx.name: model}, bytes_from_sites=0, rounds=0,
+                         extra={"note": ctx.arm_config.note, "needed": sorted(ctx.needed),
+                                "reads": str(ctx.needed["centralized"].name)})
+
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+    registry.register_arm(registry.ArmSpec(name="toy", run=run, config=ToyConfig, needs=("centralized",)))
+    config = tmp_path / "toy.toml"
+    config.write_text(f'base = "{TINY}"\narms = ["centralized", "toy"]\n[toy]\nsite = "utsw"\nnote = "hello"\n')
+    out = tmp_path / "run"
+    assert main(["study", "run", "--config", str(config), "--study", str(tiny_study), "--out", str(out), "-q"]) == 0
+    toy = json.loads((out / "results.json").read_text())["arms"]["toy"]
+    assert toy["note"] == "hello" and toy["needed"] == ["centralized"] and toy["reads"] == "centralized"
+    assert toy["mcnemar_p_vs_centralized"] is not None and set(toy["test"]) == {"nyu", "ucsf", "combined"}
+    assert json.loads((out / "config.json").read_text())["toy"] == {"site": "utsw", "note": "hello"}
+    model = json.loads((out / "toy" / "model" / "model.json").read_text())
+    assert sum(model["info"]["training_cases"].values()) < 12  # one site's cases, two folds
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'base = "{TINY}"\narms = ["toy"]\n[toy]\nsiet = "utsw"\n')
+    with pytest.raises(ConfigError, match="toy.siet"):
+        load_study_config(bad)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_study_config(bad, {"nosuch": {"a": 1}})

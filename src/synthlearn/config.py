@@ -122,14 +122,16 @@ def from_dict(cls: type[T], data: dict[str, Any], *, _prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` table by table (nested dicts merge; any other value replaces)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_tables(out[k], v)
         else:
             out[k] = v
     return out
+
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -145,7 +147,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: 'base' must be a path string, found {base!r}")
-        data = _merge(read_toml(path.parent / base), data)
+        data = merge_tables(read_toml(path.parent / base), data)
     return data
 
 
@@ -158,7 +160,7 @@ def load_toml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None =
     """
     data = read_toml(path)
     if overrides:
-        data = _merge(data, overrides)
+        data = merge_tables(data, overrides)
     try:
         return from_dict(cls, data)
     except ValueError as exc:  # ConfigError from the key/type checks, ValueError from a dataclass's own checks

@@ -17,15 +17,15 @@ Resumable: an arm whose folder holds ``arm.json`` is complete and is skipped on 
 that it was run with the same training settings and data); an interrupted arm resumes from its
 checkpoints. ``results.json`` is rebuilt from the arms' saved predictions on every run.
 
-Arms plug in by name: :data:`ARMS` maps a name to a module with ``run(ctx: ArmContext) -> ArmOutput``;
-an unknown name ``x`` is looked up as ``synthlearn.strategies.x``, so a new strategy needs no change here.
+Arms plug in through :mod:`synthlearn.strategies.registry`: each declares its name, ``run(ctx) -> ArmOutput``,
+its config dataclass (read from its own table of the study config) and the arms it needs; this module has no
+branch on any arm's name, so a new strategy needs no change here.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import io
 import json
 import logging
@@ -36,27 +36,22 @@ from typing import Any
 
 import numpy as np
 
-from synthlearn.config import ConfigError, load_toml, to_dict
+from synthlearn.config import ConfigError, from_dict, merge_tables, read_toml, to_dict
 from synthlearn.data.contract import CaseRecord
 from synthlearn.data.io import atomic_write_text, json_safe, write_json
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.evaluate.external import mean_block, metrics_block
+from synthlearn.federated.simulation import run_protocol_simulation
 from synthlearn.models.classifier import ClassifierConfig
-from synthlearn.strategies.base import ArmContext, ArmOutput, DatasetCache, TaskModel, TrainingSetup
-from synthlearn.strategies.catphishing import CatphishingConfig
-from synthlearn.strategies.fedavg import FedAvgConfig
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import all_arms, get_arm, register_arm
 from synthlearn.tasks import get_task
+from synthlearn.tasks.cache import DatasetCache
+from synthlearn.tasks.model import TaskModel
+from synthlearn.tasks.setup import TrainingSetup
 from synthlearn.training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
-
-#: arm name -> module (or "module:function") implementing ``run(ctx) -> ArmOutput``
-ARMS: dict[str, str] = {
-    "centralized": "synthlearn.strategies.centralized",
-    "local": "synthlearn.strategies.local",
-    "fedavg": "synthlearn.strategies.fedavg",
-    "catphishing": "synthlearn.strategies.catphishing",
-}
 
 REFERENCE_ARM = "centralized"
 
@@ -104,10 +99,10 @@ class StudyConfig:
         preprocess: preprocessing (``[preprocess]``).
         model: task network (``[model]``).
         train: task-model training (``[train]``).
-        fedavg: FedAvg arm (``[fedavg]``).
-        catphishing: CATphishing arm (``[catphishing]``: generator config, cases per class, filter, audits).
         evaluate: evaluation (``[evaluate]``).
         arm_options: free tables for arms registered elsewhere (``[arm_options.<arm>]``), parsed by the arm.
+        arm_configs: each arm's own settings, by arm name (:meth:`arm_config`), read by :func:`load_study_config`
+            from the arm's table (``[fedavg]``, ``[catphishing]``, ...; :mod:`synthlearn.strategies.registry`).
     """
 
     study: str = "data/phantom"
@@ -123,10 +118,9 @@ class StudyConfig:
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ClassifierConfig = ClassifierConfig()
     train: TrainConfig = TrainConfig()
-    fedavg: FedAvgConfig = FedAvgConfig()
-    catphishing: CatphishingConfig = CatphishingConfig()
     evaluate: EvaluationConfig = EvaluationConfig()
     arm_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    arm_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -157,58 +151,75 @@ class StudyConfig:
                              model=self.model, train=self.train)
 
 
+    def arm_config(self, name: str) -> Any:
+        """The settings of arm ``name``: those read from its table, else its defaults (None without settings)."""
+        if name in self.arm_configs:
+            return self.arm_configs[name]
+        return get_arm(name).default_config()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved config as the TOML it reads from: every arm's settings under its own table."""
+        d = to_dict(dataclasses.replace(self, arm_configs={}))
+        d.pop("arm_configs")
+        for name in self.arms:
+            spec = get_arm(name)
+            if spec.config is not None:
+                d[spec.config_table] = to_dict(self.arm_config(name))
+        return d
+
+
 def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read a study config TOML (with ``base`` inheritance and optional overrides)."""
-    return load_toml(StudyConfig, path, overrides)
+    """Read a study config TOML (with ``base`` inheritance and optional overrides).
 
-
-def register_arm(name: str, target: str | Callable[[ArmContext], ArmOutput]) -> None:
-    """Register an arm: ``target`` is a module path (with ``run``), ``"module:function"`` or a callable."""
-    if callable(target):
-        _CALLABLES[name] = target
-    else:
-        ARMS[name] = target
-
-
-_CALLABLES: dict[str, Callable[[ArmContext], ArmOutput]] = {}
+    The tables of the known arms (:func:`synthlearn.strategies.registry.all_arms`: ``[fedavg]``,
+    ``[catphishing]``, and any registered arm's) are read with each arm's own config dataclass; every other key
+    is :class:`StudyConfig`'s. Unknown keys are refused everywhere, naming the file and the dotted key.
+    """
+    data = read_toml(path)
+    if overrides:
+        data = merge_tables(data, overrides)
+    try:
+        if "arm_configs" in data:
+            raise ConfigError("arm_configs is not a config key; give each arm's settings in its own table, e.g. "
+                              "[fedavg]")
+        tables = {}
+        for name, spec in all_arms().items():
+            if spec.config is not None and spec.config_table in data:
+                tables[name] = data.pop(spec.config_table)
+        cfg = from_dict(StudyConfig, data)
+        configs = {}
+        for name, table in tables.items():
+            spec = get_arm(name)
+            if not isinstance(table, dict):
+                raise ConfigError(f"{spec.config_table}: expected a table of the {name} arm's settings, found "
+                                  f"{type(table).__name__} {table!r}")
+            configs[name] = from_dict(spec.config, table, _prefix=spec.config_table + ".")
+        return dataclasses.replace(cfg, arm_configs=configs)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def resolve_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
-    """The ``run`` function of arm ``name``.
+    """The ``run`` function of arm ``name`` (:func:`synthlearn.strategies.registry.get_arm`).
 
     Raises:
         ValueError: no such arm (lists the known ones).
     """
-    if name in _CALLABLES:
-        return _CALLABLES[name]
-    target = ARMS.get(name, f"synthlearn.strategies.{name}")
-    module_name, _, func = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise ValueError(f"unknown arm {name!r}; known arms: {sorted(set(ARMS) | set(_CALLABLES))} "
-                             f"(or a module synthlearn.strategies.<arm> with run(ctx))") from None
-        raise
-    fn = getattr(module, func or "run", None)
-    if not callable(fn):
-        raise ValueError(f"arm {name!r}: {module_name} has no function {func or 'run'}(ctx)")
-    return fn
+    return get_arm(name).run
 
 
 # --------------------------------------------------------------------------------------------- helpers
 def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str,
                         setup: TrainingSetup | None = None) -> dict[str, Any]:
     """What must match for a complete arm to be reused: the training setup (of its seed; default the primary
-    seed's), the arm's own settings and the data (by content)."""
+    seed's), the arm's own settings (and what its spec adds, e.g. the content of a file they name) and the data
+    (by content)."""
     d = to_dict(setup or cfg.setup)
-    if arm == "fedavg":
-        d["fedavg"] = to_dict(cfg.fedavg)
-    if arm == "catphishing":
-        from synthlearn.strategies.catphishing import load_generator_for_task
-
-        d["catphishing"] = to_dict(cfg.catphishing)
-        d["generator"] = to_dict(load_generator_for_task(cfg.catphishing.generator, cfg.task))  # content, not path
+    spec = get_arm(arm)
+    if spec.config is not None:
+        d[spec.config_table] = to_dict(cfg.arm_config(arm))
+    if spec.signature is not None:
+        d.update(spec.signature(cfg.arm_config(arm), cfg.task))
     d["arm_options"] = json_safe(cfg.arm_options.get(arm, {}))
     d["data_sha256"] = fingerprint_sha
     return d
@@ -466,10 +477,13 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
         shutil.rmtree(arm_dir)
     log.info("arm %s: training on %d cases of %d sites", what, len(train_cases), len(train_sites))
     t0 = time.perf_counter()
-    write_run_info(arm_dir, config=cfg, seed=seed, fingerprint=data_fingerprint(train_cases),
+    write_run_info(arm_dir, config=cfg.as_dict(), seed=seed, fingerprint=data_fingerprint(train_cases),
                    extra={"arm": arm, "seed_index": index})
-    ctx = ArmContext(name=arm, setup=setup, train_sites=train_sites, arm_dir=arm_dir, config=cfg, cache=cache,
-                     progress=progress, primary_dir=None if index == 0 else out / arm)
+    needed = {name: out / name for name in get_arm(arm).needs
+              if name in cfg.arms and (out / name / "arm.json").is_file()}
+    ctx = ArmContext(name=arm, setup=setup, train_sites=train_sites, arm_dir=arm_dir, arm_config=cfg.arm_config(arm),
+                     cache=cache, progress=progress, primary_dir=None if index == 0 else out / arm, needed=needed,
+                     federate=run_protocol_simulation)
     output = resolve_arm(arm)(ctx)
     if not output.models:
         raise ValueError(f"arm {what} returned no model")
@@ -513,12 +527,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     from synthlearn.runtime import configure_threads
 
     configure_threads(cfg.threads)
-    for arm in cfg.arms:
-        resolve_arm(arm)  # unknown arms fail before any training
-    if "catphishing" in cfg.arms:  # a missing or bad generator config fails before any training too
-        from synthlearn.strategies.catphishing import load_generator_for_task
-
-        load_generator_for_task(cfg.catphishing.generator, cfg.task)
+    for arm in cfg.arms:  # unknown arms and bad arm settings fail before any training
+        spec = get_arm(arm)
+        if spec.check is not None:
+            spec.check(cfg.arm_config(arm), cfg.task)
     study = open_study(cfg.study)
     if study.problems:
         listing = "\n".join(f"  {p}" for p in study.problems[:20])
@@ -532,7 +544,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     test_cases = [c for s in test_sites for c in s.cases]
     fingerprint = data_fingerprint(train_cases + test_cases)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, config=cfg, seed=cfg.run_seeds[0], fingerprint=fingerprint,
+    write_run_info(out, config=cfg.as_dict(), seed=cfg.run_seeds[0], fingerprint=fingerprint,
                    extra={"study": str(Path(cfg.study).resolve()), "seeds": list(cfg.run_seeds)})
     write_json(out / "splits.json", {"train": [s.name for s in train_sites], "test": [s.name for s in test_sites],
                                      "n_folds": cfg.n_folds})
@@ -545,6 +557,6 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     return build_results(cfg, out)
 
 
-__all__ = ["ARMS", "EvaluationConfig", "StudyConfig", "build_results", "learning_of", "load_study_config",
+__all__ = ["EvaluationConfig", "StudyConfig", "build_results", "learning_of", "load_study_config",
            "paired_seed_comparison", "read_predictions", "register_arm", "resolve_arm", "run_study", "seed_dir",
            "ConfigError"]

@@ -10,7 +10,6 @@ import torch
 from synthlearn.data.layouts import open_study
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.models.classifier import ClassifierConfig
-from synthlearn.strategies.base import TrainingSetup, train_task_model
 from synthlearn.strategies.fedavg import (
     FedAvgConfig,
     SiteUpdate,
@@ -19,6 +18,8 @@ from synthlearn.strategies.fedavg import (
     site_update,
     weighted_average,
 )
+from synthlearn.tasks.model import train_task_model
+from synthlearn.tasks.setup import TrainingSetup
 from synthlearn.training.trainer import TrainConfig
 
 

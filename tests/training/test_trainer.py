@@ -193,7 +193,7 @@ def test_parallel_networks_train_the_same_weights_as_one_after_another(tiny_stud
 
     from synthlearn.data.layouts import open_study
     from synthlearn.study import load_study_config
-    from synthlearn.strategies.base import train_task_model
+    from synthlearn.tasks.model import train_task_model
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     cfg = load_study_config(configs / "study_tiny.toml", {"study": str(tiny_study)})

@@ -1,7 +1,7 @@
 """External validation: apply the task models of a finished study run to a new study or to one case.
 
 A study run folder (``synthlearn study run``) holds, per arm, ``<arm>/arm.json`` whose ``"models"`` maps a
-model label to a model folder (:meth:`synthlearn.strategies.base.TaskModel.load`). Each model folder
+model label to a model folder (:meth:`synthlearn.tasks.model.TaskModel.load`). Each model folder
 carries its own preprocessing config; that config, and nothing re-derived from the new data, is applied
 to every case (reorientation to RAS+, optional resampling to the training spacing, crop, z-score, fit).
 
@@ -51,8 +51,8 @@ from synthlearn.config import to_dict
 from synthlearn.data.contract import SEQUENCES, CaseRecord
 from synthlearn.data.io import CaseArrays, atomic_write_text, json_safe, load_nifti, save_nifti, write_json
 from synthlearn.data.preprocess import PreprocessConfig, preprocess_case_on_grid, voxel_spacing
-from synthlearn.strategies.base import TaskModel
 from synthlearn.tasks import Task
+from synthlearn.tasks.model import TaskModel
 
 log = logging.getLogger(__name__)
 

@@ -1,471 +1,17 @@
-"""What every arm shares: the training setup, k-fold splits, the trained task model on disk, and the
-arm interface ``run(ctx: ArmContext) -> ArmOutput``.
-
-A trained task model (:class:`TaskModel`) is a folder that holds everything needed to rebuild and apply
-it without the study config (``synthlearn evaluate`` reads it)::
-
-    <model>/model.json            format, task, class names, stages -> fold weight files, network config,
-                                  preprocessing config, seed, training cases per fold
-    <model>/<stage>/fold-<k>.pt   state dict (loaded with ``weights_only=True``)
-
-Folds are assigned per (site, stage label) group, so the fold of a case is the same in every arm:
-centralized fold ``k`` is the union of every site's fold ``k``, which is what FedAvg site ``s`` trains
-without in fold ``k``.
-"""
+"""The arm interface ``run(ctx: ArmContext) -> ArmOutput``: what an arm gets from the study runner and what it
+returns. The task model it trains lives in :mod:`synthlearn.tasks`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-import torch
-
-from synthlearn.config import from_dict, to_dict
 from synthlearn.data.contract import CaseRecord, SiteRecord
-from synthlearn.data.datasets import CaseDataset
-from synthlearn.data.io import write_json
-from synthlearn.data.preprocess import PreprocessConfig
-from synthlearn.models.classifier import ClassifierConfig, VoxelClassifierUNet, build_classifier
-from synthlearn.tasks import Stage, Task, get_task
-from synthlearn.training.learning_check import check_learning, summarise_checks
-from synthlearn.training.seeding import derive_seed, numpy_generator
-from synthlearn.training.trainer import TrainConfig, predict_probabilities, train_model
-
-if TYPE_CHECKING:
-    from synthlearn.study import StudyConfig
-
-log = logging.getLogger(__name__)
-
-MODEL_FORMAT = "synthlearn-task-model/1"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingSetup:
-    """Everything that defines how a task model is trained, shared by every arm of a study.
-
-    Attributes:
-        task: task name (:mod:`synthlearn.tasks`).
-        n_folds: k of the k-fold ensemble (1 = one model on all cases; paper: 5).
-        seed: run seed.
-        preprocess: preprocessing of every case (real or synthetic).
-        model: network settings.
-        train: optimiser/epochs settings.
-    """
-
-    task: str
-    n_folds: int
-    seed: int
-    preprocess: PreprocessConfig
-    model: ClassifierConfig
-    train: TrainConfig
-
-    def __post_init__(self) -> None:
-        get_task(self.task)
-        if self.n_folds < 1:
-            raise ValueError(f"n_folds must be >= 1, found {self.n_folds}")
-
-    @property
-    def task_spec(self) -> Task:
-        return get_task(self.task)
-
-
-def model_names(setup: TrainingSetup) -> list[str]:
-    """Names of the networks an arm trains: ``<stage>/fold-<k>`` for every stage and fold."""
-    return [f"{stage.name}/fold-{k}" for stage in setup.task_spec.stages for k in range(setup.n_folds)]
-
-
-def split_name(name: str) -> tuple[str, int]:
-    """``"idh/fold-2"`` -> ``("idh", 2)``."""
-    stage, fold = name.split("/")
-    return stage, int(fold.removeprefix("fold-"))
-
-
-def assign_folds(cases: Sequence[CaseRecord], labels: Sequence[int], n_folds: int, seed: int,
-                 stage: str) -> list[int]:
-    """Stratified fold of every case: within each (site, label) group, cases sorted by id are shuffled
-    with a seeded generator and dealt round-robin, starting where the previous group stopped.
-
-    The fold of a case depends only on its own site's cases, so centralized and per-site arms agree.
-
-    Returns:
-        fold index in ``[0, n_folds)`` per case (all 0 when ``n_folds == 1``).
-    """
-    if len(cases) != len(labels):
-        raise ValueError(f"{len(cases)} cases but {len(labels)} labels")
-    folds = [0] * len(cases)
-    if n_folds == 1:
-        return folds
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, (case, label) in enumerate(zip(cases, labels)):
-        groups.setdefault((case.site, int(label)), []).append(i)
-    starts: dict[str, int] = {}
-    for (site, label), members in sorted(groups.items()):
-        members = sorted(members, key=lambda i: cases[i].case_id)
-        order = numpy_generator(seed, "folds", stage, site, label).permutation(len(members))
-        offset = starts.get(site, 0)
-        for rank, j in enumerate(order):
-            folds[members[j]] = (offset + rank) % n_folds
-        starts[site] = (offset + len(members)) % n_folds
-    return folds
-
-
-@dataclasses.dataclass(frozen=True)
-class StageData:
-    """The labelled cases of one stage and their folds."""
-
-    stage: Stage
-    cases: tuple[CaseRecord, ...]
-    targets: tuple[int, ...]
-    folds: tuple[int, ...]
-
-    def training_indices(self, fold: int, n_folds: int) -> list[int]:
-        """Indices of the cases fold-``fold`` trains on (all cases when ``n_folds == 1``)."""
-        if n_folds == 1:
-            return list(range(len(self.cases)))
-        return [i for i, f in enumerate(self.folds) if f != fold]
-
-
-def stage_data(cases: Sequence[CaseRecord], setup: TrainingSetup) -> dict[str, StageData]:
-    """Per stage, the cases whose stage label is known (unknown ones are masked), and their folds."""
-    out = {}
-    for stage in setup.task_spec.stages:
-        kept = [(c, stage.label(c.labels)) for c in cases]
-        kept = [(c, y) for c, y in kept if y is not None]
-        sel = tuple(c for c, _ in kept)
-        targets = tuple(int(y) for _, y in kept)
-        folds = tuple(assign_folds(sel, targets, setup.n_folds, setup.seed, stage.name))
-        out[stage.name] = StageData(stage, sel, targets, folds)
-    return out
-
-
-class DatasetCache:
-    """One :class:`CaseDataset` per set of cases, so arms and rounds preprocess each case once."""
-
-    def __init__(self, preprocess: PreprocessConfig):
-        self.preprocess = preprocess
-        self._by_case: dict[tuple[str, str, str], tuple[CaseDataset, int]] = {}
-
-    def dataset(self, cases: Sequence[CaseRecord]) -> CasesView:
-        """Cases as a dataset view (``len``, ``arrays(i)``); each case is read and preprocessed at most
-        once per cache."""
-        missing = [c for c in cases if self._key(c) not in self._by_case]
-        if missing:
-            ds = CaseDataset(missing, self.preprocess)
-            for i, c in enumerate(missing):
-                self._by_case[self._key(c)] = (ds, i)
-        return CasesView([self._by_case[self._key(c)] for c in cases])
-
-    @staticmethod
-    def _key(case: CaseRecord) -> tuple[str, str, str]:
-        return (case.site, case.case_id, str(case.path))
-
-
-class CasesView:
-    """Cases drawn from one or more :class:`CaseDataset` s, addressed 0..N-1 (what the trainer reads)."""
-
-    def __init__(self, items: list[tuple[CaseDataset, int]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        ds, i = self.items[index]
-        return ds.arrays(i)
-
-
-def init_model(setup: TrainingSetup, name: str) -> VoxelClassifierUNet:
-    """A freshly initialised network for model ``name``; the same (seed, name) gives the same weights in
-    every arm."""
-    stage, _ = split_name(name)
-    torch.manual_seed(derive_seed(setup.seed, "init", name))
-    return build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes)
-
-
-class TaskModel:
-    """A trained task model: per stage a k-fold ensemble of networks, and the preprocessing they expect.
-
-    Args:
-        setup: how it was trained (task, preprocessing, network config...).
-        networks: model name (``<stage>/fold-<k>``) -> network.
-        info: free-form facts saved in ``model.json`` (training cases per fold, arm, site...).
-    """
-
-    def __init__(self, setup: TrainingSetup, networks: dict[str, torch.nn.Module], info: dict | None = None):
-        missing = [n for n in model_names(setup) if n not in networks]
-        if missing:
-            raise ValueError(f"task model lacks network(s) {missing}")
-        self.setup = setup
-        self.networks = networks
-        self.info = dict(info or {})
-
-    @property
-    def task(self) -> Task:
-        return self.setup.task_spec
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return self.setup.preprocess
-
-    def predict_stages(self, dataset, *, progress: bool = False) -> dict[str, np.ndarray]:
-        """Stage name -> ``(N, stage classes)`` probabilities (fold ensemble mean) for a dataset view
-        (anything with ``len`` and ``arrays(i)``, e.g. :class:`CaseDataset`)."""
-        out = {}
-        cfg = self.setup.train
-        for stage in self.task.stages:
-            nets = [self.networks[f"{stage.name}/fold-{k}"] for k in range(self.setup.n_folds)]
-            out[stage.name] = predict_probabilities(nets, dataset, bf16=cfg.bf16, device=cfg.device,
-                                                    batch_size=cfg.batch_size, progress=progress)
-        return out
-
-    def predict(self, dataset, *, progress: bool = False) -> np.ndarray:
-        """Final ``(N, task classes)`` probabilities (two-stage tasks combined, :meth:`Task.combine`)."""
-        return self.task.combine(self.predict_stages(dataset, progress=progress))
-
-    def predict_cases(self, cases: Sequence[CaseRecord], *, progress: bool = False) -> np.ndarray:
-        """:meth:`predict` on case records, preprocessed exactly as in training."""
-        return self.predict(CaseDataset(list(cases), self.preprocess), progress=progress)
-
-    def save(self, folder: str | Path) -> Path:
-        """Write the model folder (weights first, ``model.json`` last, so a folder with ``model.json`` is
-        complete)."""
-        folder = Path(folder)
-        files = {}
-        for name, net in self.networks.items():
-            rel = f"{name}.pt"
-            path = folder / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-            tmp.replace(path)
-            files[name] = rel
-        setup = to_dict(self.setup)
-        meta = {
-            "format": MODEL_FORMAT,
-            "task": self.task.name,
-            "class_names": list(self.task.class_names),
-            "stages": {s.name: {"class_names": list(s.class_names),
-                                "folds": [files[f"{s.name}/fold-{k}"] for k in range(self.setup.n_folds)]}
-                       for s in self.task.stages},
-            "setup": setup,
-            "preprocess": setup["preprocess"],
-            "model": setup["model"],
-            "info": self.info,
-        }
-        write_json(folder / "model.json", meta)
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> TaskModel:
-        """Rebuild a model saved by :meth:`save`.
-
-        Raises:
-            FileNotFoundError: no ``model.json`` (an incomplete or absent model).
-            ValueError: unknown format or unreadable weights.
-        """
-        folder = Path(folder)
-        meta_path = folder / "model.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: no trained task model here (incomplete run?)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
-        setup_dict: dict[str, Any] = dict(meta["setup"])
-        if device is not None:
-            setup_dict["train"] = {**setup_dict["train"], "device": device}
-        setup = from_dict(TrainingSetup, setup_dict)
-        networks = {}
-        for name in model_names(setup):
-            stage, k = split_name(name)
-            path = folder / meta["stages"][stage]["folds"][k]
-            net = build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes)
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ValueError(f"{path}: unreadable weights ({type(exc).__name__}: {exc})") from exc
-            net.load_state_dict(state)
-            networks[name] = net.eval()
-        return cls(setup, networks, meta.get("info"))
-
-
-def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int], stage: Stage, ckpt_dir: Path, *,
-                   progress: bool, label: str, on_epoch=None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train network ``name`` from its initialisation, check that it learned
-    (:func:`synthlearn.training.learning_check.check_learning`) and, with ``train.retrain_collapsed = n``, train
-    it again from the next seeds' initialisations (``seed + 1``, ``seed + 2``... up to ``n`` times) until one
-    learns. Returns the network and its check (``retried_seeds`` lists every seed tried when it retried)."""
-    tried: list[int] = []
-    for attempt in range(setup.train.retrain_collapsed + 1):
-        run_setup = setup if attempt == 0 else dataclasses.replace(setup, seed=setup.seed + attempt)
-        suffix = "" if attempt == 0 else f".retry{attempt}"
-        net = init_model(run_setup, name)
-        ckpt = ckpt_dir / f"{name}{suffix}.pt"
-        outcome = train_model(net, dataset, targets, setup.train, seed=run_setup.seed, name=name, checkpoint_path=ckpt,
-                              progress=progress, num_classes=stage.num_classes, on_epoch=on_epoch)
-        check = check_learning(net, dataset, targets, outcome.losses, setup.train, stage.num_classes,
-                               stage.class_names)
-        check.update(seed=run_setup.seed, losses=outcome.losses)
-        tried.append(run_setup.seed)
-        if not check["learned"]:
-            log.warning("%s %s (seed %d) did not learn: %s", label or "task model", name, run_setup.seed,
-                        "; ".join(check["reasons"]))
-        if check["learned"] or attempt == setup.train.retrain_collapsed:
-            break
-        log.warning("%s %s: retraining with seed %d (train.retrain_collapsed = %d)", label or "task model", name,
-                    setup.seed + attempt + 1, setup.train.retrain_collapsed)
-    for attempt in range(len(tried)):
-        (ckpt_dir / f"{name}{'' if attempt == 0 else f'.retry{attempt}'}.pt").unlink(missing_ok=True)
-    if len(tried) > 1:
-        check["retried_seeds"] = tried
-    return net, check
-
-
-class ArrayCases:
-    """Preprocessed cases held as ``(image (4, X, Y, Z), seg (X, Y, Z))`` arrays: ``len`` and ``arrays(i)``, what the
-    trainer reads. It pickles, so a worker process trains on exactly the arrays the parent preprocessed."""
-
-    def __init__(self, items: list[tuple[np.ndarray, np.ndarray]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.items[index]
-
-
-def _network_worker(setup: TrainingSetup, name: str, cases: ArrayCases, targets: list[int], ckpt_dir: str, label: str,
-                    epochs_done) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Runs in its own process (one torch thread): :func:`_train_checked` of one network; reports each epoch on
-    the ``epochs_done`` queue."""
-    from synthlearn.runtime import configure_threads
-
-    configure_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    stage = setup.task_spec.stage(split_name(name)[0])
-    net, check = _train_checked(setup, name, cases, targets, stage, Path(ckpt_dir), progress=False, label=label,
-                                on_epoch=lambda *_: epochs_done.put(1))
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, check
-
-
-def _train_in_parallel(setup: TrainingSetup, jobs: dict[str, tuple[Any, list[int]]], ckpt_dir: Path, *,
-                       progress: bool, label: str) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
-    """Train the networks of ``jobs`` (name -> (dataset, targets)) in ``train.parallel_networks`` worker processes,
-    each with one torch thread, with one progress bar over all their epochs."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from queue import Empty
-
-    from tqdm.auto import tqdm
-
-    ctx = multiprocessing.get_context("spawn")
-    workers = min(setup.train.parallel_networks, len(jobs))
-    out: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        queue = manager.Queue()
-        futures = {}
-        for name, (dataset, targets) in jobs.items():
-            cases = ArrayCases([dataset.arrays(i) for i in range(len(dataset))])
-            futures[pool.submit(_network_worker, setup, name, cases, targets, str(ckpt_dir), label, queue)] = name
-        bar = tqdm(total=len(jobs) * setup.train.epochs, desc=f"{label or 'task model'}: {len(jobs)} networks",
-                   unit="epoch", disable=not progress, leave=False)
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            try:
-                while True:
-                    queue.get_nowait()
-                    bar.update(1)
-            except Empty:
-                pass
-            for fut in done:
-                name = futures[fut]
-                state, check = fut.result()
-                net = init_model(setup, name)
-                net.load_state_dict(state)
-                out[name] = (net, check)
-        bar.close()
-    return out
-
-
-def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir: str | Path, *,
-                     cache: DatasetCache | None = None, progress: bool = True,
-                     label: str = "") -> TaskModel:
-    """Train every stage and fold of a task model on ``cases`` (pooled, one place) and save it.
-
-    This is what the centralized arm does with the training sites' real cases, a local arm with one
-    site's, and a synthetic-data arm (CATphishing) with the synthetic cases. Resumable: finished
-    networks are kept in ``work_dir/checkpoints`` and a rerun continues where it stopped. After training, every
-    network's learning check (:func:`synthlearn.training.learning_check.check_learning`) goes into ``model.json``
-    (``info["learning_check"]`` and ``info["learning_summary"]``). With ``train.parallel_networks > 1`` the
-    networks (folds, stages) train at the same time in that many worker processes of one torch thread each.
-
-    Args:
-        cases: training cases (unknown labels are masked per stage).
-        setup: training setup.
-        work_dir: folder for ``checkpoints/`` and the finished ``model/``.
-        cache: dataset cache to share preprocessing between arms.
-        progress: progress bars.
-        label: prefix for progress bars (e.g. the site).
-
-    Returns:
-        The trained :class:`TaskModel` (also saved to ``work_dir/model``).
-    """
-    work_dir = Path(work_dir)
-    ckpt_dir = work_dir / "checkpoints"
-    cache = cache or DatasetCache(setup.preprocess)
-    data = stage_data(cases, setup)
-    networks: dict[str, torch.nn.Module] = {}
-    info: dict[str, Any] = {"training_cases": {}, "learning_check": {}}
-    todo: dict[str, tuple[Any, list[int]]] = {}
-    for name in model_names(setup):
-        stage, fold = split_name(name)
-        sd = data[stage]
-        idx = sd.training_indices(fold, setup.n_folds)
-        if not idx:
-            raise ValueError(f"{label or 'training'}: no labelled training cases for stage {stage!r} fold {fold} "
-                             f"(stage classes {list(sd.stage.class_names)}); check labels.csv")
-        targets = [sd.targets[i] for i in idx]
-        if len(set(targets)) < 2:
-            log.warning("%s %s: training cases hold a single class (%s)", label, name,
-                        sd.stage.class_names[targets[0]])
-        dataset = cache.dataset([sd.cases[i] for i in idx])
-        info["training_cases"][name] = len(idx)
-        done_path = ckpt_dir / f"{name}.done.pt"
-        check_path = ckpt_dir / f"{name}.done.json"
-        if done_path.is_file():
-            net = init_model(setup, name)
-            net.load_state_dict(torch.load(done_path, map_location="cpu", weights_only=True))
-            check = json.loads(check_path.read_text()) if check_path.is_file() else check_learning(
-                net, dataset, targets, None, setup.train, sd.stage.num_classes, sd.stage.class_names)
-            networks[name], info["learning_check"][name] = net, check
-        else:
-            todo[name] = (dataset, targets)
-    if len(todo) > 1 and setup.train.parallel_networks > 1:
-        trained = _train_in_parallel(setup, todo, ckpt_dir, progress=progress, label=label)
-    else:
-        trained = {name: _train_checked(setup, name, dataset, targets, setup.task_spec.stage(split_name(name)[0]),
-                                        ckpt_dir, progress=progress, label=label)
-                   for name, (dataset, targets) in todo.items()}
-    for name, (net, check) in trained.items():
-        done_path = ckpt_dir / f"{name}.done.pt"
-        done_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done_path.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-        tmp.replace(done_path)
-        write_json(ckpt_dir / f"{name}.done.json", check)
-        networks[name], info["learning_check"][name] = net, check
-    networks = {name: networks[name].cpu().eval() for name in model_names(setup)}
-    info["learning_check"] = {name: info["learning_check"][name] for name in model_names(setup)}
-    info["learning_summary"] = summarise_checks(info["learning_check"])
-    model = TaskModel(setup, networks, info)
-    model.save(work_dir / "model")
-    return model
+from synthlearn.protocol import Federate
+from synthlearn.tasks.cache import DatasetCache
+from synthlearn.tasks.model import TaskModel
+from synthlearn.tasks.setup import TrainingSetup
 
 
 @dataclasses.dataclass
@@ -474,25 +20,34 @@ class ArmContext:
 
     Attributes:
         name: the arm's name (``centralized``, ``local``, ``fedavg``, ...).
-        setup: the shared training setup.
-        train_sites: the training sites (role ``train`` in study.json).
-        arm_dir: the arm's own folder in the run.
-        config: the whole study config (arm-specific tables, e.g. ``config.fedavg``).
+        setup: the shared training setup (``setup.seed`` is this run's seed).
+        train_sites: the training sites (role ``train`` in study.json, or the config's ``train_sites``).
+        arm_dir: the arm's own folder in the run (for this seed).
+        arm_config: the arm's own settings (its :class:`synthlearn.strategies.registry.ArmSpec` ``config``, read
+            from the study config's table of the arm), or None for an arm without settings.
         cache: preprocessed-case cache shared by the arms of a run.
         progress: show progress bars.
         primary_dir: None when this is the run's primary seed; for a further seed of a multi-seed run
             (``StudyConfig.seeds``), the arm's primary-seed folder, whose seed-independent work the arm may reuse
-            (CATphishing's generators, trained once) rather than redo. ``setup.seed`` is this run's seed.
+            (CATphishing's generators, trained once) rather than redo.
+        needed: the primary-seed folders of the arms this arm declares it ``needs`` that completed before it in this
+            run (an absent one is left out).
+        federate: how this run carries a federated arm's round protocol across its sites
+            (``federate(protocol, sites, work_dir, progress=...) -> FederationState``; :mod:`synthlearn.protocol`):
+            the study runner hands over Flower's (:mod:`synthlearn.federated`), so no arm imports a federation
+            runtime; None outside a study run.
     """
 
     name: str
     setup: TrainingSetup
     train_sites: tuple[SiteRecord, ...]
     arm_dir: Path
-    config: StudyConfig
+    arm_config: Any
     cache: DatasetCache
     progress: bool = True
     primary_dir: Path | None = None
+    needed: dict[str, Path] = dataclasses.field(default_factory=dict)
+    federate: Federate | None = None
 
     @property
     def train_cases(self) -> tuple[CaseRecord, ...]:
@@ -516,3 +71,6 @@ class ArmOutput:
     bytes_from_sites: int
     rounds: int
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+__all__ = ["ArmContext", "ArmOutput"]

@@ -56,9 +56,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from synthlearn.config import to_dict
 from synthlearn.data.contract import CaseRecord, SiteRecord
 from synthlearn.data.io import write_json
-from synthlearn.strategies.base import ArmContext, ArmOutput, train_task_model
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import ArmSpec
+from synthlearn.tasks.model import train_task_model
 from synthlearn.training.seeding import derive_seed, numpy_generator
 
 log = logging.getLogger(__name__)
@@ -467,16 +470,17 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
         result["wall_s"] = time.perf_counter() - t0
         privacy[site] = result
     out["privacy"] = privacy
-    ref_dir = ctx.arm_dir.parent / RECOGNITION_REFERENCE / "model"
-    if (ref_dir / "model.json").is_file():
-        from synthlearn.strategies.base import TaskModel
+    ref_arm = ctx.needed.get(RECOGNITION_REFERENCE)
+    ref_dir = (ref_arm / "model") if ref_arm is not None else None
+    if ref_dir is not None and (ref_dir / "model.json").is_file():
+        from synthlearn.tasks.model import TaskModel
 
         t0 = time.perf_counter()
         rec = recognition_audit(TaskModel.load(ref_dir), kept, seed=ctx.setup.seed, progress=ctx.progress)
         rec["wall_s"] = time.perf_counter() - t0
         out["recognition"] = rec
     else:
-        out["recognition"] = {"skipped": f"no {RECOGNITION_REFERENCE} model in this run ({ref_dir}); run the "
+        out["recognition"] = {"skipped": f"no {RECOGNITION_REFERENCE} model in this run; run the "
                                          f"{RECOGNITION_REFERENCE} arm before catphishing to get it"}
     return out
 
@@ -486,7 +490,7 @@ def recognition_audit(model, synthetic: dict[str, list[CaseRecord]], *, referenc
     """How often a model trained on real cases classifies synthetic cases as the class they were conditioned on.
 
     Args:
-        model: a :class:`synthlearn.strategies.base.TaskModel` trained on real cases (the study's
+        model: a :class:`synthlearn.tasks.model.TaskModel` trained on real cases (the study's
             ``centralized`` arm), whose task's label is the one the generators were conditioned on.
         synthetic: site -> synthetic case records (their label column holds the conditioned class).
         reference: name of the arm the model comes from (recorded).
@@ -537,9 +541,13 @@ def recognition_audit(model, synthetic: dict[str, list[CaseRecord]], *, referenc
 # ------------------------------------------------------------------------------------------------------ arm
 def run(ctx: ArmContext) -> ArmOutput:
     """Train one generator per training site, synthesize, filter, train the task model on synthetic data."""
-    from synthlearn.synthesis.artifact import artifact_bytes, read_manifest, verify_artifact
+    from synthlearn.synthesis.artifact import (
+        artifact_bytes,
+        read_manifest,
+        verify_artifact,
+    )
 
-    cfg: CatphishingConfig = ctx.config.catphishing
+    cfg: CatphishingConfig = ctx.arm_config
     task = ctx.setup.task
     label = GENERATOR_LABEL[task]
     gcfg = load_generator_for_task(cfg.generator, task)
@@ -666,6 +674,18 @@ def run(ctx: ArmContext) -> ArmOutput:
                      rounds=1, extra=extra)
 
 
-__all__ = ["CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
+def _check(cfg: CatphishingConfig, task: str) -> None:
+    load_generator_for_task(cfg.generator, task)  # a missing or bad generator config fails before any training
+
+
+def _signature(cfg: CatphishingConfig, task: str) -> dict[str, Any]:
+    return {"generator": to_dict(load_generator_for_task(cfg.generator, task))}  # its content, not its path
+
+
+ARM = ArmSpec(name="catphishing", run=run, config=CatphishingConfig, needs=(RECOGNITION_REFERENCE,), check=_check,
+              signature=_signature, description="a generator trained at each site, shipped once; the server trains "
+              "on its synthetic cases only (paper 000)")
+
+__all__ = ["ARM", "CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
            "control_cases", "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout",
            "recognition_audit", "run", "run_audits"]

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from synthlearn.data.contract import CaseRecord, SiteRecord
-from synthlearn.strategies.base import ArmContext, ArmOutput, train_task_model
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import ArmSpec
+from synthlearn.tasks.model import train_task_model
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +41,7 @@ def run(ctx: ArmContext) -> ArmOutput:
     model = train_task_model(cases, ctx.setup, ctx.arm_dir, cache=ctx.cache, progress=ctx.progress,
                              label="centralized")
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=raw_data_bytes(ctx.train_sites), rounds=1)
+
+
+ARM = ArmSpec(name="centralized", run=run, description="every training site's raw cases pooled in one place: the "
+              "reference upper bound")

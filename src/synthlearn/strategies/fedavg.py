@@ -6,10 +6,12 @@ This module is the science, free of any federation runtime:
   Algorithm 1 of McMahan et al.), computed in float64;
 - :func:`site_update`: what a site does in a round: load the global weights, train ``local_epochs`` with
   the shared trainer on its own cases, return the new weights and its number of training cases;
+- :class:`FedAvgProtocol`: a round as a :class:`synthlearn.protocol.RoundProtocol` (what the server sends,
+  what a site computes and returns, how the replies fold in);
 - :func:`run_rounds_inprocess`: the same rounds without a network layer (tests, benchmarks).
 
-The arm itself (:func:`run`) runs the rounds on Flower (``synthlearn.federated``, simulation engine) by
-default. Every fold and stage of the k-fold ensemble is trained in the same federation: a round carries
+The arm itself (:func:`run`) runs the protocol on Flower (the study runner's ``ctx.federate``: one Flower app pair
+on the simulation engine) by default. Every fold and stage of the k-fold ensemble is trained in the same federation: a round carries
 one state dict per network (``<stage>/fold-<k>``) and each is averaged with its own weights.
 
 Learning-rate schedule and data order follow the global epoch index ``(round - 1) * local_epochs + e``
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,17 +31,19 @@ import numpy as np
 import torch
 
 from synthlearn.data.contract import CaseRecord, SiteRecord
-from synthlearn.strategies.base import (
-    ArmContext,
-    ArmOutput,
-    DatasetCache,
-    TaskModel,
-    TrainingSetup,
-    init_model,
-    model_names,
-    split_name,
-    stage_data,
+from synthlearn.protocol import (
+    FederationState,
+    RoundProtocol,
+    SiteReply,
+    arrays_nbytes,
+    run_protocol_inprocess,
 )
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import ArmSpec
+from synthlearn.tasks.cache import DatasetCache
+from synthlearn.tasks.folds import stage_data
+from synthlearn.tasks.model import TaskModel, init_model
+from synthlearn.tasks.setup import TrainingSetup, model_names, split_name
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
 from synthlearn.training.learning_check import check_learning, summarise_checks
 from synthlearn.training.trainer import train_model
@@ -220,69 +223,70 @@ def site_update(global_states: Mapping[str, Mapping[str, torch.Tensor]], site_ca
 
 def state_nbytes(states: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
     """Bytes of the tensors of a set of state dicts (payload size without any message framing)."""
-    return int(sum(torch.as_tensor(t).numel() * torch.as_tensor(t).element_size()
-                   for s in states.values() for t in s.values()))
+    return arrays_nbytes(states)
 
 
-@dataclasses.dataclass
-class ServerProgress:
-    """The server's resumable state after ``round`` rounds."""
+#: the server's resumable state (global networks, bytes, history); :class:`synthlearn.strategies.protocol.FederationState`
+ServerProgress = FederationState
 
-    round: int
-    states: dict[str, StateDict]
-    bytes_from_sites: int = 0
-    bytes_to_sites: int = 0
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
-    def save(self, path: str | Path) -> None:
-        import json
+class FedAvgProtocol(RoundProtocol):
+    """FedAvg as a round protocol: the server sends every network's global weights; a site trains them
+    ``local_epochs`` on its own cases (:func:`site_update`) and returns its weights, its training cases per network
+    and its losses; the server averages each network with its own case counts (:func:`aggregate`).
 
-        save_checkpoint(path, {"round": self.round, "states": self.states,
-                               "bytes_from_sites": self.bytes_from_sites, "bytes_to_sites": self.bytes_to_sites,
-                               "history": json.dumps(self.history)})
+    Args:
+        setup: the shared task-model training setup.
+        cfg: rounds, local epochs, timeouts, threads.
+        cache: preprocessed cases to share with the caller when the sites run in this process (never pickled into a
+            site's process: there each site keeps its own between rounds).
+    """
 
-    @classmethod
-    def load_or_start(cls, path: str | Path, setup: TrainingSetup) -> ServerProgress:
-        """The saved progress at ``path``, or round 0 with the initial models."""
-        import json
+    def __init__(self, setup: TrainingSetup, cfg: FedAvgConfig, cache: DatasetCache | None = None):
+        self.setup = setup
+        self.cfg = cfg
+        self.cache = cache
+        self.rounds = cfg.rounds
+        self.start_timeout_s = cfg.start_timeout_s
+        self.round_timeout_s = cfg.round_timeout_s
+        self.threads_per_site = cfg.threads_per_site
+        self.parallel_sites = cfg.parallel_sites
 
-        path = Path(path)
-        if path.is_file():
-            p = load_checkpoint(path, restore_rng=False)
-            log.info("fedavg: resuming after round %d from %s", int(p["round"]), path)
-            return cls(int(p["round"]), p["states"], int(p["bytes_from_sites"]), int(p["bytes_to_sites"]),
-                       json.loads(p["history"]))
-        return cls(0, initial_states(setup))
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "cache": None}
+
+    def initial_state(self) -> dict[str, StateDict]:
+        return initial_states(self.setup)
+
+    def site_round(self, site: SiteRecord, rnd: int, arrays, config, *, state_dir: Path,
+                   memory: dict[str, Any]) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        cache = self.cache or memory.setdefault("cache", DatasetCache(self.setup.preprocess))
+        upd = site_update(arrays, site.cases, self.setup, self.cfg, rnd, state_dir=state_dir, cache=cache)
+        metrics: dict[str, Any] = {"num-examples": int(sum(upd.num_examples.values()))}
+        for name, n in upd.num_examples.items():
+            metrics[f"n{KEY_SEP}{name}"] = int(n)
+            loss = upd.losses[name]
+            metrics[f"loss{KEY_SEP}{name}"] = float(loss) if loss == loss else -1.0  # NaN: the site had no case
+        return upd.states, metrics
+
+    def aggregate(self, rnd: int, state, replies: Sequence[SiteReply]) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        updates = [SiteUpdate(r.arrays, {n: int(r.metrics[f"n{KEY_SEP}{n}"]) for n in r.arrays},
+                              {n: float(r.metrics[f"loss{KEY_SEP}{n}"]) for n in r.arrays}) for r in replies]
+        return aggregate(updates), {"loss": {r.site: u.losses for r, u in zip(replies, updates)}}
+
+
+#: separates a metric's kind from the network it is about (``n::idh/fold-0``)
+KEY_SEP = "::"
 
 
 def run_rounds_inprocess(sites: Sequence[SiteRecord], setup: TrainingSetup, cfg: FedAvgConfig,
                          work_dir: str | Path, *, cache: DatasetCache | None = None, progress: bool = False,
-                         on_round: Callable[[int, float], None] | None = None) -> ServerProgress:
-    """FedAvg rounds as plain function calls (no network layer), resumable from ``work_dir``.
-
-    Bytes are the tensor payload of each site's update (no framing). ``on_round(round, seconds)`` is
-    called after each round.
-    """
-    work_dir = Path(work_dir)
-    cache = cache or DatasetCache(setup.preprocess)
-    progress_state = ServerProgress.load_or_start(work_dir / "server" / "global.pt", setup)
-    for rnd in range(progress_state.round + 1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        updates = []
-        for site in sites:
-            progress_state.bytes_to_sites += state_nbytes(progress_state.states)
-            upd = site_update(progress_state.states, site.cases, setup, cfg, rnd,
-                              state_dir=work_dir / "sites" / site.name, cache=cache, progress=progress)
-            progress_state.bytes_from_sites += state_nbytes(upd.states)
-            updates.append(upd)
-        progress_state.states = aggregate(updates)
-        progress_state.round = rnd
-        progress_state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0,
-                                       "loss": {s.name: u.losses for s, u in zip(sites, updates)}})
-        progress_state.save(work_dir / "server" / "global.pt")
-        if on_round is not None:
-            on_round(rnd, time.perf_counter() - t0)
-    return progress_state
+                         on_round: Callable[[int, float], None] | None = None) -> FederationState:
+    """FedAvg rounds as plain function calls (no network layer), resumable from ``work_dir``
+    (:func:`synthlearn.strategies.protocol.run_protocol_inprocess` of :class:`FedAvgProtocol`). Bytes are the
+    tensor payload of each site's update (no framing). ``on_round(round, seconds)`` is called after each round."""
+    return run_protocol_inprocess(FedAvgProtocol(setup, cfg, cache or DatasetCache(setup.preprocess)), sites, work_dir,
+                                  on_round=on_round)
 
 
 def task_model_from_states(states: Mapping[str, Mapping[str, torch.Tensor]], setup: TrainingSetup,
@@ -337,14 +341,12 @@ def federated_learning_check(model: TaskModel, sites: Sequence[SiteRecord], setu
 
 def run(ctx: ArmContext) -> ArmOutput:
     """The FedAvg arm: rounds on Flower (or in process), then the final global model as a task model."""
-    cfg: FedAvgConfig = ctx.config.fedavg
+    cfg: FedAvgConfig = ctx.arm_config
     if cfg.backend == "flower":
-        try:
-            from synthlearn.federated.simulation import run_fedavg_simulation
-        except ImportError as exc:  # pragma: no cover - federated/ or flwr absent
-            raise ImportError(f"fedavg.backend = 'flower' needs synthlearn.federated and flwr ({exc}); "
-                              "install flwr[simulation]==1.41.0 or set fedavg.backend = 'inprocess'") from exc
-        final = run_fedavg_simulation(ctx.train_sites, ctx.setup, cfg, ctx.arm_dir, progress=ctx.progress)
+        if ctx.federate is None:
+            raise ValueError("fedavg.backend = 'flower' needs the study runner's Flower runner (ctx.federate); run the "
+                             "arm through `synthlearn study run`, or set fedavg.backend = 'inprocess'")
+        final = ctx.federate(FedAvgProtocol(ctx.setup, cfg), ctx.train_sites, ctx.arm_dir, progress=ctx.progress)
     else:
         final = run_rounds_inprocess(ctx.train_sites, ctx.setup, cfg, ctx.arm_dir, cache=ctx.cache,
                                      progress=ctx.progress)
@@ -356,3 +358,7 @@ def run(ctx: ArmContext) -> ArmOutput:
     model.save(ctx.arm_dir / "model")
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=final.bytes_from_sites, rounds=final.round,
                      extra={"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend})
+
+
+ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig, description="Federated Averaging of the task model on "
+              "Flower: weights leave each site every round")

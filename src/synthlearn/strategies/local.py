@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from synthlearn.strategies.base import ArmContext, ArmOutput, train_task_model
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import ArmSpec
+from synthlearn.tasks.model import train_task_model
 
 log = logging.getLogger(__name__)
 
@@ -19,3 +21,6 @@ def run(ctx: ArmContext) -> ArmOutput:
         models[site.name] = train_task_model(site.cases, ctx.setup, ctx.arm_dir / site.name, cache=ctx.cache,
                                              progress=ctx.progress, label=f"local {site.name}")
     return ArmOutput(models=models, bytes_from_sites=0, rounds=0)
+
+
+ARM = ArmSpec(name="local", run=run, description="each training site alone on its own cases: the lower bound")

@@ -348,7 +348,7 @@ def train_model(
     Args:
         model: a network mapping ``(B, 4, X, Y, Z)`` to per-voxel logits ``(B, K, X, Y, Z)``.
         dataset: the preprocessed training cases: anything with ``len()`` and ``arrays(i) -> (image (4, X, Y, Z),
-            seg (X, Y, Z))``, e.g. :class:`CaseDataset` or :class:`synthlearn.strategies.base.CasesView`.
+            seg (X, Y, Z))``, e.g. :class:`CaseDataset` or :class:`synthlearn.tasks.cache.CasesView`.
         targets: class index of every case of ``dataset`` (unknown labels must be filtered out before).
         cfg: training settings.
         seed: run seed; data order, flips and dropout of epoch ``e`` are drawn from ``(seed, name, e)``.

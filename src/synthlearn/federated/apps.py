@@ -1,0 +1,175 @@
+"""One Flower ``ServerApp`` / ``ClientApp`` pair (flwr 1.41 Message API) that runs any round protocol.
+
+Nothing scientific lives here: what the server sends, what a site computes and how replies fold in are the
+protocol's (:class:`synthlearn.protocol.RoundProtocol`, e.g. :class:`synthlearn.strategies.fedavg.FedAvgProtocol`).
+This module moves them through Flower ``Message`` s (:mod:`synthlearn.federated.messages`), counts the bytes of the
+real messages, checkpoints the server's state after every round and never hangs: the server waits at most the
+protocol's ``start_timeout_s`` for every site to connect and ``round_timeout_s`` for a round's replies, then fails
+with :class:`synthlearn.protocol.FederationError` naming the sites that did not answer. The same pair runs on the
+simulation engine (:mod:`synthlearn.federated.simulation`) and on a SuperLink with SuperNodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from synthlearn.data.contract import SiteRecord
+from synthlearn.federated.messages import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    message_nbytes,
+    record_to_states,
+    split_scalars,
+    states_to_record,
+)
+from synthlearn.protocol import (
+    FederationError,
+    FederationState,
+    RoundProtocol,
+    SiteReply,
+)
+
+log = logging.getLogger(__name__)
+
+#: the round number in the server's config record
+ROUND_KEY = "round"
+#: the site's name in its reply's config record
+SITE_KEY = "site"
+
+_SITE_MEMORY: dict[tuple[str, str], dict[str, Any]] = {}  # per site process: what a site keeps between rounds
+
+
+class SiteApp:
+    """The ``ClientApp``'s handler (pickled into each site's process): which site each partition plays, the
+    protocol, and where the sites' private folders are. A site reads only its own cases."""
+
+    def __init__(self, protocol: RoundProtocol, sites: Sequence[SiteRecord], state_root: str | Path):
+        import uuid
+
+        self.protocol = protocol
+        self.sites = list(sites)
+        self.state_root = str(state_root)
+        self.token = uuid.uuid4().hex  # survives pickling: a site's memory is found again in every round
+
+    def __call__(self, msg, context):
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+        from synthlearn.runtime import configure_threads
+
+        configure_threads(self.protocol.threads_per_site)
+        site = self.sites[int(context.node_config["partition-id"])]
+        config = dict(msg.content[CONFIG_KEY])
+        rnd = int(config.pop(ROUND_KEY))
+        arrays = record_to_states(msg.content[ARRAYS_KEY])
+        memory = _SITE_MEMORY.setdefault((self.token, site.name), {})
+        t0 = time.perf_counter()
+        out, metrics = self.protocol.site_round(site, rnd, arrays, config, state_dir=Path(self.state_root) / site.name,
+                                                memory=memory)
+        numbers, text = split_scalars(metrics)
+        numbers["train-seconds"] = float(time.perf_counter() - t0)
+        content = RecordDict({ARRAYS_KEY: states_to_record(out), METRICS_KEY: MetricRecord(numbers),
+                              CONFIG_KEY: ConfigRecord({SITE_KEY: site.name, **text})})
+        return Message(content=content, reply_to=msg)
+
+
+def make_client_app(handler: SiteApp):
+    """A Flower ``ClientApp`` whose ``train`` handler runs ``handler``."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return handler(msg, context)
+
+    return app
+
+
+def wait_for_sites(grid, num_sites: int, timeout_s: float) -> list[int]:
+    """The node ids of ``num_sites`` connected sites, waiting at most ``timeout_s``.
+
+    Raises:
+        FederationError: fewer sites connected in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= num_sites:
+            return sorted(nodes)[:num_sites]
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {num_sites} sites connected within the start timeout ({timeout_s:g} s); check "
+                "that every site's SuperNode is running and can reach the server (loopback 127.0.0.1 in simulation), "
+                "or raise the timeout")
+        time.sleep(0.2)
+
+
+def check_replies(replies: Sequence[Any], num_sites: int, rnd: int, timeout_s: float) -> None:
+    """Refuse a round with missing or failed replies (a study must not silently lose a site).
+
+    Raises:
+        FederationError: naming the failures and the timeout.
+    """
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) < num_sites:
+        reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+        raise FederationError(
+            f"round {rnd}: {len(replies) - len(failed)} of {num_sites} sites replied (round timeout {timeout_s:g} s)"
+            + (f"; failures: {reasons}" if reasons else "")
+            + ". A site that stalls or crashes stops the study rather than biasing it.")
+
+
+def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names: list[str], checkpoint: Path,
+               bar=None) -> FederationState:
+    """The server's loop: every remaining round of ``protocol`` over the connected sites, through ``grid``."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    nodes = wait_for_sites(grid, len(site_names), protocol.start_timeout_s)
+    for rnd in range(state.round + 1, protocol.rounds + 1):
+        t0 = time.perf_counter()
+        arrays, config = protocol.server_message(rnd, state.states)
+        content = RecordDict({ARRAYS_KEY: states_to_record(arrays), CONFIG_KEY: ConfigRecord({**config, ROUND_KEY: rnd})})
+        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
+        state.bytes_to_sites += message_nbytes(messages[0]) * len(messages)
+        replies = list(grid.send_and_receive(messages, timeout=protocol.round_timeout_s))
+        check_replies(replies, len(nodes), rnd, protocol.round_timeout_s)
+        parsed = []
+        for m in replies:
+            state.bytes_from_sites += message_nbytes(m)
+            metrics = dict(m.content[METRICS_KEY])
+            text = dict(m.content[CONFIG_KEY])
+            site = str(text.pop(SITE_KEY))
+            metrics.pop("train-seconds", None)
+            parsed.append(SiteReply(site, record_to_states(m.content[ARRAYS_KEY]), {**metrics, **text}))
+        parsed.sort(key=lambda r: site_names.index(r.site))
+        state.states, entry = protocol.aggregate(rnd, state.states, parsed)
+        state.round = rnd
+        state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0, **entry})
+        state.save(checkpoint)
+        if bar is not None:
+            bar.update(1)
+        log.info("round %d/%d aggregated (%.1f s)", rnd, protocol.rounds, time.perf_counter() - t0)
+    return state
+
+
+def make_server_app(protocol: RoundProtocol, state: FederationState, site_names: list[str], checkpoint: Path,
+                    bar=None):
+    """A Flower ``ServerApp`` whose main runs :func:`run_rounds`."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        run_rounds(grid, protocol, state, site_names, checkpoint, bar)
+
+    return app
+
+
+__all__ = ["ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "make_client_app", "make_server_app", "run_rounds",
+           "wait_for_sites"]

@@ -1,0 +1,176 @@
+"""One round protocol for every federated arm, in plain Python (no federation runtime).
+
+A federated arm says, round by round, what the server sends, what a site computes from its own data and returns,
+and how the server folds the replies in (:class:`RoundProtocol`). Two runners drive any protocol:
+
+- :func:`run_protocol_inprocess` (here): the rounds as plain function calls, one site after another (tests,
+  benchmarks);
+- :func:`synthlearn.federated.simulation.run_protocol_simulation`: one Flower ``ServerApp`` / ``ClientApp`` pair
+  (:mod:`synthlearn.federated.apps`) on Flower's simulation engine, whose messages are the real path across the
+  site boundary and whose bytes are counted on them; the same pair runs on a SuperLink and SuperNodes.
+
+This module sits below both ``strategies`` (which define protocols) and ``federated`` (the Flower glue that carries
+them): no strategy imports ``federated``; the study runner hands an arm the runner to use
+(:attr:`synthlearn.strategies.base.ArmContext.federate`).
+
+What travels is a set of named tensor groups (:data:`Arrays`: e.g. one state dict per network) and a flat dict of
+scalars (:data:`Scalars`: settings one way, metrics the other). The server's state between rounds and its history
+are a :class:`FederationState`, checkpointed after every round so that a federation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from synthlearn.data.contract import SiteRecord
+from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
+
+#: named tensor groups: group name (e.g. a network ``idh/fold-0``) -> tensor name -> tensor
+Arrays = dict[str, dict[str, torch.Tensor]]
+#: settings or metrics: name -> int, float or str
+Scalars = dict[str, Any]
+#: how a run carries a protocol across its sites: ``federate(protocol, sites, work_dir, progress=...)``
+Federate = Callable[..., "FederationState"]
+
+
+class FederationError(RuntimeError):
+    """A federation could not complete (sites unreachable, timed out, or failed)."""
+
+
+def arrays_nbytes(arrays: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
+    """Bytes of the tensors of :data:`Arrays` (the payload without any message framing)."""
+    return int(sum(torch.as_tensor(t).numel() * torch.as_tensor(t).element_size()
+                   for group in arrays.values() for t in group.values()))
+
+
+class FederationState:
+    """The server's resumable state after ``round`` rounds: its arrays, the bytes that crossed the site boundary
+    each way, and one history entry per round.
+
+    Args:
+        round: rounds done.
+        states: the server's arrays (FedAvg: the global networks).
+        bytes_from_sites, bytes_to_sites: bytes of the messages so far.
+        history: per round ``{"round", "wall_s", ...}`` (what the protocol's ``aggregate`` adds).
+    """
+
+    def __init__(self, round: int, states: Arrays, bytes_from_sites: int = 0, bytes_to_sites: int = 0,
+                 history: list[dict[str, Any]] | None = None):
+        self.round = int(round)
+        self.states = states
+        self.bytes_from_sites = int(bytes_from_sites)
+        self.bytes_to_sites = int(bytes_to_sites)
+        self.history = list(history or [])
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(path, {"round": self.round, "states": self.states, "bytes_from_sites": self.bytes_from_sites,
+                               "bytes_to_sites": self.bytes_to_sites, "history": json.dumps(self.history)})
+
+    @classmethod
+    def load_or_start(cls, path: str | Path, initial: Callable[[], Arrays]) -> FederationState:
+        """The state saved at ``path``, or round 0 with ``initial()``."""
+        path = Path(path)
+        if path.is_file():
+            p = load_checkpoint(path, restore_rng=False)
+            return cls(int(p["round"]), p["states"], int(p["bytes_from_sites"]), int(p["bytes_to_sites"]),
+                       json.loads(p["history"]))
+        return cls(0, initial())
+
+
+class SiteReply:
+    """A site's answer in a round: its arrays and its scalars."""
+
+    def __init__(self, site: str, arrays: Arrays, metrics: Scalars):
+        self.site = site
+        self.arrays = arrays
+        self.metrics = metrics
+
+
+class RoundProtocol(abc.ABC):
+    """What a federated arm does each round, independent of how the messages travel.
+
+    Subclasses give :meth:`initial_state`, :meth:`site_round` and :meth:`aggregate` (and may override
+    :meth:`server_message`). Everything :meth:`site_round` reads comes from its arguments and the site's own cases:
+    it runs where the site's data lives. A protocol object is pickled into every site process, so it should hold
+    settings, not data.
+
+    Attributes:
+        rounds: rounds of the federation.
+        start_timeout_s: seconds the server waits for every site to connect.
+        round_timeout_s: seconds the server waits for a round's replies.
+        threads_per_site: torch threads of each site's process.
+        parallel_sites: sites computing at the same time (0 = as many as the CPU cores allow).
+    """
+
+    rounds: int = 1
+    start_timeout_s: float = 120.0
+    round_timeout_s: float = 3600.0
+    threads_per_site: int = 1
+    parallel_sites: int = 0
+
+    @abc.abstractmethod
+    def initial_state(self) -> Arrays:
+        """The server's arrays before round 1."""
+
+    def server_message(self, rnd: int, state: Arrays) -> tuple[Arrays, Scalars]:
+        """What the server sends every site in round ``rnd`` (1-based): by default its whole state."""
+        return state, {}
+
+    @abc.abstractmethod
+    def site_round(self, site: SiteRecord, rnd: int, arrays: Arrays, config: Scalars, *, state_dir: Path,
+                   memory: dict[str, Any]) -> tuple[Arrays, Scalars]:
+        """What site ``site`` computes from the server's message and its own cases, and returns.
+
+        Args:
+            site: the site (its cases are the only data it may read).
+            rnd: the round (1-based).
+            arrays, config: the server's message.
+            state_dir: the site's private folder (e.g. its optimizer state between rounds).
+            memory: a cache that lives as long as the process playing the site (e.g. its preprocessed cases): the
+                same dict again when the same process plays the site in a later round, an empty one otherwise; what
+                a site returns must never depend on it.
+        """
+
+    @abc.abstractmethod
+    def aggregate(self, rnd: int, state: Arrays, replies: Sequence[SiteReply]) -> tuple[Arrays, dict[str, Any]]:
+        """Fold the sites' replies (in the federation's site order) into the server's new state; also return what
+        the round's history entry should hold (e.g. the sites' losses)."""
+
+
+def run_protocol_inprocess(protocol: RoundProtocol, sites: Sequence[SiteRecord], work_dir: str | Path, *,
+                           on_round: Callable[[int, float], None] | None = None) -> FederationState:
+    """Every round of ``protocol`` as plain function calls, one site after another, resumable from ``work_dir``
+    (``server/global.pt``; each site's private folder is ``sites/<site>``). Bytes are the arrays' payload (no
+    message framing). ``on_round(round, seconds)`` is called after each round."""
+    work_dir = Path(work_dir)
+    checkpoint = work_dir / "server" / "global.pt"
+    state = FederationState.load_or_start(checkpoint, protocol.initial_state)
+    memories: dict[str, dict[str, Any]] = {}
+    for rnd in range(state.round + 1, protocol.rounds + 1):
+        t0 = time.perf_counter()
+        arrays, config = protocol.server_message(rnd, state.states)
+        replies = []
+        for site in sites:
+            state.bytes_to_sites += arrays_nbytes(arrays)
+            out, metrics = protocol.site_round(site, rnd, arrays, dict(config), state_dir=work_dir / "sites" / site.name,
+                                               memory=memories.setdefault(site.name, {}))
+            state.bytes_from_sites += arrays_nbytes(out)
+            replies.append(SiteReply(site.name, out, metrics))
+        state.states, entry = protocol.aggregate(rnd, state.states, replies)
+        state.round = rnd
+        state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0, **entry})
+        state.save(checkpoint)
+        if on_round is not None:
+            on_round(rnd, time.perf_counter() - t0)
+    return state
+
+
+__all__ = ["Arrays", "Federate", "FederationError", "FederationState", "RoundProtocol", "Scalars", "SiteReply", "arrays_nbytes",
+           "run_protocol_inprocess"]
