@@ -19,7 +19,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:
 	@echo "make demo       set up .venv, make the default phantom study if absent, run the four-arm demo study and its report"
 	@echo "make demo-long  the same with CATphishing generators trained 3x as long (~45 min; closer to centralized)"
-	@echo "make test       set up .venv and run the test suite (slow and gpu tests excluded)"
+	@echo "make test       set up .venv, check the package's import contracts (lint-imports) and run the test suite (slow and gpu tests excluded)"
 	@echo "make test-slow  the longer checks (pytest -m slow)"
 	@echo "make bench      the benchmarks recorded in docs/benchmarks.md"
 
@@ -42,6 +42,7 @@ demo-long: $(STAMP)
 	$(VENV)/bin/synthlearn demo --study $(STUDY) --config configs/demo_long.toml --out runs/demo_long
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -157,13 +157,9 @@ def main(argv=None) -> list[dict]:
     from synthlearn.data.layouts import open_study
     from synthlearn.models.autoencoder import GeneratorAutoencoder
     from synthlearn.models.superres import SuperResolution
-    from synthlearn.training.generator import (
-        _train_autoencoder,
-        _train_superres,
-        load_generator_config,
-        load_site_tensors,
-        setup_runtime,
-    )
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.data import load_site_tensors
+    from synthlearn.generators.ldm.stages import _train_autoencoder, _train_superres, setup_runtime
 
     base = load_generator_config(args.config)
     try:

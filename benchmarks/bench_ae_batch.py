@@ -30,7 +30,7 @@ def measure(batch: int, shape: int, steps: int, channels_last: bool = False) -> 
     from torch.profiler import profile
 
     from synthlearn.models.autoencoder import build_autoencoder, kl_loss
-    from synthlearn.training.generator import load_generator_config
+    from synthlearn.generators.ldm.config import load_generator_config
 
     cfg = load_generator_config(ROOT / "configs" / "generator_demo.toml").autoencoder
     torch.manual_seed(0)

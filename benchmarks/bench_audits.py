@@ -6,7 +6,7 @@ Measures, at 32^3 and 64^3:
   brain first-order + GLCM of 4 sequences, the Frechet Radiomics Distance's default);
 * the diversity filter's distance + greedy step on N feature rows;
 * one 3D SSIM pair (4 sequences) with cached statistics;
-* :func:`synthlearn.evaluate.privacy.audit_site` on N training, N held-out and N synthetic cases.
+* :func:`synthlearn.audits.privacy.audit_site` on N training, N held-out and N synthetic cases.
 
 Run: ``.venv/bin/python benchmarks/bench_audits.py [--sizes 32 64] [--n 12]``. Timings vary about +/-30 %
 between runs on the 2-core machine; compare ratios measured in one run.
@@ -22,7 +22,7 @@ import torch
 
 from synthlearn.data.io import CaseArrays
 from synthlearn.data.phantom.generate import generate_case
-from synthlearn.evaluate.privacy import SSIMVolumes, audit_site, normalize_for_ssim
+from synthlearn.audits.privacy import SSIMVolumes, audit_site, normalize_for_ssim
 from synthlearn.evaluate.radiomics import RadiomicsSettings, radiomics_matrix
 from synthlearn.synthesis.diversity import diversity_keep_mask, standardize_features
 

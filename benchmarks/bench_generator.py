@@ -43,7 +43,7 @@ def _setup(threads: int):
 
 
 def _cfg(shape: int):
-    from synthlearn.training.generator import load_generator_config
+    from synthlearn.generators.ldm.config import load_generator_config
 
     cfg = load_generator_config(ROOT / "configs" / "generator_cpu.toml")
     lat = shape // cfg.autoencoder.downsample_factor
@@ -57,7 +57,7 @@ def _peak_mb() -> float:
 def bench_ae_overhead(threads: int, repeats: int, n_cases: int) -> dict:
     torch = _setup(threads)
     from synthlearn.models.autoencoder import GeneratorAutoencoder, kl_loss
-    from synthlearn.training.generator import Runtime, _train_autoencoder
+    from synthlearn.generators.ldm.stages import Runtime, _train_autoencoder
 
     cfg = _cfg(64)
     # the comparison is the reconstruction step (no discriminator), as the bare network has none
@@ -102,7 +102,7 @@ def bench_ae_overhead(threads: int, repeats: int, n_cases: int) -> dict:
 def bench_diffusion_overhead(threads: int, repeats: int, n_latents: int) -> dict:
     torch = _setup(threads)
     from synthlearn.models.diffusion import ClassConditionedUNet, build_scheduler
-    from synthlearn.training.generator import Runtime, _train_diffusion
+    from synthlearn.generators.ldm.stages import Runtime, _train_diffusion
 
     cfg = _cfg(64)
     dcfg = dataclasses.replace(cfg.diffusion, epochs=1)
@@ -151,9 +151,9 @@ def bench_sampling(threads: int, shape: int, n_cases: int, steps: int) -> dict:
     from synthlearn.models.autoencoder import GeneratorAutoencoder
     from synthlearn.models.diffusion import ClassConditionedUNet
     from synthlearn.models.superres import SuperResolution
-    from synthlearn.synthesis.artifact import write_artifact
-    from synthlearn.synthesis.cases import synthesize
-    from synthlearn.synthesis.sampling import guided_noise
+    from synthlearn.generators.artifact import write_artifact
+    from synthlearn.generators.ldm.sample import synthesize
+    from synthlearn.generators.ldm.sample import guided_noise
 
     cfg = _cfg(shape)
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, min_tumour_voxels=0, batch_size=4))

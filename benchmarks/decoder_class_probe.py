@@ -46,8 +46,8 @@ def finetune_site(run: Path, study_dir: Path, site: str, variant: str, steps: in
 
     from synthlearn.data.layouts import open_study
     from synthlearn.models.autoencoder import mask_dice_loss, reconstruction_l1
-    from synthlearn.synthesis.artifact import load_generator
-    from synthlearn.training.generator import load_site_tensors
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.data import load_site_tensors
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -115,9 +115,9 @@ def sample_site(run: Path, site: str, variant: str, weights: Path | None, per_cl
     """
     import torch
 
-    import synthlearn.synthesis.artifact as artifact_mod
-    import synthlearn.synthesis.sampling as sampling_mod
-    from synthlearn.synthesis.cases import synthesize
+    import synthlearn.generators.ldm.sample as artifact_mod
+    import synthlearn.generators.ldm.sample as sampling_mod
+    from synthlearn.generators.ldm.sample import synthesize
 
     torch.set_num_threads(1)
     load, sample = artifact_mod.load_generator, sampling_mod.sample_latents

@@ -162,14 +162,14 @@ def main(argv=None) -> list[dict]:
 
     from synthlearn.data.layouts import open_study
     from synthlearn.models.diffusion import ClassConditionedUNet
-    from synthlearn.synthesis.artifact import load_generator
-    from synthlearn.synthesis.sampling import sample_latents
-    from synthlearn.training.generator import (
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.sample import sample_latents
+    from synthlearn.generators.ldm.data import load_site_tensors
+    from synthlearn.generators.ldm.stages import (
         _train_diffusion,
         encode_site,
         latent_scale_factor,
         latent_tumour_map,
-        load_site_tensors,
         setup_runtime,
     )
     from synthlearn.training.seeding import torch_generator

@@ -2,7 +2,7 @@
 
 The autoencoder of ``--artifact`` is kept (its weights are copied byte for byte); the site's member cases (the
 cases the artifact's generator trained on, from ``--holdout-file``) are encoded, and a fresh diffusion UNet is
-trained exactly as ``train-generator``'s stage 3 does (:func:`synthlearn.training.generator._train_diffusion`,
+trained exactly as ``train-generator``'s stage 3 does (:func:`synthlearn.generators.ldm.stages._train_diffusion`,
 same seed), with the ``[diffusion]`` keys given by ``--set key=value`` changed. The new artifact (same
 autoencoder, the new diffusion model, the latent normalisation its settings ask for) is written to ``--out``
 and verifies like any other, so ``synthesize`` and the study's task model read it as usual. Two settings that
@@ -60,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     from synthlearn.data.layouts import open_study
     from synthlearn.models.diffusion import ClassConditionedUNet, DiffusionConfig
     from synthlearn.runtime import configure_threads
-    from synthlearn.synthesis.artifact import load_generator, load_weights, write_artifact
-    from synthlearn.training.generator import (
-        GeneratorConfig,
+    from synthlearn.generators.artifact import load_weights, write_artifact
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.config import GeneratorConfig
+    from synthlearn.generators.ldm.data import load_site_tensors
+    from synthlearn.generators.ldm.stages import (
         _train_diffusion,
         encode_site,
         latent_normalisation,
         latent_tumour_map,
-        load_site_tensors,
         setup_runtime,
     )
     from synthlearn.training.seeding import torch_generator
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                     (torch.tensor(norm["latent_shift"]), torch.tensor(norm["latent_scale"])), cfg, rt,
                                     seed=seed, ckpt=ckpt, progress=False, tumour=tumour)
     ckpt.unlink(missing_ok=True)
-    for key in ("format", "format_version", "files", "latent_shift", "latent_scale"):
+    for key in ("format", "format_version", "files", "manifest_sha256", "latent_shift", "latent_scale"):
         manifest.pop(key, None)
     manifest.update(norm, config=to_dict(cfg), figures=[])
     manifest["training"] = {**manifest["training"], "diffusion_variant": overrides,

@@ -1,9 +1,9 @@
 """Is the generator positive control of the privacy audit caught? (issue 5 item 3)
 
 Takes the artifacts and privacy holdouts of a catphishing arm run (``<run>/catphishing``), and for one site
-over-fits its generator to a few members (:func:`synthlearn.training.memorising.train_memorising_generator`),
-samples it (:func:`synthlearn.synthesis.cases.synthesize`) and runs the arm's SSIM attack on it
-(:func:`synthlearn.evaluate.privacy.audit_site` with ``control_synthetic``): the memorised cases against the
+over-fits its generator to a few members (:func:`synthlearn.generators.ldm.memorising.train_memorising_generator`),
+samples it (:func:`synthlearn.generators.ldm.sample.synthesize`) and runs the arm's SSIM attack on it
+(:func:`synthlearn.audits.privacy.audit_site` with ``control_synthetic``): the memorised cases against the
 site's held-out cases, best SSIM to the control's samples. Also reports the ceiling a perfectly memorising
 diffusion model could reach with the *shipped* decoder: the SSIM of each memorised case to its own
 reconstruction (posterior mean, decoded) against the held-out cases' best SSIM to those reconstructions.
@@ -48,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from synthlearn.data.layouts import open_study
     from synthlearn.data.preprocess import PreprocessConfig
-    from synthlearn.evaluate.privacy import SSIMVolumes, _load, _normalised, audit_site, normalize_for_ssim, ssim_matrix
+    from synthlearn.audits.privacy import SSIMVolumes, _load, _normalised, audit_site, normalize_for_ssim, ssim_matrix
     from synthlearn.strategies.catphishing import control_cases
-    from synthlearn.synthesis.artifact import load_generator
-    from synthlearn.synthesis.cases import postprocess_sample, synthesize
-    from synthlearn.training.generator import encode_site, load_site_tensors, open_site, setup_runtime
-    from synthlearn.training.memorising import train_memorising_generator
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.sample import synthesize
+    from synthlearn.synthesis.cases import postprocess_sample
+    from synthlearn.generators.ldm.data import load_site_tensors, open_site
+    from synthlearn.generators.ldm.stages import encode_site, setup_runtime
+    from synthlearn.generators.ldm.memorising import train_memorising_generator
 
     holdout_file = args.arm / "holdout" / f"{args.site}.json"
     artifact = args.arm / "artifacts" / args.site

@@ -61,8 +61,8 @@ def reconstruction_metrics(artifact: Path, cases, cfg) -> dict:
     from monai.metrics import SSIMMetric
 
     from synthlearn.data.contract import SEQUENCES
-    from synthlearn.synthesis.artifact import load_generator
-    from synthlearn.training.generator import load_site_tensors
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.data import load_site_tensors
 
     gen = load_generator(artifact)
     data = load_site_tensors(tuple(cases), cfg)
@@ -263,8 +263,9 @@ def main(argv=None) -> dict:
     configure_threads(args.threads)
 
     from synthlearn.data.layouts import open_study
-    from synthlearn.synthesis.cases import synthesize
-    from synthlearn.training.generator import load_generator_config, train_generator
+    from synthlearn.generators.ldm.sample import synthesize
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.train import train_generator
 
     if args.make_phantom and not (args.study / "study.json").exists():
         from synthlearn.data.phantom import make_phantom_study
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
         train_generator(sub, cfg, artifact, seed=args.seed, progress=False)
         timings["train_s"] = round(time.perf_counter() - t0, 1)
     cfg = load_generator_config(args.config) if args.artifact is None else cfg
-    from synthlearn.synthesis.artifact import load_generator
+    from synthlearn.generators.ldm.sample import load_generator
 
     cfg = load_generator(artifact).cfg
     results: dict = {"study": str(args.study), "site": args.site, "config": str(args.config),

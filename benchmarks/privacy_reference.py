@@ -3,7 +3,7 @@
 Runs made before the reference control existed have no ``reference_control`` block in their privacy results.
 This reads the run's privacy holdouts (``<run>/catphishing/holdout/<site>.json``) and written synthetic sites
 (``<run>/catphishing/synthetic/<site>``) and the real study, and audits each site as the arm does
-(:func:`synthlearn.evaluate.privacy.audit_site`, the study config's preprocessing and seed, all written
+(:func:`synthlearn.audits.privacy.audit_site`, the study config's preprocessing and seed, all written
 synthetic cases of the site unless the config's ``privacy_n_synthetic`` subsamples them), with the other sites'
 synthetic cases as the reference. Prints one line per site and writes the results as JSON with ``--out``.
 About 1 minute per site at 32^3 on one core (the noisy-copy positive control included).
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from synthlearn.data.layouts import open_study
-    from synthlearn.evaluate.privacy import audit_site
+    from synthlearn.audits.privacy import audit_site
     from synthlearn.runtime import configure_threads
     from synthlearn.strategies.catphishing import privacy_attack_set
     from synthlearn.study import load_study_config

@@ -33,7 +33,8 @@ def main() -> None:
 
     from diffusion_conditioning import sample_contrast
 
-    from synthlearn.training.generator import load_generator_config, load_site_tensors, open_site
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.data import load_site_tensors, open_site
 
     cfg = load_generator_config(args.config)
     for site in args.sites:

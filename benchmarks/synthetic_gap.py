@@ -26,7 +26,7 @@ each sequence and the tumour's voxel count on the task grid, per class: what the
 
 Every row also says how the task model trained on ``real`` (when that kind is in the list) classifies the
 training cases of that row: ``recognised`` (balanced share predicted as the conditioned class, chance 0.5)
-and ``recognition_auc``; :func:`synthlearn.strategies.catphishing.recognition_audit`, the arm's own audit.
+and ``recognition_auc``; :func:`synthlearn.audits.recognition.recognition_audit`, the arm's own audit.
 
 Each study gets its own run folder under ``--out``; the table printed at the end (and ``--json``) has the
 combined AUC with its CI and the per-site AUCs.
@@ -93,8 +93,8 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
     import torch
 
     from synthlearn.data.layouts import open_study
-    from synthlearn.synthesis.artifact import load_generator
-    from synthlearn.training.generator import load_site_tensors
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.data import load_site_tensors
 
     arm = run / "catphishing"
     holdouts = sorted((arm / "holdout").glob("*.json"))
@@ -139,7 +139,7 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
                 sites[f"syn_{name}"] = {"role": "train"}
                 continue
             if kind.startswith("g"):  # drawn again at another guidance scale
-                from synthlearn.synthesis.cases import synthesize
+                from synthlearn.generators.ldm.sample import synthesize
                 from synthlearn.training.seeding import derive_seed
 
                 synthesize(arm / "artifacts" / name, per_class, tmp / f"{kind}_{name}",
@@ -280,7 +280,7 @@ def main(argv=None) -> list[dict]:
     real_model = args.out / "runs" / "real" / "centralized" / "model"
     if (real_model / "model.json").is_file():
         from synthlearn.data.layouts import open_study
-        from synthlearn.strategies.catphishing import recognition_audit
+        from synthlearn.audits.recognition import recognition_audit
         from synthlearn.tasks.model import TaskModel
 
         model = TaskModel.load(real_model)

@@ -66,7 +66,7 @@ def test_train_then_synthesize_cases_that_pass_verify(trained, tmp_path, capsys)
 
 
 def test_same_seed_same_cases(trained, tmp_path):
-    from synthlearn.synthesis.cases import synthesize
+    from synthlearn.generators.ldm.sample import synthesize
 
     _, artifact = trained
     a = synthesize(artifact, 1, tmp_path / "a", seed=7, steps=3, progress=False)
@@ -101,8 +101,9 @@ def test_tampered_artifact_is_refused_and_nothing_written(trained, tmp_path, cap
 
 
 def test_interrupted_training_resumes_to_the_same_artifact(trained, tmp_path, monkeypatch, caplog):
-    import synthlearn.training.generator as tg
-    from synthlearn.training.generator import load_generator_config, train_generator
+    import synthlearn.generators.ldm.stages as tg
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.train import train_generator
 
     site, reference = trained
     real_save = tg.save_checkpoint
@@ -216,7 +217,7 @@ def test_killed_train_generator_process_resumes(tiny_study, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming" in done.stdout + done.stderr
-    from synthlearn.synthesis.artifact import verify_artifact
+    from synthlearn.generators.artifact import verify_artifact
 
     verify_artifact(out)
 
@@ -225,8 +226,9 @@ def test_killed_train_generator_process_resumes(tiny_study, tmp_path):
 def test_tumour_type_generator(tiny_study, tmp_path):
     from synthlearn.config import load_toml
     from synthlearn.data.verify import verify_study
-    from synthlearn.synthesis.cases import synthesize
-    from synthlearn.training.generator import GeneratorConfig, train_generator
+    from synthlearn.generators.ldm.sample import synthesize
+    from synthlearn.generators.ldm.config import GeneratorConfig
+    from synthlearn.generators.ldm.train import train_generator
 
     cfg = load_toml(GeneratorConfig, TINY_CONFIG, overrides={"label": "tumor_type"})
     art = train_generator(tiny_study / "tcga", cfg, tmp_path / "artifact", seed=0, progress=False)
@@ -248,7 +250,7 @@ def test_ddp_under_torchrun_on_cpu(tiny_study, tmp_path):
                            "train-generator", "--site", str(tiny_study / "tcga"), "--config", str(TINY_CONFIG),
                            "--out", str(out), "-q"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    from synthlearn.synthesis.artifact import verify_artifact
+    from synthlearn.generators.artifact import verify_artifact
 
     manifest = verify_artifact(out)
     assert manifest["training"]["world_size"] == 2
@@ -259,7 +261,7 @@ def test_class_conditional_decoder_trains_ships_its_class_vectors_and_synthesize
     and every sample is decoded with its conditioned class."""
     from safetensors.torch import load_file
 
-    from synthlearn.synthesis.artifact import load_generator
+    from synthlearn.generators.ldm.sample import load_generator
 
     config = tmp_path / "cond.toml"
     config.write_text(f'base = "{TINY_CONFIG}"\n[autoencoder]\nclass_conditional_decoder = true\n')
@@ -284,7 +286,7 @@ def test_filled_background_generator_trains_synthesizes_and_verifies(tiny_study,
 
     from synthlearn.data.io import read_case
     from synthlearn.data.layouts import open_study
-    from synthlearn.synthesis.artifact import load_generator
+    from synthlearn.generators.ldm.sample import load_generator
 
     config = tmp_path / "filled.toml"
     config.write_text(f'base = "{TINY_CONFIG}"\nbackground = "filled"\n')

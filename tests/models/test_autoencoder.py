@@ -225,3 +225,11 @@ def test_class_conditional_decoder_adds_one_vector_per_class_and_needs_the_class
     with pytest.raises(ValueError, match="number of classes"):
         GeneratorAutoencoder(AutoencoderConfig(**TINY, class_conditional_decoder=True), shape=(16, 16, 16),
                              latent_shape=(8, 8, 8))
+
+
+def test_generator_channels_follow_the_data_contracts_sequence_order():
+    """The network module does not import the data contract; its channel constants must agree with it."""
+    from synthlearn.data.contract import SEQUENCES
+    from synthlearn.models.autoencoder import MASK_CHANNEL, T1_CHANNEL, T1C_CHANNEL
+
+    assert (SEQUENCES.index("t1"), SEQUENCES.index("t1c"), len(SEQUENCES)) == (T1_CHANNEL, T1C_CHANNEL, MASK_CHANNEL)

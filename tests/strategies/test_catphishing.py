@@ -21,7 +21,7 @@ from synthlearn.strategies.catphishing import (
     recognition_audit,
 )
 from synthlearn.study import load_study_config, run_study
-from synthlearn.synthesis.artifact import verify_artifact
+from synthlearn.generators.artifact import verify_artifact
 from synthlearn.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,3 +270,23 @@ def test_synthetic_vs_real_pairs_show_each_class_with_its_own_class(tiny_study):
                                                                            ("mutant", "mutant")]
     assert pair_by_class(cases, wild, "idh", 3) == list(zip(wild, wild))[:3]  # one class only: that class
     assert pair_by_class(mut, wild, "idh", 2) == []  # no class in common: no pair
+
+
+def _fake_site_training(n_epochs, site="", epochs_done=None):
+    """Stands in for _site_worker: reports each epoch of two stages, as train_generator's hook does."""
+    for stage in ("autoencoder", "diffusion"):
+        for k in range(n_epochs):
+            epochs_done.put((site, stage, k + 1, n_epochs))
+    return site
+
+
+def test_site_generators_report_per_site_epoch_progress(capsys):
+    """The bar of the site generators moves with every epoch of every site (it showed 0/3 sites for 20 minutes)."""
+    from synthlearn.strategies.catphishing import CatphishingConfig, _run_jobs
+
+    out = _run_jobs({"tcga": (3,), "utsw": (3,)}, _fake_site_training, CatphishingConfig(parallel_sites=2),
+                    "site generators", progress=True, epochs_per_job=6)
+    assert out == {"tcga": "tcga", "utsw": "utsw"}
+    err = capsys.readouterr().err
+    assert "12/12" in err and "epoch" in err, err[-500:]
+    assert "diffusion 3/3" in err or "done" in err

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from synthlearn.commands import positive_int, seed_int
+from synthlearn.commands import check_output, positive_int, seed_int
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,23 @@ def _fraction(text: str) -> float:
 
 
 def cmd_train_generator(args: argparse.Namespace) -> int:
-    from synthlearn.training.generator import load_generator_config, train_generator
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.train import train_generator
 
     site = Path(args.site)
     if not site.is_dir():
         raise FileNotFoundError(f"--site {site}: no such site folder (expected case folders + labels.csv)")
     cfg = load_generator_config(args.config)
+    check_output(args.out, "folder")
     out = train_generator(site, cfg, Path(args.out), seed=args.seed, progress=not args.quiet)
     print(f"generator artifact written to {out}")
     return 0
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from synthlearn.synthesis.cases import synthesize
+    from synthlearn.generators.ldm.sample import synthesize
 
+    check_output(args.out, "folder")
     out = synthesize(Path(args.artifact), args.per_class, Path(args.out), seed=args.seed, steps=args.steps,
                      guidance=args.guidance, guidance_interval=args.guidance_interval, scheduler=args.scheduler,
                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)

@@ -2,7 +2,7 @@
 
 Used by the CATphishing diversity filter (:mod:`synthlearn.synthesis.diversity`, whole-tumour features of
 every synthetic case, paper 000 "Methods": radiomics features of the whole tumour, ref. 49) and by the
-default feature extractor of the Frechet distance (:mod:`synthlearn.evaluate.fidelity`, a Frechet
+default feature extractor of the Frechet distance (:mod:`synthlearn.audits.fidelity`, a Frechet
 Radiomics Distance: no pretrained network, so nothing to download).
 
 Settings and why:

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthlearn.data.contract import SEQUENCES
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ log = logging.getLogger(__name__)
 GENERATOR_CHANNELS = 5
 MASK_CHANNEL = 4
 BRAIN_CHANNEL = 5
+#: the T1 and T1c channels of the generator tensor (the data contract's sequence order: t1, t1c, t2, flair)
+T1_CHANNEL, T1C_CHANNEL = 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +332,7 @@ def reconstruction_l1(recon: torch.Tensor, target: torch.Tensor, mask_weight: fl
     weights[MASK_CHANNEL] = mask_weight
     loss = (err * weights).sum() / weights.sum()
     if enhancement_weight:
-        t1, t1c = SEQUENCES.index("t1"), SEQUENCES.index("t1c")
+        t1, t1c = T1_CHANNEL, T1C_CHANNEL
         enh = ((recon[:, t1c] - recon[:, t1]) - (target[:, t1c] - target[:, t1])).abs()
         loss = loss + enhancement_weight * (enh * w[:, 0]).sum() / w[:, 0].sum()
     return loss

@@ -60,7 +60,7 @@ class DiffusionConfig:
             mask average-pooled to the latent grid, > 0) relative to the rest (1 = plain mean squared error).
             The tumour covers a few of the 512 positions of an 8^3 latent; the class lives there.
         tumour_weighting: how ``tumour_weight`` spreads over a case's latent positions
-            (:func:`synthlearn.training.generator.latent_tumour_map`): ``touched``: every position the tumour
+            (:func:`synthlearn.generators.ldm.stages.latent_tumour_map`): ``touched``: every position the tumour
             touches gets the full weight, so a large tumour weighs more than a small one (on the default phantom
             the wildtype tumours got 2.3x the mutant ones' extra weight); ``case``: the same positions scaled so
             that every case's tumour carries the same total extra weight. ``case`` was measured worse on the

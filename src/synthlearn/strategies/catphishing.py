@@ -5,27 +5,27 @@ pooled synthetic data only.
 What happens, in order (each step resumes from what a previous run left in the arm folder):
 
 1. **At each site** (a separate process that is given only that site's folder, so no site's code can read
-   another site's cases): :func:`synthlearn.training.generator.train_generator` on the site's cases minus a
+   another site's cases): :func:`synthlearn.generators.ldm.train.train_generator` on the site's cases minus a
    stratified privacy holdout (``holdout_fraction``; the held-out cases never reach the generator and are
    the non-members of the membership audit). The artifact (safetensors + SHA-256 manifest) is what crosses
    the site boundary: ``bytes_from_sites`` is the sum of the artifacts' file sizes.
-2. **At the server**: :func:`synthlearn.synthesis.cases.synthesize` verifies each artifact (a tampered one
+2. **At the server**: :func:`synthlearn.generators.ldm.sample.synthesize` verifies each artifact (a tampered one
    is refused) and writes ``per_class`` cases per class; the diversity filter
    (:func:`synthlearn.synthesis.diversity.filter_site`: whole-tumour radiomics, pairwise distances within
    the site, drop one case of every pair closer than the ``diversity_percentile``-th percentile) keeps the
    training set; the task model is trained on the kept cases of every site, pooled, with the same trainer
    and setup as every other arm.
 3. **Audits** (``audit = true``): per-sequence Frechet radiomics distances real vs synthetic per site and
-   the cross-site matrix (:func:`synthlearn.evaluate.fidelity.fidelity`), BRISQUE and PIQE real vs
+   the cross-site matrix (:func:`synthlearn.audits.fidelity.fidelity`), BRISQUE and PIQE real vs
    synthetic, and per site the SSIM membership inference with its negative and positive controls and the
-   copy rate with a montage of the closest pairs (:func:`synthlearn.evaluate.privacy.audit_site`), and its
+   copy rate with a montage of the closest pairs (:func:`synthlearn.audits.privacy.audit_site`), and its
    **reference control**: the same members and non-members attacked with the other sites' synthetic cases
    (generators that never saw them), which measures what the split alone gives. The audits read the real
    cases at the site that owns them (the server can send a site the other sites' synthetic cases); only
    their numbers would leave a site.
    The **generator positive control** (``privacy_control_generator``) runs at each site too: the site's
    generator with its decoder and diffusion UNet fine-tuned on ``privacy_control_cases`` members only
-   (:func:`synthlearn.training.memorising.train_memorising_generator`), sampled like the real one; the
+   (:func:`synthlearn.generators.ldm.memorising.train_memorising_generator`), sampled like the real one; the
    membership attack must catch the cases it memorised. It is never shipped or trained on.
    **Recognition** (:func:`recognition_audit`, when the study's ``centralized`` arm ran before this one):
    the task model trained on the real training cases classifies the kept synthetic cases; the share
@@ -45,6 +45,7 @@ Arm folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,6 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from synthlearn.audits.recognition import recognition_audit
 from synthlearn.config import to_dict
 from synthlearn.data.contract import CaseRecord, SiteRecord
 from synthlearn.data.io import write_json
@@ -187,7 +189,7 @@ def load_generator_for_task(path: str | Path, task: str):
     Raises:
         FileNotFoundError: no such file (names the fix).
     """
-    from synthlearn.training.generator import load_generator_config
+    from synthlearn.generators.ldm.config import load_generator_config
 
     given = Path(path)
     candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
@@ -224,15 +226,21 @@ def privacy_holdout(site: SiteRecord, fraction: float, label: str, seed: int) ->
 
 
 # ------------------------------------------------------------------------------------ site and server steps
-def _site_worker(site_dir: str, gcfg, out: str, seed: int, case_ids: list[str], threads: int) -> float:
-    """Runs in its own process, given one site's folder only: train that site's generator."""
+def _site_worker(site_dir: str, gcfg, out: str, seed: int, case_ids: list[str], threads: int, site: str = "",
+                 epochs_done=None) -> float:
+    """Runs in its own process, given one site's folder only: train that site's generator, reporting every epoch
+    of every stage on the ``epochs_done`` queue as ``(site, stage, done, total)``."""
+    from synthlearn.generators.ldm.train import train_generator
     from synthlearn.runtime import configure_threads
-    from synthlearn.training.generator import train_generator
 
     configure_threads(threads)
     logging.basicConfig(level=logging.WARNING)
+    hook = None
+    if epochs_done is not None:
+        def hook(stage: str, done: int, total: int) -> None:
+            epochs_done.put((site, stage, done, total))
     t0 = time.perf_counter()
-    train_generator(Path(site_dir), gcfg, Path(out), seed=seed, case_ids=case_ids, progress=False)
+    train_generator(Path(site_dir), gcfg, Path(out), seed=seed, case_ids=case_ids, progress=False, on_epoch=hook)
     return time.perf_counter() - t0
 
 
@@ -240,7 +248,7 @@ def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: in
                    label: str, filter_cfg: tuple[bool, float, str] | None, threads: int) -> dict:
     """Runs at the server: synthesize from one artifact, then the diversity filter on its cases."""
     from synthlearn.runtime import configure_threads
-    from synthlearn.synthesis.cases import synthesize
+    from synthlearn.generators.ldm.sample import synthesize
     from synthlearn.synthesis.diversity import filter_site
 
     configure_threads(threads)
@@ -261,8 +269,8 @@ def _control_worker(artifact: str, site_dir: str, case_ids: list[str], out: str,
     """Runs at a site, given that site's folder only: the generator positive control (over-fit, then sample).
     A control that fails (e.g. its samples have no tumour) is reported, not fatal: ``{"wall_s", "error"}``."""
     from synthlearn.runtime import configure_threads
-    from synthlearn.synthesis.cases import synthesize
-    from synthlearn.training.memorising import train_memorising_generator
+    from synthlearn.generators.ldm.sample import synthesize
+    from synthlearn.generators.ldm.memorising import train_memorising_generator
 
     configure_threads(threads)
     logging.basicConfig(level=logging.WARNING)
@@ -305,26 +313,53 @@ def _pool(n_jobs: int, cfg: CatphishingConfig) -> ProcessPoolExecutor:
                                mp_context=multiprocessing.get_context("spawn"))
 
 
-def _run_jobs(jobs: dict[str, tuple], fn, cfg: CatphishingConfig, desc: str, progress: bool) -> dict[str, Any]:
-    """Run ``fn(*args)`` for every site in worker processes, with a progress bar over sites."""
+def _run_jobs(jobs: dict[str, tuple], fn, cfg: CatphishingConfig, desc: str, progress: bool,
+              epochs_per_job: int = 0) -> dict[str, Any]:
+    """Run ``fn(*args)`` for every site in worker processes, with a progress bar over sites or, with
+    ``epochs_per_job``, over every site's epochs: ``fn`` then also gets ``site`` and a queue on which it reports
+    ``(site, stage, done, total)`` after each epoch, shown per site beside the bar."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from queue import Empty
+
     from tqdm.auto import tqdm
 
     if not jobs:
         return {}
     results = {}
-    with _pool(len(jobs), cfg) as pool:
-        futures = {pool.submit(fn, *args): site for site, args in jobs.items()}
-        bar = tqdm(total=len(futures), desc=desc, unit="site", disable=not progress, leave=False)
-        from concurrent.futures import as_completed
-
-        for fut in as_completed(futures):
-            site = futures[fut]
-            try:
-                results[site] = fut.result()
-            except Exception as exc:
-                raise RuntimeError(f"catphishing: {desc} failed at site {site}: {type(exc).__name__}: {exc}") from exc
-            bar.update(1)
-            log.info("catphishing: %s done for site %s", desc, site)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(_pool(len(jobs), cfg))
+        queue = None
+        if epochs_per_job:
+            queue = stack.enter_context(multiprocessing.get_context("spawn").Manager()).Queue()
+        futures = {pool.submit(fn, *args, *((site, queue) if queue is not None else ())): site
+                   for site, args in jobs.items()}
+        total, unit = (len(futures) * epochs_per_job, "epoch") if queue is not None else (len(futures), "site")
+        bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)
+        where: dict[str, str] = {}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            if queue is not None:
+                try:
+                    while True:
+                        site, stage, n, of = queue.get_nowait()
+                        where[site] = f"{stage} {n}/{of}"
+                        bar.update(1)
+                        bar.set_postfix_str(", ".join(f"{k}: {v}" for k, v in sorted(where.items())))
+                except Empty:
+                    pass
+            for fut in done:
+                site = futures[fut]
+                try:
+                    results[site] = fut.result()
+                except Exception as exc:
+                    raise RuntimeError(f"catphishing: {desc} failed at site {site}: {type(exc).__name__}: "
+                                       f"{exc}") from exc
+                if queue is None:
+                    bar.update(1)
+                where[site] = "done"
+                log.info("catphishing: %s done for site %s", desc, site)
         bar.close()
     return results
 
@@ -424,8 +459,9 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
                controls: dict[str, tuple[list[str], list[CaseRecord]]] | None = None) -> dict[str, Any]:
     """Fidelity, image quality and privacy of every site's synthetic data (see the module docstring);
     ``controls``: site -> (memorised member ids, samples) of the generator positive control."""
-    from synthlearn.evaluate.fidelity import TorchFeatures, fidelity, image_quality
-    from synthlearn.evaluate.privacy import audit_site
+    from synthlearn.audits.fidelity import TorchFeatures, fidelity
+    from synthlearn.audits.quality import image_quality
+    from synthlearn.audits.privacy import audit_site
 
     pre = ctx.setup.preprocess
     figures = ctx.arm_dir / "figures"
@@ -485,67 +521,10 @@ def run_audits(ctx: ArmContext, cfg: CatphishingConfig, label: str, members: dic
     return out
 
 
-def recognition_audit(model, synthetic: dict[str, list[CaseRecord]], *, reference: str = RECOGNITION_REFERENCE,
-                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """How often a model trained on real cases classifies synthetic cases as the class they were conditioned on.
-
-    Args:
-        model: a :class:`synthlearn.tasks.model.TaskModel` trained on real cases (the study's
-            ``centralized`` arm), whose task's label is the one the generators were conditioned on.
-        synthetic: site -> synthetic case records (their label column holds the conditioned class).
-        reference: name of the arm the model comes from (recorded).
-        seed: seed of the bootstrap CI of the AUC.
-        progress: progress bar over prediction batches.
-
-    Returns:
-        ``{"reference", "n", "balanced", "chance", "per_class": {class: share recognised}, "auc", "auc_ci",
-        "per_site": {site: {"n", "balanced", "per_class"}}}``; ``balanced`` is the mean over classes of the share
-        of cases predicted as their conditioned class (None where a class has no case).
-
-    Raises:
-        ValueError: no synthetic case, or a case whose conditioned class the model's task does not know.
-    """
-    from synthlearn.evaluate.classification import bootstrap_auc_ci, roc_auc
-
-    task = model.task
-    cases = [(site, c) for site, cs in synthetic.items() for c in cs]
-    if not cases:
-        raise ValueError("recognition_audit: no synthetic case to classify")
-    y = []
-    for site, c in cases:
-        k = task.label(c.labels)
-        if k is None:
-            raise ValueError(f"recognition_audit: synthetic case {c.case_id} of site {site} has no "
-                             f"{task.name} class (expected one of {list(task.class_names)} in its labels)")
-        y.append(k)
-    y_arr = np.asarray(y)
-    probs = model.predict_cases([c for _, c in cases], progress=progress)
-    hit = probs.argmax(axis=1) == y_arr
-    sites = np.asarray([site for site, _ in cases])
-
-    def shares(mask: np.ndarray) -> dict[str, Any]:
-        per_class = {name: (float(hit[mask & (y_arr == k)].mean()) if (mask & (y_arr == k)).any() else None)
-                     for k, name in enumerate(task.class_names)}
-        known = [v for v in per_class.values() if v is not None]
-        return {"n": int(mask.sum()), "per_class": per_class, "balanced": float(np.mean(known)) if known else None}
-
-    positive = task.positive_class if task.num_classes == 2 else None
-    ci = bootstrap_auc_ci(y_arr, probs, positive, n_bootstrap=1000, rng=np.random.default_rng(seed))
-    result: dict[str, Any] = {"reference": reference, "chance": 1.0 / task.num_classes,
-                              **shares(np.ones(len(cases), bool)), "auc": roc_auc(y_arr, probs, positive),
-                              "auc_ci": list(ci) if ci is not None else None}
-    result["per_site"] = {site: shares(sites == site) for site in synthetic if synthetic[site]}
-    return result
-
-
 # ------------------------------------------------------------------------------------------------------ arm
 def run(ctx: ArmContext) -> ArmOutput:
     """Train one generator per training site, synthesize, filter, train the task model on synthetic data."""
-    from synthlearn.synthesis.artifact import (
-        artifact_bytes,
-        read_manifest,
-        verify_artifact,
-    )
+    from synthlearn.generators.artifact import artifact_bytes, read_manifest, verify_artifact
 
     cfg: CatphishingConfig = ctx.arm_config
     task = ctx.setup.task
@@ -582,7 +561,8 @@ def run(ctx: ArmContext) -> ArmOutput:
             for name in sites if not (artifacts[name] / "manifest.json").is_file()}
     log.info("catphishing: training %d site generator(s) (%d already done)", len(jobs), len(sites) - len(jobs))
     t0 = time.perf_counter()
-    walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress)
+    stage_epochs = gcfg.autoencoder.epochs + gcfg.superres.epochs + gcfg.diffusion.epochs
+    walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
     generator_wall = time.perf_counter() - t0
     shipped = {}
     for name in sites:
@@ -688,4 +668,4 @@ ARM = ArmSpec(name="catphishing", run=run, config=CatphishingConfig, needs=(RECO
 
 __all__ = ["ARM", "CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
            "control_cases", "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout",
-           "recognition_audit", "run", "run_audits"]
+           "run", "run_audits"]

@@ -17,8 +17,8 @@ from synthlearn.synthesis.cases import (
     largest_component,
     postprocess_sample,
 )
-from synthlearn.synthesis.sampling import guided_noise, sample_latents
-from synthlearn.training.generator import SamplingConfig
+from synthlearn.generators.ldm.sample import guided_noise, sample_latents
+from synthlearn.generators.ldm.config import SamplingConfig
 
 CFG = DiffusionConfig(channels=(8, 8), attention_levels=(False, True), num_head_channels=4, norm_num_groups=4,
                       cross_attention_dim=8, num_train_timesteps=50)
@@ -78,7 +78,7 @@ def test_guidance_changes_samples_and_scale_factor_divides(model):
 
 
 def test_guidance_interval_guides_only_the_steps_inside_it(model, monkeypatch):
-    import synthlearn.synthesis.sampling as sampling
+    import synthlearn.generators.ldm.sample as sampling
 
     full = _sample(model, 1, guidance_scale=3.0)
     assert torch.equal(_sample(model, 1, guidance_scale=3.0, guidance_interval=(0.0, 1.0)), full)

@@ -9,8 +9,8 @@ cases' latents for ``steps`` steps, i.e. tens to hundreds of passes over each ca
 the demo's 32^3 autoencoder renders a case only a little closer to itself than to other cases, so a diffusion
 model that memorises latents alone emits blurred copies that the SSIM attack barely tells apart;
 docs/benchmarks.md.) Its samples, drawn with the usual
-:func:`synthlearn.synthesis.cases.synthesize`, then stand in for what a memorising generator emits; the audit
-(:func:`synthlearn.evaluate.privacy.audit_site` with ``control_synthetic``) must tell those cases from
+:func:`synthlearn.generators.ldm.sample.synthesize`, then stand in for what a memorising generator emits; the audit
+(:func:`synthlearn.audits.privacy.audit_site` with ``control_synthetic``) must tell those cases from
 held-out ones.
 
 The control's artifact is an ordinary verified artifact (the same networks, the same manifest fields) marked
@@ -58,15 +58,10 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     Raises:
         ValueError: no case ids, unknown ids, or bad ``steps``; FileNotFoundError / ArtifactError: bad artifact.
     """
-    from synthlearn.synthesis.artifact import load_generator, write_artifact
-    from synthlearn.training.generator import (
-        _train_diffusion,
-        _train_superres,
-        encode_site,
-        load_site_tensors,
-        open_site,
-        setup_runtime,
-    )
+    from synthlearn.generators.artifact import write_artifact
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.data import load_site_tensors, open_site
+    from synthlearn.generators.ldm.stages import _train_diffusion, _train_superres, encode_site, setup_runtime
 
     case_ids = list(case_ids)
     if not case_ids:
@@ -122,7 +117,8 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     ckpt.unlink(missing_ok=True)
     names = cfg.class_names
     counts = {name: int((data.class_index == i).sum()) for i, name in enumerate(names)}
-    control_manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")}
+    control_manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files",
+                                                                     "manifest_sha256")}
     control_manifest.update(
         class_counts=counts,
         class_prevalence={k: v / max(1, sum(counts.values())) for k, v in counts.items()},

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from synthlearn.synthesis.artifact import (
+from synthlearn.generators.artifact import (
+    ArtifactError,
     MANIFEST,
     WEIGHT_FILES,
-    ArtifactError,
     artifact_bytes,
     load_weights,
     read_manifest,
@@ -79,6 +79,9 @@ def test_pickle_weight_file_is_refused_even_when_listed(tmp_path):
 
     manifest["files"]["diffusion.safetensors"] = {"sha256": file_sha256(art / "diffusion.safetensors"),
                                                   "bytes": (art / "diffusion.safetensors").stat().st_size}
+    from synthlearn.generators.artifact import DIGEST_KEY, manifest_digest
+
+    manifest[DIGEST_KEY] = manifest_digest(manifest)  # a deliberate re-listing, digest recomputed
     (art / MANIFEST).write_text(json.dumps(manifest))
     verify_artifact(art)  # integrity holds (hashes match) ...
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
@@ -123,8 +126,8 @@ def test_artifact_written_before_class_in_timestep_still_loads(tmp_path):
     from synthlearn.models.autoencoder import GeneratorAutoencoder
     from synthlearn.models.diffusion import ClassConditionedUNet
     from synthlearn.models.superres import SuperResolution
-    from synthlearn.synthesis.artifact import load_generator
-    from synthlearn.training.generator import load_generator_config
+    from synthlearn.generators.ldm.sample import load_generator
+    from synthlearn.generators.ldm.config import load_generator_config
 
     cfg = load_generator_config("configs/generator_tiny.toml")
     old = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, class_in_timestep=False))
@@ -135,6 +138,57 @@ def test_artifact_written_before_class_in_timestep_still_loads(tmp_path):
         "superres.safetensors": SuperResolution(old.superres, old.shape).state_dict(),
         "diffusion.safetensors": ClassConditionedUNet(old.diffusion, old.autoencoder.latent_channels, 2).state_dict(),
     }
-    out = write_artifact(tmp_path / "old", weights=weights, manifest={"config": config, "class_names": ["a", "b"]})
+    manifest = {"config": config, "label": "idh", "class_names": ["wildtype", "mutant"],
+                "class_counts": {"wildtype": 1, "mutant": 1}, "shape": list(old.shape),
+                "latent_shape": list(old.latent_shape), "latent_channels": old.autoencoder.latent_channels,
+                "voxel_size_mm": [6.0, 6.0, 6.0], "latent_scale_factor": 1.0, "seed": 0}
+    out = write_artifact(tmp_path / "old", weights=weights, manifest=manifest)
     gen = load_generator(out)
     assert gen.diffusion.class_in_timestep is False and gen.diffusion.unet.num_class_embeds is None
+
+
+def _edit_manifest(folder, change, redigest):
+    from synthlearn.generators.artifact import DIGEST_KEY, manifest_digest
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    if redigest:
+        manifest[DIGEST_KEY] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.mark.parametrize("redigest", [False, True])
+def test_edited_manifest_fields_are_refused(tiny_artifact, tmp_path, redigest, capsys):
+    """Reversed class names would swap the classes of every synthetic case, a latent scale of 50 would sample far off
+    the latents' scale: refused by the manifest's own digest, and (when the digest was recomputed too) by the
+    fields' own checks; nothing is written."""
+    import shutil
+
+    from synthlearn.cli import main
+
+    _, artifact = tiny_artifact
+    cases = {"class_names": lambda m: m["class_names"].reverse(), "latent_scale_factor": lambda m: m.update(
+        latent_scale_factor=50.0), "voxel_size_mm": lambda m: m.update(voxel_size_mm=[1.0, -1.0, 1.0])}
+    for field, change in cases.items():
+        copy = tmp_path / f"artifact_{field}"
+        shutil.copytree(artifact, copy)
+        _edit_manifest(copy, change, redigest)
+        out = tmp_path / f"syn_{field}"
+        assert main(["synthesize", "--artifact", str(copy), "--per-class", "1", "--out", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert (field in err) if redigest else ("changed after training" in err), err
+        assert not out.exists()
+
+
+def test_a_version_1_manifest_without_its_digest_still_verifies(artifact):
+    from synthlearn.generators.artifact import DIGEST_KEY
+
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    del manifest[DIGEST_KEY]
+    manifest["format_version"] = 1
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    assert verify_artifact(artifact)["format_version"] == 1
+    manifest["format_version"] = 2  # a version 2 manifest must carry it
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="changed after training"):
+        verify_artifact(artifact)

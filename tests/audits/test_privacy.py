@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from synthlearn.data.io import CaseArrays
 from synthlearn.data.layouts import open_study
-from synthlearn.evaluate.privacy import (
+from synthlearn.audits.privacy import (
     attack_metrics,
     auc_score,
     audit_site,

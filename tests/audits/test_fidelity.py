@@ -7,18 +7,14 @@ import torch
 
 from synthlearn.data.io import CaseArrays
 from synthlearn.data.layouts import open_study
-from synthlearn.evaluate.fidelity import (
-    BrisqueModel,
+from synthlearn.audits.fidelity import (
     TorchFeatures,
     fidelity,
     frechet_distance,
     frechet_distance_from_stats,
-    image_quality,
     make_extractor,
-    mid_tumour_slice,
-    piqe_score,
-    to_uint8,
 )
+from synthlearn.audits.quality import BrisqueModel, image_quality, mid_tumour_slice, piqe_score, to_uint8
 
 # ---------------------------------------------------------------------------------------------- Frechet
 

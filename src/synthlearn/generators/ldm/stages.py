@@ -1,7 +1,4 @@
-"""Training a site's CATphishing generator: autoencoder, super-resolution stage, latent diffusion.
-
-:func:`train_generator` runs at a hospital on its own site folder and writes the artifact the site ships
-once (:mod:`synthlearn.synthesis.artifact`). Three plain loops, top to bottom (paper 000, "Methods"):
+"""The three training stages of a site's latent diffusion generator (paper 000, "Methods") and what they share.
 
 1. **autoencoder** (:mod:`synthlearn.models.autoencoder`): L1 + KL (+ patch adversarial after
    ``adv_start_epoch``, + perceptual when weights are given) on 4 sequences + whole-tumour mask;
@@ -11,27 +8,19 @@ once (:mod:`synthlearn.synthesis.artifact`). Three plain loops, top to bottom (p
    variance, DDPM noise-prediction loss, class by cross-attention with label dropout.
 
 Every random choice of epoch ``e`` of stage ``s`` (order, flips, patches, latent noise, timesteps, label
-dropout) comes from a ``torch.Generator`` seeded with ``(seed, s, e)``. After every epoch a checkpoint with
-the weights, optimizer states, loss history and RNG state is written atomically to
-``ARTIFACT_DIR/checkpoints/``; a killed run started again with the same arguments resumes from it and ends
-with the same weights as an uninterrupted run. When all stages are done the folder is replaced by the
-artifact (checkpoints removed: they hold nothing a site should ship).
-
-Scale: bf16/fp16 autocast (``precision``), CUDA when available, and DDP under ``torchrun`` (WORLD_SIZE > 1:
-every rank trains on its share of each epoch's batches, rank 0 writes checkpoints and the artifact).
+dropout) comes from a ``torch.Generator`` seeded with ``(seed, s, e)``; each stage checkpoints after every epoch
+and resumes from it (:func:`synthlearn.generators.ldm.train.train_generator` drives them). Scale: bf16/fp16
+autocast, CUDA when available, DDP under ``torchrun`` (:class:`Runtime`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
-import json
 import logging
 import math
 import os
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,13 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthlearn.config import load_toml, to_dict
-from synthlearn.data.contract import LABEL_VALUES, CaseRecord
-from synthlearn.data.preprocess import PreprocessConfig, brain_bbox, preprocess_case
 from synthlearn.models.autoencoder import (
-    GENERATOR_CHANNELS,
     MASK_CHANNEL,
-    AutoencoderConfig,
     GeneratorAutoencoder,
     build_discriminator,
     decode_latent,
@@ -54,282 +38,21 @@ from synthlearn.models.autoencoder import (
     make_perceptual_loss,
     mask_dice_loss,
     reconstruction_l1,
-    working_shape,
 )
-from synthlearn.models.diffusion import ClassConditionedUNet, DiffusionConfig, build_scheduler, drop_labels
-from synthlearn.models.superres import SuperResConfig, SuperResolution
+from synthlearn.models.diffusion import ClassConditionedUNet, build_scheduler, drop_labels
+from synthlearn.models.superres import SuperResolution
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
 from synthlearn.training.seeding import torch_generator
 from synthlearn.training.trainer import poly_lr
 
+
+from synthlearn.generators.ldm.config import STAGES, GeneratorConfig
+
 log = logging.getLogger(__name__)
 
-STAGES = ("autoencoder", "superres", "diffusion")
-CONDITION_LABELS = ("idh", "tumor_type")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Defaults for ``synthesize`` (the server may override steps and guidance).
-
-    Attributes:
-        scheduler: ``ddim`` (deterministic with eta 0) or ``ddpm`` (ancestral, ``num_train_timesteps`` steps).
-        steps: DDIM steps.
-        guidance_scale: classifier-free guidance (1 = conditional only; > 1 sharpens the class).
-        guidance_interval: ``[lo, hi]``, fractions of the training timesteps where the guidance applies
-            (conditional only elsewhere; :func:`synthlearn.synthesis.sampling.sample_latents`).
-        eta: DDIM stochasticity.
-        batch_size: samples decoded together.
-        mask_threshold: threshold of the decoded mask channel.
-        brain_threshold: a decoded voxel is brain where the mean of its four sequences exceeds this
-            (generator scale; :data:`synthlearn.synthesis.cases.BRAIN_FLOOR`, the lowest real brain value, by
-            default); :func:`synthlearn.synthesis.cases.postprocess_sample`.
-        min_tumour_voxels: a sample whose largest tumour component is smaller is drawn again (0 accepts
-            samples without any tumour voxel).
-        max_draws_per_case: at most this many draws per requested case before giving up (logged).
-    """
-
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
-    guidance_scale: float = 2.0
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    eta: float = 0.0
-    batch_size: int = 4
-    mask_threshold: float = 0.5
-    brain_threshold: float = 0.2
-    min_tumour_voxels: int = 8
-    max_draws_per_case: int = 3
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampling.scheduler must be ddim or ddpm, found {self.scheduler!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.max_draws_per_case < 1 or self.min_tumour_voxels < 0:
-            raise ValueError("sampling: steps, batch_size, max_draws_per_case >= 1 and min_tumour_voxels >= 0 "
-                             f"expected, found {self.steps}, {self.batch_size}, {self.max_draws_per_case}, "
-                             f"{self.min_tumour_voxels}")
-        lo, hi = self.guidance_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"sampling.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, found "
-                             f"{list(self.guidance_interval)}")
-        if not 0.0 < self.brain_threshold < 1.5:
-            raise ValueError(f"sampling.brain_threshold must be in (0, 1.5) (generator intensity scale: brain in "
-                             f"[0.2, 1.5]), found {self.brain_threshold}")
-        if self.guidance_scale < 0 or self.eta < 0:
-            raise ValueError(f"sampling.guidance_scale and eta must be >= 0, found {self.guidance_scale}, {self.eta}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneratorConfig:
-    """A site's generator: data grid, the three stages, sampling defaults and compute settings.
-
-    Attributes:
-        label: the class the generator is conditioned on: ``idh`` (2 classes) or ``tumor_type`` (3).
-        shape: case grid ``(X, Y, Z)`` (cases are cropped to the brain and fitted to it).
-        fit_mode: :class:`synthlearn.data.preprocess.PreprocessConfig` ``mode``.
-        latent_shape: spatial shape of the latent (paper: 16x32x32 for 128x192x192).
-        autoencoder, superres, diffusion: the three stages.
-        sampling: defaults for synthesis.
-        augment_flip: random left-right flips (the brain is roughly symmetric; paper: augmentation).
-        tumour_patch_fraction: share of training patches centred on a tumour voxel (when patches are used).
-        grad_clip: gradient-norm clipping in every stage (paper: gradient clipping against over-fitting).
-        precision: ``fp32``; ``bf16`` / ``fp16`` autocast (fp16 with a gradient scaler, CUDA only).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
-        background: what the generator sees outside the brain. ``zero``: the sequences are 0 there (the contract's
-            skull-stripped convention), so the autoencoder must draw a step from the brain's edge to 0, and a
-            decoded case's brain is where its sequences exceed ``sampling.brain_threshold``. ``filled``: each
-            sequence's background is filled with the value of the nearest brain voxel (no step to draw) and a
-            sixth channel holds the brain mask, whose decoded threshold at 0.5 makes the decoded case's brain. On
-            the default phantom a 16^3-latent autoencoder with ``zero`` rendered the outer two voxels of the brain
-            (37 % of its voxels at 32^3) 0.2 darker in T2 than real (0.27 vs 0.48), which the task's per-case z-score
-            turned into tumours twice as bright in T2 as real (docs/benchmarks.md, section 21).
-    """
-
-    label: Literal["idh", "tumor_type"] = "idh"
-    shape: tuple[int, int, int] = (64, 64, 64)
-    fit_mode: Literal["fit", "pad", "resize"] = "fit"
-    latent_shape: tuple[int, int, int] = (16, 16, 16)
-    autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
-    superres: SuperResConfig = dataclasses.field(default_factory=SuperResConfig)
-    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
-    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
-    augment_flip: bool = True
-    tumour_patch_fraction: float = 0.5
-    grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: str = "auto"
-    background: Literal["zero", "filled"] = "zero"
-
-    def __post_init__(self) -> None:
-        if self.background not in ("zero", "filled"):
-            raise ValueError(f"background must be zero or filled, found {self.background!r}")
-        if self.label not in CONDITION_LABELS:
-            raise ValueError(f"label must be one of {list(CONDITION_LABELS)}, found {self.label!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, found {self.precision!r}")
-        PreprocessConfig(shape=self.shape, mode=self.fit_mode)  # checks shape and mode
-        work = working_shape(self.shape, self.latent_shape, self.autoencoder)
-        f_ae = self.autoencoder.downsample_factor
-        if self.autoencoder.patch_size is not None:
-            p = self.autoencoder.patch_size
-            if any(a > b or a % f_ae for a, b in zip(p, work)):
-                raise ValueError(f"autoencoder.patch_size {p} must be <= the working grid {work} and divisible by "
-                                 f"the autoencoder down-sampling {f_ae}")
-        f_sr = 2 ** (len(self.superres.channels) - 1)
-        if any(s % f_sr for s in self.shape):
-            raise ValueError(f"shape {self.shape} must be divisible by 2**(len(superres.channels)-1) = {f_sr}")
-        if self.superres.patch_size is not None:
-            p = self.superres.patch_size
-            if any(a > b or a % f_sr for a, b in zip(p, self.shape)):
-                raise ValueError(f"superres.patch_size {p} must be <= shape {self.shape} and divisible by {f_sr}")
-        f_dm = 2 ** (len(self.diffusion.channels) - 1)
-        if any(s % f_dm for s in self.latent_shape):
-            raise ValueError(f"latent_shape {self.latent_shape} must be divisible by 2**(len(diffusion.channels)-1) "
-                             f"= {f_dm}")
-        if not 0.0 <= self.tumour_patch_fraction <= 1.0:
-            raise ValueError(f"tumour_patch_fraction must be in [0, 1], found {self.tumour_patch_fraction}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, found {self.grad_clip}")
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return LABEL_VALUES[self.label]
-
-    @property
-    def channels(self) -> int:
-        """Channels of the generator tensor: 4 sequences + the tumour mask (+ the brain mask when ``filled``)."""
-        return GENERATOR_CHANNELS + (1 if self.background == "filled" else 0)
-
-
-def load_generator_config(path: str | Path) -> GeneratorConfig:
-    """Read a :class:`GeneratorConfig` TOML file (``base = "..."`` inheritance; unknown keys refused)."""
-    return load_toml(GeneratorConfig, path)
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass
-class SiteTensors:
-    """A site's cases in the generator's working form.
-
-    Attributes:
-        x: ``(N, C, *shape)`` float32: sequences in the generator scale and the whole-tumour mask (C = 5), and the
-            brain mask (C = 6, ``background = "filled"``; the sequences' background then holds the nearest brain
-            voxel's value, :func:`fill_background`).
-        class_index: ``(N,)`` long, the class of each case, -1 when unknown.
-        voxel_size: median voxel size (mm) of the case grid after cropping and fitting.
-        cases: the case records (never written to the artifact).
-    """
-
-    x: torch.Tensor
-    class_index: torch.Tensor
-    voxel_size: tuple[float, float, float]
-    cases: tuple[CaseRecord, ...]
-
-
-def open_site(site_dir: str | Path, cfg: GeneratorConfig,
-              case_ids: Sequence[str] | None = None) -> tuple[CaseRecord, ...]:
-    """Check that ``site_dir`` is one clean site with segmentations and labels for ``cfg.label``.
-
-    Reads every array (``verify_study``) and raises before anything is written. With ``case_ids``, only
-    those cases are returned (e.g. a site that keeps some cases out of generator training as the
-    non-members of a privacy audit); an id that is not in the site is an error.
-
-    Raises:
-        FileNotFoundError: no such folder.
-        ValueError: not a single site, problems found (each listed with file, expected, found), no
-            segmentation, or no case labelled for ``cfg.label``.
-    """
-    from synthlearn.data.layouts import open_study
-    from synthlearn.data.verify import verify_study
-
-    site_dir = Path(site_dir)
-    study = open_study(site_dir)
-    if len(study.sites) != 1:
-        raise ValueError(f"{site_dir}: expected one site folder (case folders + labels.csv), found a study with "
-                         f"{len(study.sites)} sites {[s.name for s in study.sites]}; pass one site's folder")
-    report = verify_study(site_dir, progress=False)
-    if report.problems:
-        lines = "\n  ".join(str(p) for p in report.problems[:30])
-        more = f"\n  ... and {len(report.problems) - 30} more" if len(report.problems) > 30 else ""
-        raise ValueError(f"{site_dir}: {len(report.problems)} problem(s) in the site data:\n  {lines}{more}")
-    cases = study.sites[0].cases
-    if case_ids is not None:
-        wanted = set(case_ids)
-        unknown = sorted(wanted - {c.case_id for c in cases})
-        if unknown:
-            raise ValueError(f"{site_dir}: case_ids not in the site: {unknown[:10]}")
-        cases = tuple(c for c in cases if c.case_id in wanted)
-    if not cases:
-        raise ValueError(f"{site_dir}: expected case folders, found none")
-    no_seg = [c.case_id for c in cases if c.seg is None or not Path(c.seg).is_file()]
-    if no_seg:
-        raise ValueError(f"{site_dir}: the generator needs a segmentation (seg.nii.gz) in every case; missing in "
-                         f"{no_seg[:10]}")
-    labelled = [c for c in cases if c.labels.get(cfg.label) is not None]
-    if not labelled:
-        raise ValueError(f"{site_dir / 'labels.csv'}: expected {cfg.label} labels "
-                         f"({'/'.join(LABEL_VALUES[cfg.label])}) for at least one case, found none")
-    return cases
-
-
-def _voxel_size(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-
-
-def load_site_tensors(cases: tuple[CaseRecord, ...], cfg: GeneratorConfig) -> SiteTensors:
-    """Read, crop and fit every case, map intensities to the generator scale, stack with the tumour mask.
-
-    Each sequence is z-scored over the brain at the case's own resolution *before* it is fitted to
-    ``cfg.shape``, exactly as the task models' preprocessing does (:func:`synthlearn.data.preprocess.preprocess_case`),
-    and only then mapped to the generator scale (an affine map inside the brain). Fitting raw intensities
-    instead blends the brain's edge with the zero background into a dark rim that lowers the brain mean and
-    widens its spread: on the default phantom that took the tumour-to-brain contrast a task model sees from
-    -0.74 to -0.18 SD in T1 (sign flipped for some wildtype cases) and from 2.5 to 1.6 SD in T2, i.e. the
-    generator learnt a class signal weaker than, and different from, the real one (docs/benchmarks.md).
-    """
-    from synthlearn.data.io import read_case
-    from synthlearn.synthesis.cases import generator_intensities
-
-    pre = PreprocessConfig(shape=cfg.shape, mode=cfg.fit_mode, crop=True, zscore=True)
-    xs, classes, sizes = [], [], []
-    names = cfg.class_names
-    for case in cases:
-        arrays = read_case(case)
-        box = brain_bbox(arrays.images)
-        cropped = [b.stop - b.start for b in box]
-        images, seg = preprocess_case(arrays.images, arrays.seg, pre)
-        spacing = _voxel_size(arrays.affine)
-        if cfg.fit_mode == "fit":
-            scale = min(1.0, *(w / h for w, h in zip(cfg.shape, cropped)))
-            spacing = spacing / scale
-        elif cfg.fit_mode == "resize":
-            spacing = spacing * np.asarray(cropped) / np.asarray(cfg.shape)
-        sizes.append(spacing)
-        mask = (seg > 0).astype(np.float32)[None]
-        scaled = generator_intensities(images)
-        if cfg.background == "filled":
-            brain = (scaled > 0).any(axis=0)
-            xs.append(np.concatenate([fill_background(scaled, brain), mask, brain.astype(np.float32)[None]], axis=0))
-        else:
-            xs.append(np.concatenate([scaled, mask], axis=0))
-        value = case.labels.get(cfg.label)
-        classes.append(names.index(value) if value is not None else -1)
-    voxel = tuple(float(v) for v in np.median(np.stack(sizes), axis=0))
-    return SiteTensors(x=torch.from_numpy(np.stack(xs)), class_index=torch.tensor(classes, dtype=torch.long),
-                       voxel_size=voxel, cases=tuple(cases))  # type: ignore[arg-type]
-
-
-def fill_background(images: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """``(C, X, Y, Z)`` images with every voxel outside ``brain`` ``(X, Y, Z)`` set to the value of its nearest brain
-    voxel (Euclidean distance transform): the brain's edge no longer steps to 0. Unchanged without any brain voxel."""
-    from scipy import ndimage
-
-    if not brain.any() or brain.all():
-        return images.copy()
-    idx = ndimage.distance_transform_edt(~brain, return_distances=False, return_indices=True)
-    return images[:, idx[0], idx[1], idx[2]].astype(images.dtype)
-
+#: ``on_epoch(stage, epochs_done, epochs_total)``, called after every epoch of a stage (e.g. a site process's
+#: progress report)
+EpochHook = Callable[[str, int, int], None]
 
 # ------------------------------------------------------------------------------------------ runtime
 
@@ -526,7 +249,8 @@ def _reduce(sums: dict[str, float], count: int, rt: Runtime) -> tuple[dict[str, 
 
 def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: GeneratorConfig, rt: Runtime, *,
                        seed: int, ckpt: Path, progress: bool,
-                       classes: torch.Tensor | None = None) -> dict[str, list[float]]:
+                       classes: torch.Tensor | None = None,
+                       on_epoch: EpochHook | None = None) -> dict[str, list[float]]:
     """Stage 1 on ``x_work`` ``(N, 5, *working_shape)`` (``classes`` ``(N,)``, -1 = unknown: what a
     class-conditional decoder decodes with); returns the per-epoch loss history."""
     from monai.losses import PatchAdversarialLoss
@@ -637,6 +361,8 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
                 payload.update(discriminator=disc.state_dict(), disc_optimizer=opt_d.state_dict())
             save_checkpoint(ckpt, payload)
         rt.barrier()
+        if on_epoch is not None:
+            on_epoch("autoencoder", epoch + 1, acfg.epochs)
     ae.ae.to(memory_format=torch.contiguous_format)
     return history
 
@@ -759,7 +485,8 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tensor, cfg: GeneratorConfig,
                     rt: Runtime, *, seed: int, ckpt: Path, progress: bool,
-                    classes: torch.Tensor | None = None) -> dict[str, list[float]]:
+                    classes: torch.Tensor | None = None,
+                    on_epoch: EpochHook | None = None) -> dict[str, list[float]]:
     """Stage 2: decoder + SR module on the frozen encoder, ``x`` ``(N, 5, *shape)`` (``classes`` ``(N,)`` for a
     class-conditional decoder)."""
     from monai.losses import SSIMLoss
@@ -850,6 +577,8 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
             save_checkpoint(ckpt, {"epoch": epoch + 1, "autoencoder": ae.ae.state_dict(), "superres": sr.state_dict(),
                                    "optimizer": opt.state_dict(), "history": history})
         rt.barrier()
+        if on_epoch is not None:
+            on_epoch("superres", epoch + 1, scfg.epochs)
     for p in ae.ae.parameters():
         p.requires_grad_(True)
     return history
@@ -876,6 +605,7 @@ def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) ->
 def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      scale: float | tuple[torch.Tensor, torch.Tensor], cfg: GeneratorConfig, rt: Runtime, *,
                      seed: int, ckpt: Path, progress: bool, tumour: torch.Tensor | None = None,
+                     on_epoch: EpochHook | None = None,
                      ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor] | None]:
     """Stage 3: DDPM noise (or velocity) prediction on scaled latents; ``classes`` -1 = unknown (trained as the
     null class). ``scale``: one factor, or ``(shift, scale)`` per channel ``(C,)`` each (the model sees
@@ -952,6 +682,8 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
                 payload["ema"] = ema
             save_checkpoint(ckpt, payload)
         rt.barrier()
+        if on_epoch is not None:
+            on_epoch("diffusion", epoch + 1, dcfg.epochs)
     return history, ema
 
 
@@ -986,161 +718,3 @@ def plot_loss_curves(histories: dict[str, dict[str, list[float]]], path: Path) -
     return path
 
 
-# ------------------------------------------------------------------------------------------ driver
-
-
-def _run_identity(cfg: GeneratorConfig, seed: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    return {"config": to_dict(cfg), "seed": seed, "data_sha256": fingerprint["sha256"]}
-
-
-def _prepare_out(out: Path, identity: dict[str, Any]) -> Path:
-    """Check ``out`` is new, empty or an unfinished run of the same config/seed/data; return the checkpoint
-    folder (created)."""
-    ckpt_dir = out / "checkpoints"
-    run_file = ckpt_dir / "run.json"
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--out {out}: expected a folder for the artifact, found a file")
-        entries = [p.name for p in out.iterdir()]
-        if "manifest.json" in entries:
-            raise ValueError(f"--out {out}: already holds a finished artifact (manifest.json); choose a new folder")
-        if entries and not run_file.is_file():
-            raise ValueError(f"--out {out}: expected a new or empty folder (or an unfinished train-generator run), "
-                             f"found {sorted(entries)[:10]}")
-        if run_file.is_file():
-            previous = json.loads(run_file.read_text())
-            if previous != json.loads(json.dumps(identity)):
-                diff = [k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k]))]
-                raise ValueError(f"{run_file}: an unfinished run with a different {', '.join(diff)} is in {out}; "
-                                 f"resume needs the same site, config and seed, or use a new --out")
-            log.info("resuming the unfinished generator training in %s", out)
-            return ckpt_dir
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    from synthlearn.data.io import write_json
-
-    write_json(run_file, identity)
-    return ckpt_dir
-
-
-def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int = 0, *,
-                    case_ids: Sequence[str] | None = None, progress: bool = True) -> Path:
-    """Train a site's generator and write its artifact.
-
-    Args:
-        site_dir: one site folder of the data contract (case folders with the four sequences and ``seg``,
-            ``labels.csv`` with the ``cfg.label`` column).
-        cfg: the generator settings (e.g. ``load_generator_config("configs/generator_cpu.toml")``).
-        out: the artifact folder (new or empty; an unfinished run of the same site/config/seed resumes).
-        seed: every random choice derives from it; same seed, same artifact bytes (CPU, one thread).
-        case_ids: train on these cases of the site only (default: all); the others stay unseen by the
-            generator (the privacy audit's non-members). The manifest records the count, never the ids.
-        progress: tqdm bars.
-
-    Returns:
-        ``out``, holding ``manifest.json``, three ``.safetensors`` files and ``loss_curves.png``.
-
-    Raises:
-        FileNotFoundError / ValueError: bad site data, config or ``out`` (nothing is written).
-    """
-    from synthlearn import __version__
-    from synthlearn.runinfo import data_fingerprint, file_sha256, version_info
-    from synthlearn.synthesis.artifact import write_artifact
-
-    site_dir, out = Path(site_dir), Path(out)
-    if not isinstance(cfg, GeneratorConfig):
-        raise TypeError(f"cfg must be a GeneratorConfig, found {type(cfg).__name__}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, found {seed!r}")
-    if cfg.autoencoder.perceptual_weights and not Path(cfg.autoencoder.perceptual_weights).is_file():
-        make_perceptual_loss(cfg.autoencoder)  # raises FileNotFoundError with the fix, before anything is written
-    t0 = time.perf_counter()
-    cases = open_site(site_dir, cfg, case_ids)
-    fingerprint = data_fingerprint(cases, include_ids=False)
-    rt = setup_runtime(cfg)
-    identity = _run_identity(cfg, seed, fingerprint)
-    if rt.is_main:
-        ckpt_dir = _prepare_out(out, identity)
-    rt.barrier()
-    ckpt_dir = out / "checkpoints"
-
-    data = load_site_tensors(cases, cfg)
-    names = cfg.class_names
-    counts = {name: int((data.class_index == i).sum()) for i, name in enumerate(names)}
-    unlabelled = int((data.class_index < 0).sum())
-    log.info("site %s: %d cases, %s = %s, %d unlabelled; grid %s, latent %dx%s", site_dir, len(cases), cfg.label,
-             counts, unlabelled, cfg.shape, cfg.autoencoder.latent_channels, cfg.latent_shape)
-
-    torch.manual_seed(seed)  # initial weights: same seed, same network
-    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(names), cfg.channels).to(rt.device)
-    sr = SuperResolution(cfg.superres, cfg.shape, cfg.channels).to(rt.device)
-    dm = ClassConditionedUNet(cfg.diffusion, cfg.autoencoder.latent_channels, len(names)).to(rt.device)
-
-    x_work = ae.to_working(data.x) if ae.working_shape != tuple(cfg.shape) else data.x
-    histories: dict[str, dict[str, list[float]]] = {}
-    histories["autoencoder"] = _train_autoencoder(ae, x_work, cfg, rt, seed=seed, ckpt=ckpt_dir / "autoencoder.pt",
-                                                  progress=progress, classes=data.class_index)
-    histories["superres"] = _train_superres(ae, sr, data.x, cfg, rt, seed=seed, ckpt=ckpt_dir / "superres.pt",
-                                            progress=progress, classes=data.class_index)
-    mu, sigma = encode_site(ae, data.x, rt, flips=cfg.augment_flip)
-    classes = torch.cat([data.class_index] * (2 if cfg.augment_flip else 1))
-    norm = latent_normalisation(mu, sigma, torch_generator(seed, "latent-scale"), cfg.diffusion.latent_scaling)
-    log.info("latents: global scale factor %.4f; per channel mean %s, std %s (%s scaling)",
-             norm["latent_scale_factor"], [round(v, 3) for v in norm["latent_channel_mean"]],
-             [round(v, 3) for v in norm["latent_channel_std"]], cfg.diffusion.latent_scaling)
-    tumour = latent_tumour_map(data.x, cfg.latent_shape, flips=cfg.augment_flip, mode=cfg.diffusion.tumour_weighting)
-    histories["diffusion"], ema = _train_diffusion(
-        dm, mu, sigma, classes, (torch.tensor(norm["latent_shift"]), torch.tensor(norm["latent_scale"])), cfg, rt,
-        seed=seed, ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour)
-    if not rt.is_main:
-        rt.barrier()
-        return out
-
-    figure = plot_loss_curves(histories, ckpt_dir / "loss_curves.png")
-    config = to_dict(cfg)
-    perceptual_note: dict[str, Any]
-    if cfg.autoencoder.perceptual_weights:
-        pw = Path(cfg.autoencoder.perceptual_weights)
-        config["autoencoder"]["perceptual_weights"] = pw.name  # no local paths leave the site
-        perceptual_note = {"used": True, "weights_file": pw.name, "weights_sha256": file_sha256(pw)}
-    else:
-        perceptual_note = {"used": False, "reason": "no weights given (autoencoder.perceptual_weights is empty); "
-                                                    "synthlearn never downloads weights"}
-    total = sum(counts.values())
-    finals = {stage: {k: v[-1] for k, v in h.items() if v} for stage, h in histories.items()}
-    manifest = {
-        "package": {"synthlearn": __version__, **version_info()},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "seed": seed,
-        "config": config,
-        "label": cfg.label,
-        "class_names": list(names),
-        "class_counts": counts,
-        "class_prevalence": {k: (v / total if total else 0.0) for k, v in counts.items()},
-        "unlabelled_cases": unlabelled,
-        "data_fingerprint": fingerprint,
-        "shape": list(cfg.shape),
-        "working_shape": list(ae.working_shape),
-        "latent_shape": list(cfg.latent_shape),
-        "latent_channels": cfg.autoencoder.latent_channels,
-        **norm,
-        "voxel_size_mm": list(data.voxel_size),
-        "intensity_scale": "per sequence, z-scored over the brain at the case's resolution, fitted to the grid, "
-                           "then brain 0.5th/99.5th percentiles -> 0.2/1.0, clipped to [0.2, 1.5]; "
-                           "background 0 (synthlearn.synthesis.cases.generator_intensities)",
-        "perceptual_loss": perceptual_note,
-        "training": {"epochs": {s: len(next(iter(h.values()), [])) for s, h in histories.items()},
-                     "final_losses": finals, "history": histories,
-                     "wall_time_s": round(time.perf_counter() - t0, 1), "device": str(rt.device),
-                     "precision": cfg.precision, "world_size": rt.world_size,
-                     "diffusion_weights": "ema" if ema is not None else "last"},
-        "figures": ["loss_curves.png"],
-    }
-    weights = {
-        "autoencoder.safetensors": ae.ae.state_dict(),
-        "superres.safetensors": sr.state_dict(),
-        "diffusion.safetensors": ema if ema is not None else dm.state_dict(),
-    }
-    write_artifact(out, weights=weights, manifest=manifest, files={"loss_curves.png": figure}, replace=True)
-    log.info("generator artifact written to %s (%.1f s)", out, time.perf_counter() - t0)
-    rt.barrier()
-    return out

@@ -12,9 +12,11 @@ An artifact folder holds::
 
 Weights are safetensors (tensors only; loading never unpickles anything). :func:`verify_artifact` refuses,
 with an error naming the file, an artifact with a missing, changed, truncated or unlisted file, or a
-manifest that is not a synthlearn generator manifest. It checks integrity against accidental corruption
-and incomplete uploads; it is not a signature (anyone who can rewrite the folder can rewrite the manifest):
-authenticity needs a signed manifest or a trusted transport.
+manifest that is not a synthlearn generator manifest. The manifest carries its own digest
+(``manifest_sha256``: the SHA-256 of its canonical JSON without that key), so an edit of any field (the class
+names, the latent scale...) is refused too. This is integrity against accidental corruption, incomplete uploads and
+edits; it is not a signature (anyone who can rewrite the folder can recompute the digest): authenticity needs a
+signed manifest or a trusted transport.
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ from synthlearn.runinfo import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "synthlearn-catphishing-generator"
-FORMAT_VERSION = 1
+#: 2: the manifest carries its own digest (``manifest_sha256``); version 1 artifacts (without it) still load
+FORMAT_VERSION = 2
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON (sorted keys, no whitespace), leaving out its own digest."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 WEIGHT_FILES = ("autoencoder.safetensors", "superres.safetensors", "diffusion.safetensors")
 
 
@@ -71,7 +84,9 @@ def write_artifact(out: str | Path, *, weights: dict[str, dict[str, torch.Tensor
         listing = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                    for p in sorted(tmp.iterdir()) if p.is_file()}
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": listing}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        full = json.loads(json.dumps(full, default=str))  # the digest is of what the file holds
+        full[DIGEST_KEY] = manifest_digest(full)
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         os.chmod(tmp, 0o755)
         for p in tmp.iterdir():
             os.chmod(p, 0o644)
@@ -99,9 +114,15 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{path}: expected format {FORMAT!r}, found {found!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: expected format_version {FORMAT_VERSION}, found "
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
+        raise ArtifactError(f"{path}: expected format_version {FORMAT_VERSION} (or 1), found "
                             f"{manifest.get('format_version')!r}; made by another synthlearn version?")
+    if manifest.get("format_version", 1) >= 2:
+        found = manifest.get(DIGEST_KEY)
+        if found != manifest_digest(manifest):
+            raise ArtifactError(f"{path}: the manifest was changed after training: its {DIGEST_KEY} is {found!r} but "
+                                f"its content hashes to {manifest_digest(manifest)}; refusing it (re-ship the "
+                                f"artifact as written by train-generator)")
     if not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path}: expected a 'files' table with the SHA-256 of every file, found "
                             f"{type(manifest.get('files')).__name__}")
@@ -163,78 +184,3 @@ def load_weights(artifact_dir: str | Path, name: str) -> dict[str, torch.Tensor]
 def artifact_bytes(artifact_dir: str | Path) -> int:
     """Total size of an artifact folder in bytes (what crosses the site boundary)."""
     return sum(p.stat().st_size for p in Path(artifact_dir).iterdir() if p.is_file())
-
-
-class LoadedGenerator:
-    """A verified artifact's networks, ready to sample (eval mode, on ``device``).
-
-    Attributes:
-        cfg: the :class:`synthlearn.training.generator.GeneratorConfig` it was trained with.
-        manifest: the manifest.
-        autoencoder: :class:`synthlearn.models.autoencoder.GeneratorAutoencoder`.
-        superres: :class:`synthlearn.models.superres.SuperResolution`.
-        diffusion: :class:`synthlearn.models.diffusion.ClassConditionedUNet`.
-    """
-
-    def __init__(self, cfg, manifest: dict[str, Any], autoencoder, superres, diffusion):
-        self.cfg = cfg
-        self.manifest = manifest
-        self.autoencoder = autoencoder
-        self.superres = superres
-        self.diffusion = diffusion
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
-
-    @property
-    def latent_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shift, scale)`` ``(C,)`` each: the diffusion model saw ``(z - shift) * scale``
-        (:func:`synthlearn.training.generator.latent_norm_tensors`)."""
-        from synthlearn.training.generator import latent_norm_tensors
-
-        return latent_norm_tensors(self.manifest, self.cfg.autoencoder.latent_channels)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, latent_channels, *latent_shape)`` at the autoencoder's scale -> ``(B, 5, *shape)``; ``classes``
-        ``(B,)`` (the conditioned class of each latent) is needed when the decoder is class-conditional."""
-        return self.superres(self.autoencoder.decode(latents, classes))
-
-
-def load_generator(artifact_dir: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """Verify an artifact (:func:`verify_artifact`) and build its networks from the manifest's config.
-
-    Raises:
-        FileNotFoundError / ArtifactError: naming the offending file.
-    """
-    from synthlearn.config import ConfigError, from_dict
-    from synthlearn.models.autoencoder import GeneratorAutoencoder
-    from synthlearn.models.diffusion import ClassConditionedUNet
-    from synthlearn.models.superres import SuperResolution
-    from synthlearn.training.generator import GeneratorConfig
-
-    root = Path(artifact_dir)
-    manifest = verify_artifact(root)
-    try:
-        config = manifest["config"]
-        if isinstance(config.get("diffusion"), dict) and "class_in_timestep" not in config["diffusion"]:
-            # written before the option existed (synthlearn 0.1 artifacts): cross-attention conditioning only
-            config = {**config, "diffusion": {**config["diffusion"], "class_in_timestep": False}}
-        cfg = from_dict(GeneratorConfig, config)
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{root / MANIFEST}: 'config' is not a valid generator config ({exc})") from exc
-    ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(cfg.class_names), cfg.channels)
-    sr = SuperResolution(cfg.superres, cfg.shape, cfg.channels)
-    dm = ClassConditionedUNet(cfg.diffusion, cfg.autoencoder.latent_channels, len(cfg.class_names))
-    for module, name in ((ae.ae, "autoencoder.safetensors"), (sr, "superres.safetensors"),
-                         (dm, "diffusion.safetensors")):
-        state = load_weights(root, name)
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ArtifactError(f"{root / name}: weights do not fit the network of the manifest's config "
-                                f"({str(exc).splitlines()[0]})") from exc
-    for module in (ae, sr, dm):
-        module.to(device).eval()
-    return LoadedGenerator(cfg, manifest, ae, sr, dm)

@@ -8,16 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthlearn.training.generator import (
-    GeneratorConfig,
-    Runtime,
-    _batches,
-    _patch_corner,
-    latent_scale_factor,
-    load_generator_config,
-)
+from synthlearn.generators.ldm.config import GeneratorConfig, load_generator_config
+from synthlearn.generators.ldm.stages import Runtime, _batches, _patch_corner, latent_scale_factor
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 @pytest.mark.parametrize("name", ["tiny", "cpu", "demo", "demo_long", "paper"])
@@ -109,7 +103,7 @@ def test_latent_scale_factor():
 
 
 def test_latent_normalisation_per_channel_and_global():
-    from synthlearn.training.generator import latent_normalisation, latent_norm_tensors
+    from synthlearn.generators.ldm.stages import latent_norm_tensors, latent_normalisation
 
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(32, 3, 4, 4, 4, generator=g) * torch.tensor([0.1, 1.0, 5.0]).view(1, 3, 1, 1, 1)
@@ -137,7 +131,7 @@ def test_latent_normalisation_per_channel_and_global():
 
 
 def test_fp16_needs_cuda():
-    from synthlearn.training.generator import setup_runtime
+    from synthlearn.generators.ldm.stages import setup_runtime
 
     cfg = dataclasses.replace(load_generator_config(CONFIGS / "generator_tiny.toml"), precision="fp16")
     if not torch.cuda.is_available():
@@ -151,7 +145,7 @@ def test_autoencoder_lr_schedule_decays_per_step(schedule, tmp_path):
     ``constant`` keeps them."""
     from synthlearn.models.autoencoder import GeneratorAutoencoder
     from synthlearn.training.checkpoint import load_checkpoint
-    from synthlearn.training.generator import _train_autoencoder, setup_runtime
+    from synthlearn.generators.ldm.stages import _train_autoencoder, setup_runtime
     from synthlearn.training.trainer import poly_lr
 
     cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
@@ -231,7 +225,7 @@ def test_generator_input_keeps_the_tumour_contrast_the_task_model_sees(tiny_stud
     from synthlearn.data.io import read_case
     from synthlearn.data.layouts import open_study
     from synthlearn.data.preprocess import PreprocessConfig, preprocess_case
-    from synthlearn.training.generator import load_site_tensors
+    from synthlearn.generators.ldm.data import load_site_tensors
 
     cfg = dataclasses.replace(load_generator_config(CONFIGS / "generator_tiny.toml"), shape=(16, 16, 16),
                               latent_shape=(4, 4, 4))  # a coarser grid than the 32^3 cases: they are resampled
@@ -250,7 +244,7 @@ def test_generator_input_keeps_the_tumour_contrast_the_task_model_sees(tiny_stud
 
 def test_latent_tumour_map_follows_encode_sites_order_and_weighted_mse_normalises():
     from synthlearn.models.diffusion import DiffusionConfig
-    from synthlearn.training.generator import latent_tumour_map, weighted_mse
+    from synthlearn.generators.ldm.stages import latent_tumour_map, weighted_mse
 
     x = torch.zeros(2, 5, 16, 16, 16)
     x[0, 4, 0:3, 4:6, 4:6] = 1.0  # case 0: a tumour on the low-x side (a corner of latent voxel x=0)
@@ -274,7 +268,7 @@ def test_latent_tumour_map_follows_encode_sites_order_and_weighted_mse_normalise
 
 
 def test_case_tumour_weighting_gives_every_tumour_the_same_total():
-    from synthlearn.training.generator import latent_tumour_map
+    from synthlearn.generators.ldm.stages import latent_tumour_map
 
     x = torch.zeros(3, 5, 16, 16, 16)
     x[0, 4, 0:8, 0:8, 0:8] = 1.0   # a large tumour: 8 latent positions of a 4^3 grid
@@ -291,7 +285,7 @@ def test_case_tumour_weighting_gives_every_tumour_the_same_total():
 
 def test_diffusion_trains_with_a_tumour_weighted_loss_and_checks_the_map(tmp_path):
     from synthlearn.models.diffusion import ClassConditionedUNet
-    from synthlearn.training.generator import _train_diffusion
+    from synthlearn.generators.ldm.stages import _train_diffusion
 
     cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
     dcfg = dataclasses.replace(cfg.diffusion, channels=(8, 8), attention_levels=(False, True), num_head_channels=4,
@@ -319,7 +313,7 @@ def test_filled_background_has_no_step_at_the_brain_edge_and_a_brain_channel(tin
 
     from synthlearn.data.layouts import open_study
     from synthlearn.synthesis.cases import postprocess_sample
-    from synthlearn.training.generator import fill_background, load_site_tensors
+    from synthlearn.generators.ldm.data import fill_background, load_site_tensors
 
     cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
     filled_cfg = dataclasses.replace(cfg, background="filled")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from synthlearn.data.layouts import open_study
-from synthlearn.synthesis.artifact import load_weights, verify_artifact
-from synthlearn.synthesis.cases import synthesize
-from synthlearn.training.memorising import train_memorising_generator
+from synthlearn.generators.artifact import load_weights, verify_artifact
+from synthlearn.generators.ldm.sample import synthesize
+from synthlearn.generators.ldm.memorising import train_memorising_generator
 
 
 @pytest.fixture

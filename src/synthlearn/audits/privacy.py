@@ -14,7 +14,7 @@ distribution; a case's score is its best SSIM to any synthetic case; the paper r
   must be caught: its AUC (memorised cases vs held-out cases) is high (>= ``caught_auc``, CI above 0.5), and
 * where the caller gives one (``control_synthetic``), a **generator positive control**: the samples of a real
   generator deliberately over-fitted to a few training cases
-  (:func:`synthlearn.training.memorising.train_memorising_generator`) attacked the same way, its memorised
+  (:func:`synthlearn.generators.ldm.memorising.train_memorising_generator`) attacked the same way, its memorised
   cases vs the held-out ones; it must be caught by the same rule. This is the control issue 5 asks for: it
   tests the attack against what an actual leaking generator emits (decoded, blurred by the autoencoder),
   where the copies above test it against near-exact copies, and
@@ -55,7 +55,7 @@ from scipy.stats import mannwhitneyu, rankdata
 from synthlearn.data.contract import SEQUENCES, CaseRecord
 from synthlearn.data.io import CaseArrays
 from synthlearn.data.preprocess import PreprocessConfig
-from synthlearn.evaluate.fidelity import mid_tumour_slice
+from synthlearn.audits.quality import mid_tumour_slice
 from synthlearn.evaluate.radiomics import case_id_of, read_case_arrays
 from synthlearn.training.seeding import numpy_generator
 
