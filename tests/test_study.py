@@ -204,3 +204,70 @@ def test_a_toy_arm_defined_in_the_test_runs_through_study_run(tiny_study, tmp_pa
         load_study_config(bad)
     with pytest.raises(ConfigError, match="unknown config key"):
         load_study_config(bad, {"nosuch": {"a": 1}})
+
+
+def test_a_site_named_for_training_is_not_also_tested_on(tiny_study, tmp_path):
+    """train_sites alone names a site whose study.json role is test: it would be trained and tested on."""
+    cfg = load_study_config(TINY, {"study": str(tiny_study), "arms": ["centralized"], "train_sites": ["tcga", "nyu"]})
+    with pytest.raises(ValueError, match=r"\['nyu'\] would be trained and tested on"):
+        run_study(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    cfg = load_study_config(TINY, {"study": str(tiny_study), "arms": ["centralized"], "test_sites": ["utsw"]})
+    with pytest.raises(ValueError, match=r"\['utsw'\] would be trained and tested on"):
+        run_study(cfg, tmp_path / "run", progress=False)
+
+
+def test_study_help_describes_the_verbs_and_lists_the_arms(capsys):
+    for argv in (["study", "run", "--help"], ["study", "show", "--help"], ["study", "report", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert len(text.split("options:")[0].strip().splitlines()) > 3, argv  # usage and a description
+    with pytest.raises(SystemExit):
+        main(["study", "run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for arm in ("centralized", "local", "fedavg", "catphishing"):
+        assert arm in text.split("--arms")[-1], arm
+
+
+def test_empty_arms_are_refused_and_show_prints_no_nan(tiny_run, tiny_study, tmp_path, capsys):
+    out, _ = tiny_run
+    assert main(["study", "run", "--config", str(TINY), "--study", str(tiny_study), "--out", str(tmp_path / "x"),
+                 "--arms", "", "-q"]) == 2
+    assert "--arms '': expected one or more arm names" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["study", "show", str(out)]) == 0
+    assert "nan" not in capsys.readouterr().out
+
+
+def test_the_federation_log_is_readable(tiny_study, tmp_path, capfd):
+    """No database-plugin lines, no Ray warning, no raw colour codes; the engine's start-up is announced."""
+    import logging
+
+    logging.getLogger().handlers.clear()  # let the CLI set up its own handler on the captured stderr
+    assert main(["study", "run", "--config", str(TINY), "--study", str(tiny_study), "--out", str(tmp_path / "run"),
+                 "--arms", "fedavg", "-q"]) == 0
+    err = capfd.readouterr().err
+    assert "alembic" not in err and "FutureWarning" not in err and "\x1b[" not in err, err[-2000:]
+    assert "starting Flower's simulation engine" in err
+
+
+def test_bad_voxels_or_a_truncated_file_are_refused_before_anything_trains(copy_study, tmp_path, capsys):
+    """One NaN voxel in a test case gave exit 0 and a null AUC; a truncated training file failed only when loaded.
+    Now every array of the run's sites is read first and the study is refused, naming the file."""
+    import nibabel as nib
+
+    case = sorted(p for p in (copy_study / "ucsf").iterdir() if p.is_dir())[0]
+    img = nib.load(str(case / "t2.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(case / "t2.nii.gz"))
+    train_case = sorted(p for p in (copy_study / "egd").iterdir() if p.is_dir())[1]
+    raw = (train_case / "flair.nii.gz").read_bytes()
+    (train_case / "flair.nii.gz").write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "run"
+    assert main(["study", "run", "--config", str(TINY), "--study", str(copy_study), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(case / "t2.nii.gz") in err and "NaN" in err
+    assert str(train_case / "flair.nii.gz") in err
+    assert not out.exists()

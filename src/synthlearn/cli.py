@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_runtime()
     try:
         return int(args.handler(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ValueError) as exc:
         if args.verbose:
             raise
         print(f"synthlearn {args.command}: error: {exc}", file=sys.stderr)

@@ -32,12 +32,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def case_image_digest(case: CaseRecord) -> str:
+    """SHA-256 of a case's image files' contents (sequences only: no segmentation, labels, names or paths), so the
+    same scans are recognised in a copy of a study, under other case ids or in another folder layout."""
+    h = hashlib.sha256()
+    for key, path in sorted(case.images.items()):
+        h.update(key.encode())
+        h.update(file_sha256(path).encode() if Path(path).is_file() else b"missing")
+    return h.hexdigest()
+
+
 def data_fingerprint(cases: Iterable[CaseRecord], include_ids: bool = True) -> dict[str, Any]:
     """Content fingerprint of a set of cases.
 
     Returns:
         ``{"sha256", "n_cases", "sites": {site: n}, "label_counts": {column: {value: n}}}`` and, with
-        ``include_ids``, ``"case_ids"`` per site.
+        ``include_ids``, ``"case_ids"`` per site and ``"image_digests"`` (sorted :func:`case_image_digest` of every
+        case: ``evaluate`` finds a run's own training cases in another study with them). Without ``include_ids``
+        (what leaves a site in a generator's manifest) nothing identifies a single case.
     """
     cases = list(cases)
     per_case = []
@@ -63,6 +75,7 @@ def data_fingerprint(cases: Iterable[CaseRecord], include_ids: bool = True) -> d
         for c in cases:
             ids.setdefault(c.site, []).append(c.case_id)
         out["case_ids"] = ids
+        out["image_digests"] = sorted(case_image_digest(c) for c in cases)
     return out
 
 

@@ -423,7 +423,9 @@ def _split_sites(study, cfg: StudyConfig):
     """Training and test sites: the config's ``train_sites``/``test_sites`` when given, else study.json roles.
 
     Raises:
-        ValueError: a named site is not in the study (lists the sites there).
+        ValueError: a named site is not in the study (lists the sites there), or a site is both trained and tested
+            on once the two lists are resolved (e.g. ``train_sites`` names a site whose role in study.json is
+            ``test``, and ``test_sites`` is left to the roles).
     """
     names = [s.name for s in study.sites]
     unknown = [n for n in (*cfg.train_sites, *cfg.test_sites) if n not in names]
@@ -432,6 +434,12 @@ def _split_sites(study, cfg: StudyConfig):
                          f"its sites are {names}")
     train = tuple(study.site(n) for n in cfg.train_sites) if cfg.train_sites else study.sites_with_role("train")
     test = tuple(study.site(n) for n in cfg.test_sites) if cfg.test_sites else study.sites_with_role("test")
+    both = sorted({s.name for s in train} & {s.name for s in test})
+    if both:
+        how = (f"train_sites = {list(cfg.train_sites)}" if cfg.train_sites else "study.json's train roles") + " and " + \
+              (f"test_sites = {list(cfg.test_sites)}" if cfg.test_sites else "study.json's test roles")
+        raise ValueError(f"study {cfg.study}: site(s) {both} would be trained and tested on ({how}); a model must "
+                         f"never be tested on its own training cases: name the other list too, or change the roles")
     return train, test
 
 
@@ -521,6 +529,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
             with different settings, an unknown arm.
     """
     from synthlearn.data.layouts import open_study
+    from synthlearn.data.verify import check_sites
     from synthlearn.runinfo import data_fingerprint, write_run_info
 
     out = Path(out)
@@ -540,6 +549,15 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     if not train_sites or not test_sites:
         raise ValueError(f"study {cfg.study}: need sites with role 'train' and 'test' in study.json, found "
                          f"{[(s.name, s.role) for s in study.sites]}")
+    # every array of the run's sites read once in full before anything trains: a NaN voxel, a truncated file or a
+    # shape mismatch found after an hour of training (or turned into a null AUC) is a study that should not have run
+    log.info("checking every file of the %d training and %d test sites", len(train_sites), len(test_sites))
+    problems, _ = check_sites((*train_sites, *test_sites), progress=progress)
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"study {cfg.study} has {len(problems)} problem(s) in the sites this run uses; nothing was "
+                         f"trained:\n{listing}{more}\nrun `synthlearn verify-data {cfg.study}` for the full report")
     train_cases = [c for s in train_sites for c in s.cases]
     test_cases = [c for s in test_sites for c in s.cases]
     fingerprint = data_fingerprint(train_cases + test_cases)

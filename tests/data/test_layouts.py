@@ -77,6 +77,9 @@ def test_label_synonyms_and_invalid_values():
     assert normalize_label("mgmt", "") is None
     with pytest.raises(ValueError, match="idh='maybe'"):
         normalize_label("idh", "maybe")
+    for code in ("0", "1", "2"):  # no standard numbers tumour types: refused rather than guessed
+        with pytest.raises(ValueError, match=f"tumor_type='{code}'"):
+            normalize_label("tumor_type", code)
 
 
 def test_open_case_reads_contract_and_brats_names(tiny_study, tmp_path):

@@ -247,7 +247,15 @@ def test_resume_after_a_killed_run_and_replace(tmp_path):
     (out / "nyu" / "nyu_000" / "seg.nii.gz").unlink()
     make_phantom_study(out, preset="tiny", cases_per_site=1, progress=False)
     assert _digests(out) == reference
-    # another config replaces the earlier phantom study
-    make_phantom_study(out, preset="tiny", cases_per_site=2, seed=4, progress=False)
+    # another config is refused without --replace, and nothing is removed
+    with pytest.raises(FileExistsError, match="other arguments .*cases_per_site, seed.*--replace"):
+        make_phantom_study(out, preset="tiny", cases_per_site=2, seed=4, progress=False)
+    assert _digests(out) == reference and (out / "study.json").is_file()
+    from synthlearn.cli import main
+
+    assert main(["make-phantoms", "--out", str(out), "--preset", "tiny", "--cases-per-site", "2", "-q"]) == 2
+    assert _digests(out) == reference
+    # with replace, it replaces the earlier phantom study
+    make_phantom_study(out, preset="tiny", cases_per_site=2, seed=4, progress=False, replace=True)
     study = open_study(out)
     assert not study.problems and all(len(s) == 2 for s in study.sites)

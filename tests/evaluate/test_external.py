@@ -365,3 +365,42 @@ def test_metrics_block_identical_predictions_give_mcnemar_one():
     unlabelled = dict(pred, true=np.full(10, -1))
     assert metrics_block(unlabelled, [], task, reference=pred, reference_name="x",
                          n_bootstrap=20)["mcnemar_p_vs_x"] is None
+
+
+def test_an_invalid_label_is_refused_not_read_as_another_column(trained_run, tiny_study, tmp_path, capsys):
+    """idh = 'maybe' beside tumor_type = glioblastoma must not become 'wildtype' by the tumour-type fallback."""
+    import shutil
+
+    study = tmp_path / "study"
+    shutil.copytree(tiny_study, study)
+    path = study / "nyu" / "labels.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[1].split(",")
+    row[header.index("idh")] = "maybe"
+    path.write_text("\n".join([lines[0], ",".join(row)] + lines[2:]) + "\n")
+    out = tmp_path / "ext"
+    assert main(["evaluate", "--run", str(trained_run), "--study", str(study), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2" in err and "'maybe'" in err and "idh" in err
+    assert not out.exists()
+
+
+def test_the_runs_own_training_cases_are_found_and_reported(trained_run, tiny_study, tmp_path, capsys):
+    """Evaluating on a copy of a training site, its cases renamed: the same scans are found by content and reported
+    (results.json, the log and the printed table); a true test site has no overlap."""
+    import shutil
+
+    site = tmp_path / "copy_of_tcga"
+    shutil.copytree(tiny_study / "tcga", site)
+    out = tmp_path / "ext"
+    assert main(["evaluate", "--run", str(trained_run), "--study", str(site), "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    overlap = json.loads((out / "results.json").read_text())["training_overlap"]
+    assert overlap["checked"] and overlap["n_cases"] == 6
+    assert "WARNING: 6 case(s) are this run's own training cases" in printed
+    clean = tmp_path / "ext_nyu"
+    assert main(["evaluate", "--run", str(trained_run), "--study", str(tiny_study / "nyu"), "--out", str(clean),
+                 "-q"]) == 0
+    assert json.loads((clean / "results.json").read_text())["training_overlap"] == {"checked": True, "n_cases": 0,
+                                                                                       "cases": []}

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from synthlearn.commands import check_output
+
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +39,10 @@ def cmd_make_phantoms(args: argparse.Namespace) -> int:
 
     from synthlearn.data.phantom import make_phantom_study
 
+    check_output(args.out, "folder")
     torch.set_num_threads(1)  # generation is fastest single-threaded (2 threads oversubscribe, ENVIRONMENT.md)
     out = make_phantom_study(args.out, preset=args.preset, cases_per_site=args.cases_per_site, shape=args.shape,
-                             seed=args.seed, progress=not args.quiet)
+                             seed=args.seed, progress=not args.quiet, replace=args.replace)
     print(f"phantom study written to {out}")
     return 0
 
@@ -48,6 +51,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from synthlearn.report.grid import show_study
 
     sites = args.sites.split(",") if args.sites else None
+    check_output(args.out, "file")
     out = show_study(args.path, args.out, max_cases=args.max_cases, sites=sites)
     print(f"picture written to {out}")
     return 0
@@ -64,12 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("make-phantoms", help="write the offline multi-site glioma phantom study",
                        description="Write the offline multi-site glioma phantom (PHANTOM.md) in the data contract.")
-    p.add_argument("--out", type=Path, required=True, help="output study folder (new or empty)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output study folder: new or empty (an unfinished study with the same arguments resumes)")
     p.add_argument("--preset", default="paper", choices=("paper", "tiny"),
                    help="paper: the 8 CATphishing sites at 64^3; tiny: 3 train + 2 test sites at 32^3")
     p.add_argument("--cases-per-site", type=int, default=None, help="cases per site (default: the preset's)")
     p.add_argument("--shape", type=_shape, default=None, help="N or XxYxZ, e.g. 64 or 128x192x192")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite an earlier phantom study in --out made with other arguments")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_make_phantoms)
 

@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+from synthlearn.commands import check_output
+
 log = logging.getLogger(__name__)
 
 #: the repository's configs folder (the demo configs ship there, beside the other configs)
@@ -38,6 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else default_config(args.paper)
     overrides = {"study": args.study} if args.study else None
     cfg = load_study_config(config, overrides)
+    check_output(args.out, "folder")
     study = Path(cfg.study)
     if not (study / "study.json").is_file():
         if study.exists() and any(study.iterdir()):

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from synthlearn.commands import positive_int
+from synthlearn.commands import check_output, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,11 @@ def format_external_summary(results: dict) -> str:
     lines = [f"task {results['task']}, study {results['study']} ({results['layout']} layout): "
              f"{results['n_predicted']} of {results['n_cases']} case(s) predicted, {results['n_labelled']} labelled, "
              f"{len(results['skipped'])} skipped"]
+    overlap = results.get("training_overlap") or {}
+    if overlap.get("n_cases"):
+        lines.append(f"WARNING: {overlap['n_cases']} case(s) are this run's own training cases (the same scans): "
+                     f"{', '.join(overlap['cases'][:5])}{' ...' if overlap['n_cases'] > 5 else ''}; the metrics "
+                     f"below are not an external validation")
     if not any("test" in b for b in results["arms"].values()):
         lines.append(results.get("note", "no metrics"))
         return "\n".join(lines)
@@ -51,6 +56,7 @@ def format_external_summary(results: dict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from synthlearn.evaluate.external import evaluate_run
 
+    check_output(args.out, "folder")
     results = evaluate_run(args.run, args.study, args.out, arms=args.arms, device=args.device,
                            n_bootstrap=args.n_bootstrap, progress=not args.quiet)
     print(format_external_summary(results))
@@ -65,6 +71,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     case_dir = Path(args.case)
     out = Path(args.out) if args.out else Path(f"{case_dir.name}_{args.arm}" + (f"-{args.model}" if args.model else ""))
+    check_output(out, "folder")
     info = predict_case(args.run, args.arm, case_dir, out, model_label=args.model, device=args.device)
     name = info["arm"] + (f":{info['model']}" if info["model"] != info["arm"] else "")
     print(f"case {info['case']}, {name} (mean over {info['region']} voxels):")

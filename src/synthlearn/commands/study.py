@@ -1,12 +1,16 @@
-"""Study verbs: ``synthlearn study run --config FILE.toml --out RUN_DIR`` (``study report`` comes with the
-report issue)."""
+"""Study verbs: ``synthlearn study run --config FILE.toml --out RUN_DIR``, ``study show RUN_DIR``,
+``study report RUN_DIR``."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import json
 import logging
+import math
+from pathlib import Path
+
+from synthlearn.commands import check_output
+from synthlearn.strategies.registry import known_arms
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +21,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict = {}
     if args.study:
         overrides["study"] = args.study
-    if args.arms:
-        overrides["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.arms is not None:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        if not arms:
+            raise ValueError(f"--arms {args.arms!r}: expected one or more arm names separated by commas, e.g. "
+                             f"centralized,fedavg; known arms: {', '.join(known_arms())}")
+        overrides["arms"] = arms
     cfg = load_study_config(args.config, overrides)
+    check_output(args.out, "folder")
     results = run_study(cfg, args.out, progress=not args.quiet, force=args.force)
     print(format_summary(results))
     print(f"results: {args.out}/results.json")
@@ -33,7 +42,8 @@ def format_summary(results: dict) -> str:
              f"{'MB from sites':>15}{'wall s':>9}"]
 
     def fmt(v, w=7, d=3):
-        return f"{v:>{w}.{d}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return f"{v:>{w}.{d}f}" if ok else f"{'-':>{w}}"
 
     def row(name, block, info):
         c = block["test"]["combined"]
@@ -46,7 +56,7 @@ def format_summary(results: dict) -> str:
     for arm, block in results["arms"].items():
         lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
         for site, sub in block.get("site_models", {}).items():
-            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": float("nan")}))
+            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": None}))
     seeds = results.get("seeds") or []
     if len(seeds) > 1:
         lines[0] += f"; the rows are the primary seed's ({seeds[0]})"
@@ -88,20 +98,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("study", help="run a multi-site study (all arms, same splits, one evaluation)")
+    parser = subparsers.add_parser(
+        "study", help="run a multi-site study (all arms, same splits, one evaluation)",
+        description="Run every arm of a study config on the same training and test sites and evaluate them alike "
+                    "(`run`), print the results table of a run folder (`show`), write its report (`report`).")
     sub = parser.add_subparsers(dest="study_command", metavar="STUDY_COMMAND")
-    run = sub.add_parser("run", help="train and evaluate every arm of a study config; re-runs skip complete arms")
+    arms = ", ".join(known_arms())
+    run = sub.add_parser(
+        "run", help="train and evaluate every arm of a study config; re-runs skip complete arms",
+        description="Train every arm of the study config on the training sites, with every seed of its `seeds`, "
+                    "apply every model to every test case and write RUN_DIR/results.json (and one folder per arm: "
+                    "its config, seed, data fingerprint, version, weights, predictions.csv). A re-run skips "
+                    "complete arms and resumes interrupted ones. Exit 0 on success, 2 when an input is refused "
+                    f"(nothing written). Arms: {arms}.")
     run.add_argument("--config", required=True, help="study config TOML (e.g. configs/study_cpu.toml)")
     run.add_argument("--out", required=True, help="run folder (results.json, one folder per arm)")
     run.add_argument("--study", help="study folder (overrides the config's `study`)")
-    run.add_argument("--arms", help="comma-separated arms (overrides the config's `arms`)")
+    run.add_argument("--arms", help=f"comma-separated arms, overriding the config's `arms`; one or more of: {arms}")
     run.add_argument("--force", action="store_true", help="re-run arms that are already complete")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=cmd_run)
-    show = sub.add_parser("show", help="print the results table of a run folder")
+    show = sub.add_parser("show", help="print the results table of a run folder",
+                          description="Print the combined test metrics of every arm of a run folder (the primary "
+                                      "seed's) and each arm's AUC over its seeds (mean, SD, paired test against "
+                                      "centralized). Reads RUN_DIR/results.json; writes nothing.")
     show.add_argument("run", help="run folder")
     show.set_defaults(handler=cmd_show)
-    report = sub.add_parser("report", help="write report.html (self-contained) and report.md of a run folder")
+    report = sub.add_parser("report", help="write report.html (self-contained) and report.md of a run folder",
+                            description="Write RUN_DIR/report.html (self-contained: figures embedded) and "
+                                        "RUN_DIR/report.md from a run folder's results.json and figures.")
     report.add_argument("run_dir", type=Path, help="run folder written by `synthlearn study run`")
     report.set_defaults(handler=cmd_report)
     parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])

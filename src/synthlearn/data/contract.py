@@ -41,8 +41,8 @@ _SYNONYMS: dict[str, dict[str, str]] = {
     "mgmt": {"0": "unmethylated", "1": "methylated", "un-methylated": "unmethylated"},
     "grade": {"ii": "2", "iii": "3", "iv": "4", "2.0": "2", "3.0": "3", "4.0": "4",
               "g2": "2", "g3": "3", "g4": "4"},
-    "tumor_type": {"gbm": "glioblastoma", "astro": "astrocytoma", "oligo": "oligodendroglioma",
-                   "0": "glioblastoma", "1": "astrocytoma", "2": "oligodendroglioma"},
+    # no numeric codes: there is no standard order of tumour types (0/1/2 would silently mean what we chose)
+    "tumor_type": {"gbm": "glioblastoma", "astro": "astrocytoma", "oligo": "oligodendroglioma"},
 }
 _UNKNOWN = {"", "na", "n/a", "nan", "none", "unknown", "?", "-"}
 

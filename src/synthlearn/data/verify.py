@@ -136,12 +136,29 @@ def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
         FileNotFoundError / synthlearn.data.layouts.StudyLayoutError: the folder is no study at all.
     """
     study = open_study(path)
-    problems: list[Problem] = list(study.problems)
+    problems, summaries = check_sites(study.sites, study.problems, progress=progress)
+    return VerifyReport(study=study, problems=tuple(problems), sites=tuple(summaries))
+
+
+def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True) -> tuple[list[Problem], list[SiteSummary]]:
+    """Read every file of every case of ``sites`` in full (the checked reader of ``verify-data``; ``study run`` uses
+    it before anything trains) and gather every problem with its file, expected and found.
+
+    Args:
+        sites: :class:`synthlearn.data.contract.SiteRecord` s of an opened study.
+        known: problems already found while opening the study (kept first; their missing files are not reported
+            twice).
+        progress: a progress bar over cases.
+
+    Returns:
+        ``(problems, per-site summaries)``.
+    """
+    problems: list[Problem] = list(known)
     missing = {(p.site, p.case_id, p.file) for p in problems if p.check == "missing-file"}
     summaries = []
-    total = sum(len(s.cases) for s in study.sites)
+    total = sum(len(s.cases) for s in sites)
     bar = tqdm(total=total, desc="verify", unit="case", disable=not progress, leave=False)
-    for site in study.sites:
+    for site in sites:
         shapes: Counter[str] = Counter()
         spacings: Counter[str] = Counter()
         for case in site.cases:
@@ -178,4 +195,4 @@ def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
         summaries.append(SiteSummary(site.name, site.role, len(site.cases), dict(shapes), dict(spacings),
                                      label_counts))
     bar.close()
-    return VerifyReport(study=study, problems=tuple(problems), sites=tuple(summaries))
+    return problems, summaries

@@ -125,6 +125,29 @@ def run_arms(run_dir: str | Path) -> tuple[list[str], list[str]]:
     return complete, incomplete
 
 
+def training_overlap(run_dir: Path, arms: Sequence[str], cases: Sequence[CaseRecord]) -> dict[str, Any]:
+    """Which of ``cases`` are the run's own training cases: the same scans by content
+    (:func:`synthlearn.runinfo.case_image_digest` against each arm's ``run.json`` fingerprint), whatever their names,
+    folders or layout.
+
+    Returns:
+        ``{"checked": True, "n_cases": k, "cases": ["site/case_id", ...]}``, or ``{"checked": False, "reason"}`` for a
+        run whose fingerprints hold no per-case digests (made before synthlearn recorded them).
+    """
+    from synthlearn.runinfo import case_image_digest
+
+    digests: set[str] = set()
+    for arm in arms:
+        path = Path(run_dir) / arm / "run.json"
+        fingerprint = json.loads(path.read_text()).get("data_fingerprint", {}) if path.is_file() else {}
+        if "image_digests" not in fingerprint:
+            return {"checked": False, "reason": f"{path}: its data fingerprint holds no per-case digests (a run made "
+                                                f"before synthlearn recorded them)"}
+        digests.update(fingerprint["image_digests"])
+    hits = [f"{c.site}/{c.case_id}" for c in cases if case_image_digest(c) in digests]
+    return {"checked": True, "n_cases": len(hits), "cases": hits}
+
+
 def load_run_models(run_dir: str | Path, arms: Sequence[str] | None = None, *,
                     device: str | None = None) -> list[RunModel]:
     """Load the task models of the requested arms of a run (all complete arms by default).
@@ -445,8 +468,18 @@ def evaluate_run(run_dir: str | Path, study: str | Path, out: str | Path, *, arm
     settings.update({k: v for k, v in (("n_bootstrap", n_bootstrap), ("ci", ci), ("seed", seed)) if v is not None})
     task = models[0].model.task
     opened = open_study(study_path)
+    bad_labels = [p for p in opened.problems if p.check == "label-value"]
+    if bad_labels:  # an invalid value must never be read as unknown (and replaced by another column's)
+        listing = "\n".join(f"  {p}" for p in bad_labels[:20])
+        raise ValueError(f"{study_path}: {len(bad_labels)} invalid label value(s); fix them (or leave the cell blank "
+                         f"for unknown):\n{listing}")
     cases = list(opened.cases)
     arm_names = list(dict.fromkeys(m.arm for m in models))
+    overlap = training_overlap(run_dir, arm_names, cases)
+    if overlap.get("n_cases"):
+        log.warning("evaluate: %d of the %d cases are the run's own training cases (same scans, by content: %s%s); "
+                    "their predictions are not an external validation", overlap["n_cases"], len(cases),
+                    ", ".join(overlap["cases"][:5]), " ..." if overlap["n_cases"] > 5 else "")
     log.info("evaluate: %d model(s) of arm(s) %s on %d case(s) of %d site(s) of %s (%s layout)", len(models),
              arm_names, len(cases), len(opened.sites), study_path, opened.layout)
     for p in opened.problems:
@@ -533,6 +566,7 @@ def evaluate_run(run_dir: str | Path, study: str | Path, out: str | Path, *, arm
         "reference_arm": reference_arm, "reference_model": reference_model.label, "arms": {},
         "skipped": skipped, "cases_without_tumour_mask": [f"{s}/{c}" for s, c in sorted(brain_region)],
         "study_problems": [str(p) for p in opened.problems if p.check != "missing-file"],
+        "training_overlap": overlap,
         "settings": {**settings, "device": device}, "wall_s": wall,
     }
     if not any_pred["true"].size:

@@ -49,6 +49,8 @@ def flower_environment(flwr_home: str | Path) -> dict[str, str]:
         # Ray nices its workers (15) by default: on a busy machine the sites then starve behind any other
         # process and rounds time out; a site's training is the main work here, so run it at normal priority
         "RAY_worker_niceness": "0",
+        # keeps Ray's behaviour for CPU-only sites and silences its FutureWarning about it at every start
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PYTHONPATH": os.pathsep.join([src] + [p for p in paths if p != src]),
     }
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -102,10 +104,13 @@ def run_protocol_simulation(protocol: RoundProtocol, sites: Sequence[SiteRecord]
                       "log_to_driver": False, "logging_level": logging.ERROR},
     }
     t0 = time.perf_counter()
-    flwr_logger = logging.getLogger("flwr")
-    old_level = flwr_logger.level
+    log.info("federation: starting Flower's simulation engine (Ray, %d site processes); its start-up, about 10-20 s, "
+             "counts in round %d's time", len(sites), state.round + 1)
+    quiet = {name: logging.getLogger(name) for name in ("flwr", "alembic", "ray")}
+    old_levels = {name: lg.level for name, lg in quiet.items()}
     if not log.isEnabledFor(logging.DEBUG):
-        flwr_logger.setLevel(logging.ERROR)  # Flower logs every round at INFO; synthlearn logs its own
+        for lg in quiet.values():  # Flower logs every round at INFO, its database layer (alembic) its plugins
+            lg.setLevel(logging.ERROR)
     try:
         run_simulation(server_app=make_server_app(protocol, state, [s.name for s in sites], checkpoint, bar),
                        client_app=make_client_app(handler), num_supernodes=len(sites), backend_config=backend_config)
@@ -115,7 +120,8 @@ def run_protocol_simulation(protocol: RoundProtocol, sites: Sequence[SiteRecord]
         raise FederationError(f"the Flower simulation failed after {time.perf_counter() - t0:.0f} s "
                               f"({type(exc).__name__}: {exc})") from exc
     finally:
-        flwr_logger.setLevel(old_level)
+        for name, lg in quiet.items():
+            lg.setLevel(old_levels[name])
         if bar is not None:
             bar.close()
     if state.round < protocol.rounds:

@@ -118,6 +118,8 @@ def draw_case_grid(cases: Sequence[CaseRecord], out: str | Path, title: str | No
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.12 / height)
     out = Path(out)
+    if not out.suffix:  # matplotlib would add ".png" itself: name the file that is really written
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

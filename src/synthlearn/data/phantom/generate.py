@@ -225,12 +225,13 @@ def _case_complete(case_dir: Path) -> bool:
     return all((case_dir / f"{name}.nii.gz").is_file() for name in (*SEQUENCES, "seg"))
 
 
-def _prepare_output(out: Path, config: dict) -> bool:
-    """Check the output folder and clear a previous phantom study there. Returns True when the folder
-    holds an unfinished or finished study made with the same config (complete cases are then kept).
+def _prepare_output(out: Path, config: dict, replace: bool = False) -> bool:
+    """Check the output folder and, with ``replace``, clear a previous phantom study there. Returns True when the
+    folder holds an unfinished or finished study made with the same config (complete cases are then kept).
 
     Raises:
-        FileExistsError: ``out`` is a file, or a non-empty folder that is not a phantom study.
+        FileExistsError: ``out`` is a file, a non-empty folder that is not a phantom study, or a phantom study made
+            with other arguments while ``replace`` is False (nothing is written or removed).
     """
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; expected a new or empty folder (or an earlier phantom study)")
@@ -249,11 +250,17 @@ def _prepare_output(out: Path, config: dict) -> bool:
             f"make-phantoms); found {sorted(p.name for p in out.iterdir())[:8]}. Choose a new or empty folder; "
             f"nothing was written."
         )
+    if old.get("config") != config and not replace:
+        theirs = old.get("config", {})
+        diff = sorted(k for k in set(config) | set(theirs) if config.get(k) != theirs.get(k))
+        raise FileExistsError(
+            f"--out {out} holds a phantom study made with other arguments (differing: {', '.join(diff)}); "
+            f"choose a new or empty folder, or pass --replace to overwrite it. Nothing was written.")
     (out / "study.json").unlink(missing_ok=True)  # the study is invalid until it is complete again
     if old.get("config") == config:
         log.info("resuming the phantom study in %s (same config)", out)
         return True
-    log.info("replacing the earlier phantom study in %s", out)
+    log.info("replacing the earlier phantom study in %s (--replace)", out)
     for name in old.get("config", {}).get("sites", []):
         site_dir = out / str(name)
         if isinstance(name, str) and "/" not in name and name not in ("", ".", "..") and site_dir.is_dir():
@@ -268,6 +275,7 @@ def make_phantom_study(
     shape: int | Sequence[int] | None = None,
     seed: int = 0,
     progress: bool = True,
+    replace: bool = False,
 ) -> Path:
     """Write a multi-site phantom study in the data contract (``study.json``, per-site ``labels.csv``,
     ``<site>/<case_id>/{t1,t1c,t2,flair,seg}.nii.gz``) plus ``phantom.json`` (config and per-case ground
@@ -275,10 +283,10 @@ def make_phantom_study(
 
     ``study.json`` is written last, so a killed run never leaves a study pointing at missing cases; running
     again with the same arguments resumes (complete cases are kept: same seed, same bytes). An earlier
-    phantom study in ``out`` made with other arguments is replaced.
+    phantom study in ``out`` made with other arguments is refused, or replaced with ``replace``.
 
     Args:
-        out: output folder: new, empty, or an earlier phantom study.
+        out: output folder: new, empty, or an unfinished phantom study with the same arguments (it resumes).
         preset: ``paper`` (train tcga, utsw, egd; test nyu, uwm, ucsf, upenn, utswp2; 48 cases per site;
             64^3 at 3 mm) or ``tiny`` (3 train + 2 test sites, 6 cases per site, 32^3).
         cases_per_site: cases per site (None = the preset's default).
@@ -286,6 +294,7 @@ def make_phantom_study(
             192 mm cube. None = the preset's default.
         seed: study seed (non-negative int).
         progress: show a tqdm progress bar over cases.
+        replace: overwrite an earlier phantom study in ``out`` made with other arguments.
 
     Returns:
         The study folder.
@@ -293,7 +302,8 @@ def make_phantom_study(
     Raises:
         ValueError: unknown preset, ``cases_per_site`` < 1, a shape edge < 16, a negative seed.
         TypeError: ``shape`` or ``cases_per_site`` of the wrong type.
-        FileExistsError: ``out`` is not empty and is not a phantom study (nothing is written).
+        FileExistsError: ``out`` is not empty and is not a phantom study of the same arguments (without
+            ``replace``; nothing is written).
     """
     from tqdm.auto import tqdm
 
@@ -313,7 +323,7 @@ def make_phantom_study(
     out = Path(out)
     config = {"preset": preset, "seed": seed, "shape": list(grid), "cases_per_site": n_cases,
               "version": PHANTOM_VERSION, "sites": [s.name for s in spec.sites]}
-    resume = _prepare_output(out, config)
+    resume = _prepare_output(out, config, replace)
 
     out.mkdir(parents=True, exist_ok=True)
     marker = {"generator": "synthlearn.data.phantom", "complete": False, "config": config,
