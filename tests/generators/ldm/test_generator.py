@@ -170,7 +170,7 @@ def test_autoencoder_trains_channels_last_on_cpu_and_hands_back_the_default_layo
     """On CPU the stage runs in channels-last layout (oneDNN is faster there); afterwards every weight is back
     in the default contiguous layout, as encode_site, stage 2 and the artifact writer expect."""
     from synthlearn.models.autoencoder import GeneratorAutoencoder
-    from synthlearn.training import generator as gen_mod
+    from synthlearn.generators.ldm import stages as gen_mod
 
     cfg = load_generator_config(CONFIGS / "generator_tiny.toml")
     cfg = dataclasses.replace(cfg, shape=(16, 16, 16), latent_shape=(4, 4, 4), autoencoder=dataclasses.replace(
