@@ -284,7 +284,7 @@ def _arm_block(models: dict[str, dict], arm: str, test_sites: list[str], task, c
               for label, p in models.items()}
     if list(blocks) == [arm]:
         return blocks[arm]
-    block = mean_block(blocks, REFERENCE_ARM)
+    block = mean_block(blocks, REFERENCE_ARM, models, task, n_bootstrap=n_bootstrap, ci=cfg.evaluate.ci, seed=cfg.seed)
     block["site_models"] = blocks
     return block
 

@@ -80,3 +80,23 @@ def test_fast_auc_equals_sklearn_with_ties_and_bootstrap_is_fast():
     t0 = time.perf_counter()
     lo, hi = bootstrap_auc_ci(y3, p3, positive=None, n_bootstrap=1000)
     assert time.perf_counter() - t0 < 2.0 and lo < hi
+
+
+def test_the_local_arms_interval_is_a_bootstrap_of_the_mean_auc():
+    """The mean of several models' AUCs gets a bootstrap interval of that mean (the same case resamples scored by
+    every model), not the mean of their intervals; for one model it is that model's own bootstrap interval."""
+    from synthlearn.evaluate.classification import bootstrap_auc_ci, bootstrap_mean_auc_ci, roc_auc
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    models = [np.stack([1 - s, s], 1) for s in (np.clip(y * 0.3 + rng.random(120) * 0.7, 0, 1),
+                                                  np.clip(y * 0.1 + rng.random(120) * 0.9, 0, 1))]
+    one = bootstrap_mean_auc_ci(y, models[:1], 1, n_bootstrap=400, rng=np.random.default_rng(0))
+    assert one == bootstrap_auc_ci(y, models[0], 1, n_bootstrap=400, rng=np.random.default_rng(0))
+    lo, hi = bootstrap_mean_auc_ci(y, models, 1, n_bootstrap=400, rng=np.random.default_rng(0))
+    mean = np.mean([roc_auc(y, m, 1) for m in models])
+    assert lo < mean < hi
+    bounds = [bootstrap_auc_ci(y, m, 1, n_bootstrap=400, rng=np.random.default_rng(0)) for m in models]
+    averaged = (np.mean([b[0] for b in bounds]), np.mean([b[1] for b in bounds]))
+    assert hi - lo < averaged[1] - averaged[0]  # a mean over models varies less than each model alone
+    assert bootstrap_mean_auc_ci(np.zeros(5, int), [np.full((5, 2), 0.5)], 1) is None

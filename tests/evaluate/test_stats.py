@@ -40,3 +40,32 @@ def test_stuart_maxwell():
     assert stuart_maxwell_p(a, similar, 3) > 0.01
     with pytest.raises(ValueError, match="num_classes"):
         stuart_maxwell_p(p, p, 1)
+
+
+def _predictions_of(table):
+    """Prediction pairs whose 3x3 cross-table is ``table``."""
+    a, b = [], []
+    for i in range(3):
+        for j in range(3):
+            a += [i] * table[i][j]
+            b += [j] * table[i][j]
+    return np.array(a), np.array(b)
+
+
+def test_stuart_maxwell_matches_the_textbook_statistic_and_reports_an_undefined_one(caplog):
+    """An independent reference: chi2 = d' S^-1 d over the first K-1 margins, with d_i = n_i. - n_.i,
+    S_ii = n_i. + n_.i - 2 n_ii, S_ij = -(n_ij + n_ji) (Stuart 1955), df = K - 1."""
+    from scipy import stats
+
+    table = [[20, 10, 5], [3, 30, 15], [0, 5, 40]]
+    n = np.array(table, dtype=float)
+    d = (n.sum(1) - n.sum(0))[:2]
+    s = -(n + n.T)
+    np.fill_diagonal(s, n.sum(1) + n.sum(0) - 2 * np.diag(n))
+    chi2 = float(d @ np.linalg.solve(s[:2, :2], d))
+    assert stuart_maxwell_p(*_predictions_of(table), 3) == pytest.approx(stats.chi2.sf(chi2, 2), rel=1e-9)
+    assert chi2 == pytest.approx(13.7647, rel=1e-4) and stats.chi2.sf(chi2, 2) == pytest.approx(0.0010257, rel=1e-4)
+    # the only disagreements swap classes 0 and 2 both ways: the covariance is singular, the test undefined, it says so
+    with caplog.at_level("WARNING"):
+        assert np.isnan(stuart_maxwell_p(*_predictions_of([[3, 0, 2], [0, 1, 0], [2, 0, 0]]), 3))
+    assert "undefined" in caplog.text

@@ -94,6 +94,35 @@ def bootstrap_auc_ci(y_true: Sequence[int], probs: np.ndarray, positive: int | N
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
 
 
+def bootstrap_mean_auc_ci(y_true: Sequence[int], probs: Sequence[np.ndarray], positive: int | None = 1, *,
+                          n_bootstrap: int = 1000, ci: float = 0.95,
+                          rng: np.random.Generator | None = None) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of the mean AUC of several models on the same cases (e.g. a local arm's site models):
+    each resample of the cases is scored by every model and their AUCs averaged, so the interval is of the mean,
+    not a mean of intervals. ``probs``: one ``(N, K)`` array per model. None when the AUC is undefined."""
+    if not probs:
+        raise ValueError("bootstrap_mean_auc_ci needs at least one model's probabilities")
+    checked = [_check(np.asarray(y_true), p) for p in probs]
+    y = checked[0][0]
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), found {ci}")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, found {n_bootstrap}")
+    if np.unique(y).size < 2:
+        return None
+    rng = rng if rng is not None else np.random.default_rng(0)
+    values = []
+    for start in range(0, n_bootstrap, 256):
+        idx = rng.integers(0, y.size, (min(256, n_bootstrap - start), y.size))
+        values.append(np.mean([_auc_resamples(y[idx], p[idx], positive) for _, p in checked], axis=0))
+    values = np.concatenate(values)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    alpha = (1.0 - ci) / 2.0
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
 def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den > 0 else None
 

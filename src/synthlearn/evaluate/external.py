@@ -384,21 +384,41 @@ def metrics_block(pred: dict[str, np.ndarray], sites: Sequence[str], task: Task,
     return block
 
 
-def mean_block(blocks: dict[str, dict[str, Any]], reference_name: str) -> dict[str, Any]:
-    """Mean of several models' metrics (the ``local`` arm's summary): ACC/SEN/SPE/AUC and the CI bounds
-    averaged over the models where defined; ``n`` of the first model."""
+def mean_block(blocks: dict[str, dict[str, Any]], reference_name: str, preds: dict[str, dict[str, np.ndarray]],
+               task: Task, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Mean of several models' metrics (the ``local`` arm's summary): ACC/SEN/SPE/AUC averaged over the models where
+    defined; ``auc_ci`` is a bootstrap CI of the mean AUC (the same case resamples scored by every model,
+    :func:`synthlearn.evaluate.classification.bootstrap_mean_auc_ci`), not a mean of the models' intervals; ``n`` of
+    the first model.
+
+    Args:
+        blocks: model label -> its :func:`metrics_block`.
+        reference_name: name of the reference arm (for the McNemar key, None here).
+        preds: model label -> its predictions (``site``, ``case_id``, ``true``, ``probs``), the same cases in the same
+            order for every model.
+        task: the task (positive class).
+        n_bootstrap, ci, seed: the bootstrap.
+    """
+    from synthlearn.evaluate.classification import bootstrap_mean_auc_ci
+
     first = next(iter(blocks.values()))
+    any_pred = next(iter(preds.values()))
+    known = any_pred["true"] >= 0
     test = {}
     for site in first["test"]:
         entry: dict[str, Any] = {}
         for key in ("acc", "sen", "spe", "auc"):
             vals = [b["test"][site][key] for b in blocks.values() if b["test"][site][key] is not None]
             entry[key] = float(np.mean(vals)) if vals else None
-        cis = [b["test"][site]["auc_ci"] for b in blocks.values() if b["test"][site]["auc_ci"] is not None]
-        entry["auc_ci"] = [float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))] if cis else None
+        sel = known & ((any_pred["site"] == site) if site != "combined" else True)
+        interval = bootstrap_mean_auc_ci(any_pred["true"][sel], [p["probs"][sel] for p in preds.values()],
+                                         task.positive_class, n_bootstrap=n_bootstrap, ci=ci,
+                                         rng=np.random.default_rng(seed)) if sel.any() else None
+        entry["auc_ci"] = list(interval) if interval is not None else None
         entry["n"] = first["test"][site]["n"]
         test[site] = entry
-    return {"test": test, f"mcnemar_p_vs_{reference_name}": None, "summary": "mean over site models"}
+    return {"test": test, f"mcnemar_p_vs_{reference_name}": None,
+            "summary": "mean over site models; auc_ci: bootstrap CI of the mean AUC"}
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -589,7 +609,8 @@ def evaluate_run(run_dir: str | Path, study: str | Path, out: str | Path, *, arm
         if list(blocks) == [arm]:
             block = blocks[arm]
         else:
-            block = mean_block(blocks, reference_arm)
+            block = mean_block(blocks, reference_arm, {m.label: preds[(m.arm, m.label)] for m in members}, task,
+                               n_bootstrap=settings["n_bootstrap"], ci=settings["ci"], seed=settings["seed"])
             block["site_models"] = blocks
         block["models"] = folders
         results["arms"][arm] = block

@@ -4,9 +4,13 @@ Stuart-Maxwell for the 3-class tumour type), with statsmodels.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def mcnemar_table(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> np.ndarray:
@@ -51,7 +55,9 @@ def stuart_maxwell_p(pred_a: Sequence[int], pred_b: Sequence[int], num_classes: 
         num_classes: K.
 
     Returns:
-        The p-value (1.0 when the off-diagonal part of the table is empty).
+        The p-value (1.0 when the off-diagonal part of the table is empty). NaN, with a logged warning, when the
+        statistic is undefined: its covariance matrix (of the margins' differences) is singular, e.g. when the only
+        disagreements swap two classes both ways as often; the report shows it as "-".
     """
     from statsmodels.stats.contingency_tables import SquareTable
 
@@ -72,8 +78,14 @@ def stuart_maxwell_p(pred_a: Sequence[int], pred_b: Sequence[int], num_classes: 
     if table.shape[0] < 2:
         return 1.0
     try:
-        res = SquareTable(table, shift_zeros=False).homogeneity(method="stuart_maxwell")
+        with warnings.catch_warnings():  # statsmodels warns, then returns NaN: reported once, below, in our words
+            warnings.simplefilter("ignore")
+            res = SquareTable(table, shift_zeros=False).homogeneity(method="stuart_maxwell")
+        p = float(res.pvalue)
     except np.linalg.LinAlgError:
+        p = float("nan")
+    if not np.isfinite(p):
+        log.warning("Stuart-Maxwell test undefined (singular covariance of the %dx%d table %s): p reported as NaN",
+                    *table.shape, table.astype(int).tolist())
         return float("nan")
-    p = float(res.pvalue)
-    return p if np.isfinite(p) else float("nan")
+    return p
