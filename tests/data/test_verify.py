@@ -168,3 +168,46 @@ def test_cli_clean_study_exits_zero(tiny_study, capsys):
 def test_cli_not_a_study_exits_nonzero(tmp_path, capsys):
     assert main(["verify-data", str(tmp_path / "nope")]) == 2
     assert "no such study folder" in capsys.readouterr().err
+
+
+def test_a_degenerate_affine_is_caught(copy_study):
+    """A case whose files agree on an affine that maps no volume (voxels of 1e-5 mm: a determinant of 1e-15):
+    verify-data used to pass it and only evaluate refused it; the one checked reader now refuses it everywhere."""
+    case = _first_case(copy_study)
+    for f in case.files().values():
+        img = nib.load(str(f))
+        affine = img.affine.copy()
+        affine[:3, :3] *= 1e-5
+        _resave(f, np.asarray(img.dataobj), affine)
+    report = verify_study(copy_study, progress=False)
+    assert _checks(report) == ["affine"]
+    assert "an invertible voxel-to-world affine" in report.problems[0].expected
+
+
+def test_trainers_evaluate_and_verify_share_one_checked_reader(copy_study):
+    """What verify-data reports is what the trainers' and evaluate's reader refuse, with the same words."""
+    import dataclasses
+
+    import pytest
+
+    from synthlearn.data.io import CaseFileMissing, CaseRefused, read_case
+    from synthlearn.evaluate.external import read_case_checked
+
+    case = _first_case(copy_study)
+    clean = read_case(case)
+    assert clean.images.shape == (4, 32, 32, 32) and clean.seg is not None
+    data = np.asarray(nib.load(str(case.images["flair"])).dataobj).copy()
+    data[3, 3, 3] = np.inf
+    _resave(case.images["flair"], data)
+    problem = verify_study(copy_study, progress=False).problems[0]
+    for reader in (read_case, read_case_checked):
+        with pytest.raises(CaseRefused) as err:
+            reader(case)
+        assert str(err.value) == f"{case.images['flair']}: expected {problem.expected}; found {problem.found}"
+        assert err.value.problem == dataclasses.replace(problem, site="")
+    case.seg.unlink()
+    _resave(case.images["flair"], np.asarray(nib.load(str(case.images["t1"])).dataobj))
+    with pytest.raises(CaseFileMissing, match="seg.nii.gz: expected a segmentation"):
+        read_case(case)  # a trainer needs the segmentation
+    assert isinstance(CaseFileMissing("f", "x", "y"), FileNotFoundError)
+    assert read_case_checked(case).seg is None  # evaluate reads a case without one

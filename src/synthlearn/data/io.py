@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from synthlearn.data.contract import LABEL_COLUMNS, SEQUENCES, CaseRecord, Labels
+from synthlearn.data.contract import LABEL_COLUMNS, SEQUENCES, CaseRecord, Labels, Problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -136,31 +136,192 @@ class CaseArrays:
     affine: np.ndarray
 
 
-def read_case(case: CaseRecord) -> CaseArrays:
-    """Load a case's four sequences and segmentation (mapped to contract values).
+# ------------------------------------------------------------------------------------ the checked reader
+#: mm; headers written by different tools differ in float rounding
+AFFINE_ATOL = 1e-3
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes in mm along the three array axes of a ``(4, 4)`` affine (its columns' norms), ``(3,)`` float64.
+
+    The one place synthlearn computes a voxel size (reader, preprocessing, generators, radiomics, summaries).
 
     Raises:
-        FileNotFoundError / ValueError: naming the file that is missing or unreadable.
+        ValueError: the affine is not ``(4, 4)``.
     """
-    arrays = []
-    affine = None
-    for seq in SEQUENCES:
-        data, aff = load_nifti(case.images[seq])
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be (4, 4), found shape {affine.shape}")
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+class CaseRefused(ValueError):
+    """A case that cannot be used, with the file at fault and what was expected and found.
+
+    Attributes:
+        file: the file (or case folder) at fault.
+        reason: ``expected ...; found ...``.
+        problem: the :class:`~synthlearn.data.contract.Problem` (check name included), when one was found by
+            :func:`inspect_case`.
+    """
+
+    def __init__(self, file: str | Path, expected: str, found: str, problem: Problem | None = None):
+        self.file = str(file)
+        self.reason = f"expected {expected}; found {found}"
+        self.problem = problem
+        super().__init__(f"{self.file}: {self.reason}")
+
+
+class CaseFileMissing(CaseRefused, FileNotFoundError):
+    """A case file that does not exist (also a :class:`FileNotFoundError`)."""
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _value_problems(site: str, case: CaseRecord, key: str, file, data: np.ndarray) -> list[Problem]:
+    """Non-finite values, segmentation values outside the allowed set, all-zero images."""
+    out = []
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_nan = int(np.isnan(data).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        out.append(Problem(site, case.case_id, str(file), "non-finite", "finite values",
+                           f"{n_nan} NaN and {n_inf} inf voxels"))
+    if key == "seg":
+        values = np.unique(data[finite])
+        allowed = set(case.seg_values)
+        bad = [v for v in values.tolist() if v not in allowed]
+        if bad:
+            shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+            out.append(Problem(site, case.case_id, str(file), "seg-values", f"values in {sorted(allowed)}",
+                               f"values {shown}"))
+    elif finite.any() and not np.any(data[finite]):
+        out.append(Problem(site, case.case_id, str(file), "empty-image", f"a non-zero {key} image", "all voxels zero"))
+    return out
+
+
+def _reference(loaded):
+    """The file whose shape and affine most of the case's files share (ties: contract order)."""
+    def agree(a, b):
+        return a[2] == b[2] and np.allclose(a[3], b[3], atol=AFFINE_ATOL)
+
+    return max(loaded, key=lambda item: sum(agree(item, other) for other in loaded))
+
+
+def _geometry_problems(site: str, case_id: str, loaded) -> list[Problem]:
+    """Shape and affine mismatches against the majority of the case's files (so the odd file is named), and an
+    affine that maps no volume (non-invertible, zero or non-finite voxel size)."""
+    if not loaded:
+        return []
+    ref = _reference(loaded)
+    out = []
+    for key, file, shape, affine in loaded:
+        if shape != ref[2]:
+            out.append(Problem(site, case_id, str(file), "shape",
+                               f"shape {_fmt_shape(ref[2])} (as {ref[1].name})", f"shape {_fmt_shape(shape)}"))
+        elif not np.allclose(affine, ref[3], atol=AFFINE_ATOL):
+            diff = float(np.abs(affine - ref[3]).max())
+            out.append(Problem(site, case_id, str(file), "affine", f"the affine of {ref[1].name}",
+                               f"an affine differing by up to {diff:.4g} mm"))
+    affine = ref[3]
+    spacing = voxel_spacing(affine)
+    det = float(np.linalg.det(affine[:3, :3])) if np.isfinite(affine).all() else float("nan")
+    if not np.isfinite(det) or abs(det) < 1e-12 or not np.all(spacing > 0):
+        out.append(Problem(site, case_id, str(ref[1]), "affine",
+                           "an invertible voxel-to-world affine with positive voxel sizes",
+                           f"voxel sizes {np.round(spacing, 4).tolist()}, determinant {det:.3g}"))
+    return out
+
+
+def inspect_case(case: CaseRecord, site: str = "", *, keep: bool = False, seg_optional: bool = False,
+                 skip: frozenset[str] = frozenset()) -> tuple[list[Problem], CaseArrays | None]:
+    """Read every file of a case in full and gather every problem (the checks of ``verify-data``).
+
+    Checks: ``missing-file``, ``unreadable`` (does not read in full), ``dimensions`` (not 3D; a trailing
+    singleton 4th axis is dropped), ``non-finite``, ``empty-image`` (a sequence all zeros), ``seg-values`` (outside
+    the layout's allowed set), ``shape`` / ``affine`` (against the majority of the case's files), ``affine`` (not
+    invertible or a zero voxel size).
+
+    Args:
+        case: the case.
+        site: its site's name (for the problems).
+        keep: also return the arrays (only when no problem was found).
+        seg_optional: a segmentation file that does not exist is no problem (the case is read without one).
+        skip: files (as ``str``) already reported missing, not checked again.
+
+    Returns:
+        ``(problems, arrays)``: ``arrays`` is a :class:`CaseArrays` (images ``(4, X, Y, Z)`` float32 in
+        :data:`SEQUENCES` order, seg ``(X, Y, Z)`` int64 in contract values or None, the first sequence's affine)
+        when ``keep`` and no problem, else None.
+    """
+    problems: list[Problem] = []
+    loaded: list[tuple[str, Path, tuple[int, ...], np.ndarray]] = []
+    data_by_key: dict[str, np.ndarray] = {}
+    affine_first: np.ndarray | None = None
+    for key, file in case.files().items():
+        if str(file) in skip:
+            continue
+        if not Path(file).is_file():
+            if not (key == "seg" and seg_optional):
+                what = "a segmentation" if key == "seg" else f"sequence {key}"
+                problems.append(Problem(site, case.case_id, str(file), "missing-file", f"{what} ({Path(file).name})",
+                                        "no such file"))
+            continue
+        try:
+            data, affine = load_nifti(file, dtype=np.float32)
+        except (ValueError, OSError) as exc:
+            problems.append(Problem(site, case.case_id, str(file), "unreadable", "a NIfTI file that reads in full",
+                                    str(exc).split(": ", 1)[-1]))
+            continue
+        while data.ndim > 3 and data.shape[-1] == 1:
+            data = data[..., 0]
         if data.ndim != 3:
-            raise ValueError(f"{case.images[seq]}: expected a 3D volume, found shape {data.shape}")
-        if arrays and data.shape != arrays[0].shape:
-            raise ValueError(
-                f"{case.images[seq]}: shape {data.shape} differs from {case.images[SEQUENCES[0]]} {arrays[0].shape}"
-            )
-        arrays.append(data)
-        affine = aff if affine is None else affine
+            problems.append(Problem(site, case.case_id, str(file), "dimensions", "a 3D volume",
+                                    f"{data.ndim}D, shape {_fmt_shape(data.shape)}"))
+            continue
+        problems.extend(_value_problems(site, case, key, file, data))
+        loaded.append((key, Path(file), data.shape, affine))
+        if affine_first is None and key != "seg":
+            affine_first = affine
+        if keep:
+            data_by_key[key] = data
+    problems.extend(_geometry_problems(site, case.case_id, loaded))
+    if not keep or problems:
+        return problems, None
     seg = None
-    if case.seg is not None:
-        raw, _ = load_nifti(case.seg, dtype=np.float32)
-        seg = np.rint(raw).astype(np.int64)
+    if "seg" in data_by_key:
+        seg = np.rint(data_by_key["seg"]).astype(np.int64)
         for src, dst in case.seg_map:
             seg[seg == src] = dst
-    return CaseArrays(images=np.stack(arrays).astype(np.float32), seg=seg, affine=affine)
+    images = np.stack([data_by_key[seq] for seq in SEQUENCES]).astype(np.float32)
+    return problems, CaseArrays(images=images, seg=seg, affine=affine_first)
+
+
+def read_case(case: CaseRecord, *, seg_optional: bool = False) -> CaseArrays:
+    """Load a case's four sequences and segmentation (mapped to contract values), refusing it on the first
+    problem :func:`inspect_case` finds (the same checks as ``verify-data``): one checked reader for the
+    trainers, ``evaluate``, the generators and the audits.
+
+    Args:
+        case: the case.
+        seg_optional: read a case whose segmentation file does not exist, with ``seg=None`` (``evaluate``).
+
+    Returns:
+        :class:`CaseArrays`.
+
+    Raises:
+        CaseRefused: naming the file, what was expected and what was found (:class:`CaseFileMissing`, also a
+            ``FileNotFoundError``, for a missing file).
+    """
+    problems, arrays = inspect_case(case, keep=True, seg_optional=seg_optional)
+    if problems:
+        p = problems[0]
+        kind = CaseFileMissing if p.check == "missing-file" else CaseRefused
+        raise kind(p.file, p.expected, p.found, p)
+    assert arrays is not None
+    return arrays
 
 
 def write_case(

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthlearn.data.io import voxel_spacing
+
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
@@ -155,11 +157,6 @@ def fit_to_shape(images: np.ndarray, seg: np.ndarray | None, shape: tuple[int, i
     if seg is not None:
         seg = _pad_crop_centered(seg, shape)
     return images.astype(np.float32), seg
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel sizes in mm, ``(3,)``, from a 4x4 affine."""
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
 def to_canonical(images: np.ndarray, seg: np.ndarray | None, affine: np.ndarray):

@@ -23,10 +23,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from synthlearn.data.contract import LABEL_COLUMNS, Problem, Study
-from synthlearn.data.io import load_nifti
+from synthlearn.data.io import AFFINE_ATOL, _fmt_shape, inspect_case, voxel_spacing
 from synthlearn.data.layouts import open_study
 
-AFFINE_ATOL = 1e-3  # mm; headers written by different tools differ in float rounding
+__all__ = ["AFFINE_ATOL", "SiteSummary", "VerifyReport", "check_sites", "verify_study"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,57 +71,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _fmt_shape(shape) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-def _value_problems(site: str, case, key: str, file, data: np.ndarray) -> list[Problem]:
-    """Non-finite values, segmentation values outside the allowed set, all-zero images."""
-    out = []
-    finite = np.isfinite(data)
-    if not finite.all():
-        n_nan = int(np.isnan(data).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        out.append(Problem(site, case.case_id, str(file), "non-finite", "finite values",
-                           f"{n_nan} NaN and {n_inf} inf voxels"))
-    if key == "seg":
-        values = np.unique(data[finite])
-        allowed = set(case.seg_values)
-        bad = [v for v in values.tolist() if v not in allowed]
-        if bad:
-            shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
-            out.append(Problem(site, case.case_id, str(file), "seg-values", f"values in {sorted(allowed)}",
-                               f"values {shown}"))
-    elif finite.any() and not np.any(data[finite]):
-        out.append(Problem(site, case.case_id, str(file), "empty-image", "a non-zero image", "all voxels zero"))
-    return out
-
-
-def _reference(loaded):
-    """The file whose shape and affine most of the case's files share (ties: contract order)."""
-    def agree(a, b):
-        return a[2] == b[2] and np.allclose(a[3], b[3], atol=AFFINE_ATOL)
-
-    return max(loaded, key=lambda item: sum(agree(item, other) for other in loaded))
-
-
-def _geometry_problems(site: str, case_id: str, loaded) -> list[Problem]:
-    """Shape and affine mismatches against the majority of the case's files (so the odd file is named)."""
-    if len(loaded) < 2:
-        return []
-    ref = _reference(loaded)
-    out = []
-    for key, file, shape, affine in loaded:
-        if shape != ref[2]:
-            out.append(Problem(site, case_id, str(file), "shape",
-                               f"shape {_fmt_shape(ref[2])} (as {ref[1].name})", f"shape {_fmt_shape(shape)}"))
-        elif not np.allclose(affine, ref[3], atol=AFFINE_ATOL):
-            diff = float(np.abs(affine - ref[3]).max())
-            out.append(Problem(site, case_id, str(file), "affine", f"the affine of {ref[1].name}",
-                               f"an affine differing by up to {diff:.4g} mm"))
-    return out
-
-
 def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
     """Check a study (any supported layout) and gather every problem.
 
@@ -138,6 +87,21 @@ def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
     study = open_study(path)
     problems, summaries = check_sites(study.sites, study.problems, progress=progress)
     return VerifyReport(study=study, problems=tuple(problems), sites=tuple(summaries))
+
+
+def _case_reference(case, skip) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """Shape and affine of a case's first readable file, from its header only (for the site summary)."""
+    import nibabel as nib
+
+    for file in case.files().values():
+        if str(file) in skip or not Path(file).is_file():
+            continue
+        try:
+            img = nib.load(str(file))
+            return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+        except Exception:  # noqa: BLE001, S112 (nibabel raises many types; inspect_case reports the file)
+            continue
+    return None
 
 
 def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True) -> tuple[list[Problem], list[SiteSummary]]:
@@ -162,33 +126,13 @@ def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True) -
         shapes: Counter[str] = Counter()
         spacings: Counter[str] = Counter()
         for case in site.cases:
-            loaded: list[tuple[str, Path, tuple[int, ...], np.ndarray]] = []
-            for key, file in case.files().items():
-                if (site.name, case.case_id, str(file)) in missing:
-                    continue
-                if not Path(file).is_file():
-                    problems.append(Problem(site.name, case.case_id, str(file), "missing-file",
-                                            f"{key} file", "no such file"))
-                    continue
-                try:
-                    data, affine = load_nifti(file, dtype=np.float32)
-                except (ValueError, OSError) as exc:
-                    problems.append(Problem(site.name, case.case_id, str(file), "unreadable",
-                                            "a NIfTI file that reads in full", str(exc).split(": ", 1)[-1]))
-                    continue
-                if data.ndim == 4 and data.shape[-1] == 1:
-                    data = data[..., 0]
-                if data.ndim != 3:
-                    problems.append(Problem(site.name, case.case_id, str(file), "dimensions", "a 3D volume",
-                                            f"{data.ndim}D, shape {_fmt_shape(data.shape)}"))
-                    continue
-                problems.extend(_value_problems(site.name, case, key, file, data))
-                loaded.append((key, Path(file), data.shape, affine))
-            problems.extend(_geometry_problems(site.name, case.case_id, loaded))
-            if loaded:
-                ref = _reference(loaded)
-                shapes[_fmt_shape(ref[2])] += 1
-                spacings["x".join(f"{z:.3g}" for z in np.sqrt((ref[3][:3, :3] ** 2).sum(0)))] += 1
+            skip = frozenset(f for (st, cid, f) in missing if st == site.name and cid == case.case_id)
+            found, _ = inspect_case(case, site.name, skip=skip)
+            problems.extend(found)
+            ref = _case_reference(case, skip)
+            if ref is not None:
+                shapes[_fmt_shape(ref[0])] += 1
+                spacings["x".join(f"{z:.3g}" for z in voxel_spacing(ref[1]))] += 1
             bar.update(1)
         label_counts = {col: dict(sorted(Counter(c.labels.get(col) or "unknown" for c in site.cases).items()))
                         for col in LABEL_COLUMNS}

@@ -49,8 +49,17 @@ import torch
 
 from synthlearn.config import to_dict
 from synthlearn.data.contract import SEQUENCES, CaseRecord
-from synthlearn.data.io import CaseArrays, atomic_write_text, json_safe, load_nifti, save_nifti, write_json
-from synthlearn.data.preprocess import PreprocessConfig, preprocess_case_on_grid, voxel_spacing
+from synthlearn.data.io import (
+    AFFINE_ATOL,
+    CaseArrays,
+    CaseRefused,
+    atomic_write_text,
+    json_safe,
+    read_case,
+    save_nifti,
+    write_json,
+)
+from synthlearn.data.preprocess import PreprocessConfig, preprocess_case_on_grid
 from synthlearn.tasks import Task
 from synthlearn.tasks.model import TaskModel
 
@@ -58,8 +67,6 @@ log = logging.getLogger(__name__)
 
 #: the arm every other arm is tested against (McNemar) when it is evaluated; else the first arm
 REFERENCE_ARM = "centralized"
-#: mm; sequences of a case whose affines differ by more are on different grids (as verify-data)
-AFFINE_ATOL = 1e-3
 
 
 # ------------------------------------------------------------------------------------------- run models
@@ -194,92 +201,19 @@ def load_run_models(run_dir: str | Path, arms: Sequence[str] | None = None, *,
 
 
 # -------------------------------------------------------------------------------------------- reading
-class CaseRefused(ValueError):
-    """A case that cannot be read or preprocessed.
-
-    Attributes:
-        file: the file (or case folder) at fault.
-        reason: ``expected ...; found ...``.
-    """
-
-    def __init__(self, file: str | Path, expected: str, found: str):
-        self.file = str(file)
-        self.reason = f"expected {expected}; found {found}"
-        super().__init__(f"{self.file}: {self.reason}")
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-def _load_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """A 3D volume and its affine; a trailing singleton 4th axis is dropped."""
-    if not path.is_file():
-        raise CaseRefused(path, what, "no such file")
-    try:
-        data, affine = load_nifti(path, dtype=np.float32)
-    except (ValueError, OSError) as exc:
-        raise CaseRefused(path, "a NIfTI file that reads in full", str(exc).split(": ", 1)[-1]) from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise CaseRefused(path, "a 3D volume", f"{data.ndim}D, shape {_fmt_shape(data.shape)}")
-    finite = np.isfinite(data)
-    if not finite.all():
-        n_nan = int(np.isnan(data).sum())
-        raise CaseRefused(path, "finite values", f"{n_nan} NaN and {int((~finite).sum()) - n_nan} inf voxels")
-    return data, affine
-
-
 def read_case_checked(case: CaseRecord) -> CaseArrays:
-    """Load a case like :func:`synthlearn.data.io.read_case`, checking everything the preprocessing needs.
-
-    The segmentation is optional: a case whose ``seg`` is None or names no existing file is returned with
-    ``seg=None``.
+    """Load a case with the checked reader of ``verify-data`` and the trainers
+    (:func:`synthlearn.data.io.read_case`); the segmentation is optional here: a case whose ``seg`` is None or
+    names no existing file is returned with ``seg=None``.
 
     Returns:
         :class:`~synthlearn.data.io.CaseArrays`: ``(4, X, Y, Z)`` float32 images in :data:`SEQUENCES`
         order, ``(X, Y, Z)`` int64 seg in contract values (or None), the affine of the first sequence.
 
     Raises:
-        CaseRefused: naming the file, what was expected and what was found (a missing sequence, an
-            unreadable file, not 3D, NaN/inf, an all-zero sequence, a shape or affine differing from the
-            first sequence, a non-invertible affine).
+        CaseRefused: naming the file, what was expected and what was found.
     """
-    arrays: list[np.ndarray] = []
-    ref_affine: np.ndarray | None = None
-    first = Path(case.images[SEQUENCES[0]])
-    for seq in SEQUENCES:
-        path = Path(case.images[seq])
-        data, affine = _load_volume(path, f"sequence {seq} ({path.name})")
-        if ref_affine is None:
-            ref_affine = affine
-            spacing = voxel_spacing(affine)
-            det = float(np.linalg.det(affine[:3, :3])) if np.isfinite(affine).all() else float("nan")
-            if not np.isfinite(det) or abs(det) < 1e-12 or not np.all(spacing > 0):
-                raise CaseRefused(path, "an invertible voxel-to-world affine with positive voxel sizes",
-                                  f"voxel sizes {np.round(spacing, 4).tolist()}, determinant {det:.3g}")
-        else:
-            if data.shape != arrays[0].shape:
-                raise CaseRefused(path, f"shape {_fmt_shape(arrays[0].shape)} (as {first.name})",
-                                  f"shape {_fmt_shape(data.shape)}")
-            if not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
-                diff = float(np.abs(affine - ref_affine).max())
-                raise CaseRefused(path, f"the affine of {first.name}", f"an affine differing by up to {diff:.4g} mm")
-        if not np.any(data):
-            raise CaseRefused(path, f"a non-zero {seq} image", "all voxels zero")
-        arrays.append(data)
-    seg = None
-    if case.seg is not None and Path(case.seg).is_file():
-        raw, _ = _load_volume(Path(case.seg), "a segmentation")
-        if raw.shape != arrays[0].shape:
-            raise CaseRefused(case.seg, f"shape {_fmt_shape(arrays[0].shape)} (as {first.name})",
-                              f"shape {_fmt_shape(raw.shape)}")
-        seg = np.rint(raw).astype(np.int64)
-        for src, dst in case.seg_map:
-            seg[seg == src] = dst
-    assert ref_affine is not None  # SEQUENCES is not empty
-    return CaseArrays(images=np.stack(arrays).astype(np.float32), seg=seg, affine=ref_affine)
+    return read_case(case, seg_optional=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ import numpy as np
 
 from synthlearn.data.contract import SEQUENCES, CaseRecord
 from synthlearn.data.io import CaseArrays, read_case
+from synthlearn.data.io import voxel_spacing as _data_voxel_spacing
 from synthlearn.data.preprocess import PreprocessConfig, preprocess_case
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,9 @@ class SmallRegionError(ValueError):
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size in mm along the three array axes of a ``(4, 4)`` affine (column norms)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be (4, 4), found shape {affine.shape}")
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    """Voxel size in mm along the three array axes of a ``(4, 4)`` affine, as SimpleITK takes it
+    (:func:`synthlearn.data.io.voxel_spacing`, refusing a zero-length axis)."""
+    spacing = _data_voxel_spacing(affine)
     if not np.all(spacing > 0):
         raise ValueError(f"affine has a zero-length axis; spacing {spacing.tolist()}")
     return tuple(float(s) for s in spacing)  # type: ignore[return-value]

@@ -86,10 +86,6 @@ def open_site(site_dir: str | Path, cfg: GeneratorConfig,
     return cases
 
 
-def _voxel_size(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-
-
 def load_site_tensors(cases: tuple[CaseRecord, ...], cfg: GeneratorConfig) -> SiteTensors:
     """Read, crop and fit every case, map intensities to the generator scale, stack with the tumour mask.
 
@@ -101,7 +97,7 @@ def load_site_tensors(cases: tuple[CaseRecord, ...], cfg: GeneratorConfig) -> Si
     -0.74 to -0.18 SD in T1 (sign flipped for some wildtype cases) and from 2.5 to 1.6 SD in T2, i.e. the
     generator learnt a class signal weaker than, and different from, the real one (docs/benchmarks.md).
     """
-    from synthlearn.data.io import read_case
+    from synthlearn.data.io import read_case, voxel_spacing
     from synthlearn.synthesis.cases import generator_intensities
 
     pre = PreprocessConfig(shape=cfg.shape, mode=cfg.fit_mode, crop=True, zscore=True)
@@ -112,7 +108,7 @@ def load_site_tensors(cases: tuple[CaseRecord, ...], cfg: GeneratorConfig) -> Si
         box = brain_bbox(arrays.images)
         cropped = [b.stop - b.start for b in box]
         images, seg = preprocess_case(arrays.images, arrays.seg, pre)
-        spacing = _voxel_size(arrays.affine)
+        spacing = voxel_spacing(arrays.affine)
         if cfg.fit_mode == "fit":
             scale = min(1.0, *(w / h for w, h in zip(cfg.shape, cropped)))
             spacing = spacing / scale
