@@ -27,6 +27,17 @@ def tiny_study(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_study_2d(tmp_path_factory):
+    """Path of the `tiny-slices2d` phantom study (the tiny study's cases as 32x32 axial slices through their largest
+    tumour), seed 0. Read-only."""
+    from synthlearn.data.phantom import make_phantom_study
+
+    out = tmp_path_factory.mktemp("tiny2d") / "study"
+    make_phantom_study(out, preset="tiny-slices2d", seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tiny_study, tmp_path_factory):
     """``synthlearn study run`` with configs/study_tiny.toml (centralized, local, fedavg) on the tiny study:
     ``(run folder, seconds it took)``. Tests that add arms copy it first."""

@@ -103,7 +103,8 @@ def test_unknown_arm_and_bad_config(tmp_path, tiny_study):
 
 
 @pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml", "demo.toml",
-                                  "demo_long.toml", "demo_tiny.toml", "demo_paper.toml", "study_tumor_type.toml"])
+                                  "demo_long.toml", "demo_tiny.toml", "demo_paper.toml", "study_tumor_type.toml",
+                                  "study_tiny_segmentation.toml", "study_segmentation.toml"])
 def test_shipped_configs_load(name):
     cfg = load_study_config(ROOT / "configs" / name)
     assert cfg.arms[0] == "centralized"
@@ -271,3 +272,75 @@ def test_bad_voxels_or_a_truncated_file_are_refused_before_anything_trains(copy_
     assert str(case / "t2.nii.gz") in err and "NaN" in err
     assert str(train_case / "flair.nii.gz") in err
     assert not out.exists()
+
+
+def test_segmentation_runs_the_reference_arms_and_reports_dice_and_hd95(tiny_study, tmp_path, capsys):
+    """``task = "segmentation"``: centralized, local and FedAvg (on Flower) train the task network on the voxel labels;
+    results.json holds Dice and HD95 per region, test site and arm (each the mean of the per-case rows of its
+    predictions.csv); the report and ``study show`` print them; an arm that cannot segment is refused first."""
+    config = ROOT / "configs" / "study_tiny_segmentation.toml"
+    with pytest.raises(ValueError, match="arm catphishing does not run segmentation tasks"):
+        run_study(load_study_config(config, {"study": str(tiny_study), "arms": ["centralized", "catphishing"]}),
+                  tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "seg"
+    assert main(["study", "run", "--config", str(config), "--study", str(tiny_study), "--out", str(out), "-q"]) == 0
+    shown = capsys.readouterr().out
+    assert "Dice WT" in shown and "HD95 WT" in shown and "nan" not in shown
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "segmentation" and results["task_kind"] == "segmentation"
+    assert results["regions"] == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    sites = results["test_sites"]
+    assert set(results["arms"]) == {"centralized", "local", "fedavg"} and len(sites) == 2
+    metrics = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et")
+    for arm, block in results["arms"].items():
+        for site in (*sites, "combined"):
+            entry = block["test"][site]
+            assert all(0.0 <= entry[m] <= 1.0 for m in metrics if m.startswith("dice")), (arm, site, entry)
+            assert all(entry[m] >= 0.0 for m in metrics if m.startswith("hd95")), (arm, site, entry)
+        assert block["over_seeds"]["dice_mean"]["n"] == 1
+    assert set(results["arms"]["local"]["site_models"]) == {"tcga", "utsw", "egd"}
+    assert results["arms"]["fedavg"]["bytes_from_sites"] > 0 and results["arms"]["fedavg"]["rounds"] == 2
+    assert "dice_mean_difference_mean" in results["arms"]["fedavg"]["vs_reference_over_seeds"]
+    rows = list(__import__("csv").DictReader((out / "centralized" / "predictions.csv").open()))
+    nyu = [float(r["dice_wt"]) for r in rows if r["site"] == sites[0]]
+    assert len(nyu) == results["arms"]["centralized"]["test"][sites[0]]["n"] == 6
+    assert results["arms"]["centralized"]["test"][sites[0]]["dice_wt"] == pytest.approx(np.mean(nyu), abs=1e-6)
+    learning = json.loads((out / "centralized" / "model" / "model.json").read_text())["info"]["learning_check"]
+    assert set(learning) == {"seg/fold-0", "seg/fold-1"} and "train_dice" in learning["seg/fold-0"]
+    assert (out / "figures" / "dice_per_site.png").is_file()
+    assert (out / "centralized" / "figures" / "segmentation_overlay.png").is_file()
+    assert main(["study", "report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Dice WT" in md and "HD95 WT (mm)" in md and "dice per site" in md
+    with pytest.raises(ValueError, match="segmentation run"):
+        from synthlearn.evaluate.external import load_run_models
+
+        load_run_models(out)
+
+
+def test_a_2d_study_runs_segmentation_and_idh_on_its_slices(tiny_study, tiny_study_2d, tmp_path):
+    """The tiny phantom's slices2d study (32x32 images): segmentation with centralized, local and FedAvg, and IDH with
+    centralized, on 2D networks; a 2D study with a 3D shape, or a 2D study given to catphishing, is refused first."""
+    config = ROOT / "configs" / "study_tiny_segmentation.toml"
+    two_d = {"study": str(tiny_study_2d), "preprocess": {"shape": [32, 32]}}
+    with pytest.raises(ValueError, match=r"takes 3D cases; found 2D cases"):
+        run_study(load_study_config(config, {"study": str(tiny_study_2d)}), tmp_path / "3d-shape", progress=False)
+    with pytest.raises(ValueError, match="arm catphishing does not run on 2D studies"):
+        run_study(load_study_config(TINY, {**two_d, "arms": ["centralized", "catphishing"]}), tmp_path / "cat",
+                  progress=False)
+    assert not (tmp_path / "3d-shape").exists() and not (tmp_path / "cat").exists()
+    results = run_study(load_study_config(config, two_d), tmp_path / "seg2d", progress=False)
+    assert set(results["arms"]) == {"centralized", "local", "fedavg"}
+    for block in results["arms"].values():
+        comb = block["test"]["combined"]
+        assert 0.0 <= comb["dice_wt"] <= 1.0 and comb["hd95_wt"] >= 0.0
+        assert comb["n"] == sum(block["test"][s]["n"] for s in results["test_sites"])
+    model = json.loads((tmp_path / "seg2d" / "centralized" / "model" / "model.json").read_text())
+    assert model["setup"]["preprocess"]["shape"] == [32, 32]
+    from synthlearn.tasks.model import TaskModel
+
+    net = TaskModel.load(tmp_path / "seg2d" / "centralized" / "model").networks["seg/fold-0"]
+    assert net.spatial_dims == 2
+    idh = run_study(load_study_config(TINY, {**two_d, "arms": ["centralized"]}), tmp_path / "idh2d", progress=False)
+    assert 0.0 <= idh["arms"]["centralized"]["test"]["combined"]["auc"] <= 1.0

@@ -13,6 +13,12 @@ test case, and writes ``out/results.json``::
 The ``local`` arm trains one model per training site: its block holds the mean over those models
 (``"summary": "mean over site models"``) and each model's own block under ``"site_models"``.
 
+A segmentation task (``task = "segmentation"``) adds ``"task_kind": "segmentation"``, ``"regions"`` and
+``"metrics_grid"``; its site entries hold ``dice_wt``, ``dice_tc``, ``dice_et``, ``dice_mean``, ``hd95_wt``,
+``hd95_tc``, ``hd95_et`` (mm) and ``n`` (:mod:`synthlearn.evaluate.segmentation`), its arms
+``wilcoxon_p_vs_centralized`` instead of McNemar's p, and ``predictions.csv`` holds one row of those per model and
+test case.
+
 Resumable: an arm whose folder holds ``arm.json`` is complete and is skipped on a re-run (after checking
 that it was run with the same training settings and data); an interrupted arm resumes from its
 checkpoints. ``results.json`` is rebuilt from the arms' saved predictions on every run.
@@ -78,7 +84,7 @@ class StudyConfig:
     Attributes:
         study: the study folder (relative paths are relative to the working directory); the CLI's
             ``--study`` overrides it.
-        task: ``idh`` or ``tumor_type``.
+        task: ``idh``, ``tumor_type`` or ``segmentation`` (:mod:`synthlearn.tasks`).
         arms: arms to run, in order (``centralized`` first: the others are tested against it).
         seed: run seed (every arm uses it the same way), when ``seeds`` is empty.
         seeds: task-model seeds: every arm's task model is trained once per seed, with the same splits, data and
@@ -268,6 +274,61 @@ def predict_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRe
     return rows
 
 
+def segment_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRecord], cache: DatasetCache,
+                       ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Segmentation models on every test case: the rows of ``predictions.csv`` (per model and case, Dice and HD95 per
+    region on the task model's preprocessed grid, :func:`synthlearn.evaluate.segmentation.case_scores`) and each
+    model's ``(N, *S)`` label maps."""
+    from synthlearn.data.io import voxel_spacing
+    from synthlearn.evaluate.segmentation import case_scores
+
+    rows, maps = [], {}
+    dataset = cache.dataset(test_cases)
+    truths = [dataset.arrays(i)[1] for i in range(len(dataset))]
+    spacings = [voxel_spacing(dataset.grid_affine(i)) for i in range(len(dataset))]
+    for label, model in models.items():
+        maps[label] = model.predict_label_maps(dataset)
+        for case, pred, truth, spacing in zip(test_cases, maps[label], truths, spacings):
+            scores = case_scores(pred, truth, spacing[:pred.ndim])  # a 2D image: its two in-plane sizes
+            rows.append({"model": label, "site": case.site, "case_id": case.case_id,
+                         **{k: f"{v:.6f}" for k, v in scores.items()}})
+    return rows, maps
+
+
+def _segmentation_csv(rows: list[dict[str, Any]]) -> str:
+    from synthlearn.evaluate.segmentation import CASE_METRICS
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["model", "site", "case_id", *CASE_METRICS], lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    return buf.getvalue()
+
+
+def read_segmentation_rows(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """A segmentation arm's ``predictions.csv`` -> model label -> per-case rows (metrics as floats)."""
+    from synthlearn.evaluate.segmentation import CASE_METRICS
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            out.setdefault(row["model"], []).append(
+                {"site": row["site"], "case_id": row["case_id"], **{m: float(row[m]) for m in CASE_METRICS}})
+    return out
+
+
+def _write_overlay(test_cases: Sequence[CaseRecord], dataset, label_maps: np.ndarray, path: Path, title: str,
+                   max_cases: int = 6) -> None:
+    """A grid of test cases (rows): t1c with the true and the predicted tumour labels."""
+    from synthlearn.report.grid import plot_segmentation_overlay
+
+    n = min(max_cases, len(test_cases))
+    items = [(f"{test_cases[i].site}/{test_cases[i].case_id}", dataset.arrays(i)[0], dataset.arrays(i)[1],
+              label_maps[i]) for i in range(n)]
+    plot_segmentation_overlay(items, path, title=title)
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def seed_dir(out: str | Path, arm: str, seed_index: int, seed: int) -> Path:
     """The folder of ``arm`` trained with the run's ``seed_index``-th seed: ``out/<arm>`` for the primary seed,
@@ -292,10 +353,35 @@ def _arm_block(models: dict[str, dict], arm: str, test_sites: list[str], task, c
 SEED_METRICS = ("acc", "sen", "spe", "auc")
 
 
-def _seed_entry(block: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+def _seed_metrics(task) -> tuple[str, ...]:
+    from synthlearn.evaluate.segmentation import BLOCK_METRICS
+
+    return BLOCK_METRICS if task.is_segmentation else SEED_METRICS
+
+
+def _headline(task) -> str:
+    """The metric an arm is compared with the reference arm on over seeds: AUC, or the mean Dice over regions."""
+    return "dice_mean" if task.is_segmentation else "auc"
+
+
+def _seg_arm_block(models: dict[str, list[dict]], arm: str, test_sites: list[str],
+                   reference: list[dict] | None) -> dict[str, Any]:
+    """:func:`_arm_block` of a segmentation arm (:func:`synthlearn.evaluate.segmentation.segmentation_block`)."""
+    from synthlearn.evaluate.segmentation import mean_segmentation_block, segmentation_block
+
+    blocks = {label: segmentation_block(rows, test_sites, reference=reference, reference_name=REFERENCE_ARM)
+              for label, rows in models.items()}
+    if list(blocks) == [arm]:
+        return blocks[arm]
+    block = mean_segmentation_block(blocks, REFERENCE_ARM)
+    block["site_models"] = blocks
+    return block
+
+
+def _seed_entry(block: dict[str, Any], info: dict[str, Any], metrics: Sequence[str] = SEED_METRICS) -> dict[str, Any]:
     """What ``per_seed`` keeps of one seed's block: per-site and combined metrics (no confusion matrices), the
     site models' combined metrics, and the learning check's summary."""
-    keep = ("acc", "sen", "spe", "auc", "auc_ci", "n")
+    keep = (*metrics, "auc_ci", "n") if "auc" in metrics else (*metrics, "n")
     entry: dict[str, Any] = {"test": {site: {k: m.get(k) for k in keep} for site, m in block["test"].items()}}
     if "site_models" in block:
         entry["site_models"] = {label: {"test": {"combined": {k: b["test"]["combined"].get(k) for k in keep}}}
@@ -304,10 +390,10 @@ def _seed_entry(block: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def _over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _over_seeds(per_seed: dict[str, dict[str, Any]], metrics: Sequence[str] = SEED_METRICS) -> dict[str, Any]:
     """Mean, SD (n - 1), min and max over seeds of each combined metric (seeds where it is defined)."""
     out: dict[str, Any] = {}
-    for metric in SEED_METRICS:
+    for metric in metrics:
         vals = [e["test"]["combined"][metric] for e in per_seed.values() if e["test"]["combined"].get(metric) is not None]
         out[metric] = ({"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                         "min": float(min(vals)), "max": float(max(vals)), "n": len(vals)} if vals else None)
@@ -317,10 +403,13 @@ def _over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def paired_seed_comparison(arm_aucs: dict[str, float], reference_aucs: dict[str, float]) -> dict[str, Any] | None:
-    """An arm's combined AUC against the reference arm's over the seeds both ran: the mean and SD of the per-seed
-    difference (arm - reference) and a paired t-test over seeds (scipy ``ttest_rel``; None with fewer than two
-    seeds or no spread). Returns None without a common seed."""
+def paired_seed_comparison(arm_aucs: dict[str, float], reference_aucs: dict[str, float], metric: str = "auc"
+                           ) -> dict[str, Any] | None:
+    """An arm's combined ``metric`` (AUC; a segmentation task's mean Dice) against the reference arm's over the seeds
+    both ran: the mean and SD of the per-seed difference (arm - reference) and a paired t-test over seeds (scipy
+    ``ttest_rel``; None with fewer than two seeds or no spread). Keys: ``<metric>_difference_mean``,
+    ``<metric>_difference_sd``, ``paired_t_p``, ``arm_<metric>_mean``, ``reference_<metric>_mean``, ``seeds``,
+    ``reference``. Returns None without a common seed."""
     from scipy import stats
 
     common = sorted(set(arm_aucs) & set(reference_aucs), key=int)
@@ -331,10 +420,10 @@ def paired_seed_comparison(arm_aucs: dict[str, float], reference_aucs: dict[str,
     p = None
     if len(diff) > 1 and np.std(diff) > 0:
         p = float(stats.ttest_rel([a for a, _ in pairs], [r for _, r in pairs]).pvalue)
-    return {"reference": REFERENCE_ARM, "seeds": [int(k) for k in common], "auc_difference_mean": float(diff.mean()),
-            "auc_difference_sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "paired_t_p": p,
-            "arm_auc_mean": float(np.mean([a for a, _ in pairs])),
-            "reference_auc_mean": float(np.mean([r for _, r in pairs]))}
+    return {"reference": REFERENCE_ARM, "seeds": [int(k) for k in common], f"{metric}_difference_mean": float(diff.mean()),
+            f"{metric}_difference_sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "paired_t_p": p,
+            f"arm_{metric}_mean": float(np.mean([a for a, _ in pairs])),
+            f"reference_{metric}_mean": float(np.mean([r for _, r in pairs]))}
 
 
 def build_results(cfg: StudyConfig, out: str | Path) -> dict:
@@ -346,6 +435,17 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
     ``vs_reference_over_seeds`` (:func:`paired_seed_comparison`) are added."""
     out = Path(out)
     task = get_task(cfg.task)
+    seg = task.is_segmentation
+    metrics, headline = _seed_metrics(task), _headline(task)
+
+    def read(path: Path) -> dict:
+        return read_segmentation_rows(path) if seg else read_predictions(path, task.class_names)
+
+    def arm_block(models: dict, arm: str, reference: Any) -> dict[str, Any]:
+        if seg:
+            return _seg_arm_block(models, arm, test_sites, reference)
+        return _arm_block(models, arm, test_sites, task, cfg, reference, cfg.evaluate.n_bootstrap)
+
     seeds = cfg.run_seeds
     arm_infos, preds = {}, {}
     seed_preds: dict[str, dict[int, tuple[dict, dict]]] = {}
@@ -353,42 +453,46 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
         info_path = out / arm / "arm.json"
         if info_path.is_file():
             arm_infos[arm] = json.loads(info_path.read_text())
-            preds[arm] = read_predictions(out / arm / "predictions.csv", task.class_names)
+            preds[arm] = read(out / arm / "predictions.csv")
             seed_preds[arm] = {seeds[0]: (arm_infos[arm], preds[arm])}
             for i, k in enumerate(seeds[1:], start=1):
                 d = seed_dir(out, arm, i, k)
                 if (d / "arm.json").is_file():
-                    seed_preds[arm][k] = (json.loads((d / "arm.json").read_text()),
-                                          read_predictions(d / "predictions.csv", task.class_names))
+                    seed_preds[arm][k] = (json.loads((d / "arm.json").read_text()), read(d / "predictions.csv"))
     test_sites = json.loads((out / "splits.json").read_text())["test"] if (out / "splits.json").is_file() else []
     reference = None
     if REFERENCE_ARM in preds:
         reference = next(iter(preds[REFERENCE_ARM].values()))
     results: dict[str, Any] = {"task": cfg.task, "class_names": list(task.class_names), "test_sites": test_sites,
                                "reference_arm": REFERENCE_ARM, "seeds": list(seeds), "arms": {}}
+    if seg:
+        from synthlearn.training.segmentation import REGIONS
+
+        results["task_kind"] = "segmentation"
+        results["regions"] = {name: list(values) for name, values in REGIONS.items()}
+        results["metrics_grid"] = "the task model's preprocessed grid (HD95 in mm from its voxel size)"
     for arm, info in arm_infos.items():
         ref = reference if arm != REFERENCE_ARM else None
-        block = _arm_block(preds[arm], arm, test_sites, task, cfg, ref, cfg.evaluate.n_bootstrap)
+        block = arm_block(preds[arm], arm, ref)
         block.update({"bytes_from_sites": int(info["bytes_from_sites"]), "rounds": int(info["rounds"]),
                       "wall_s": float(info["wall_s"]), "models": info["models"]})
         for k, v in info.get("extra", {}).items():
             block.setdefault(k, v)
-        per_seed = {str(seeds[0]): _seed_entry(block, info)}
+        per_seed = {str(seeds[0]): _seed_entry(block, info, metrics)}
         for k, (k_info, k_preds) in seed_preds[arm].items():
             if k != seeds[0]:
-                k_block = _arm_block(k_preds, arm, test_sites, task, cfg, None, cfg.evaluate.n_bootstrap)
-                per_seed[str(k)] = _seed_entry(k_block, k_info)
+                per_seed[str(k)] = _seed_entry(arm_block(k_preds, arm, None), k_info, metrics)
         block["seeds"] = [int(k) for k in per_seed]
         block["per_seed"] = per_seed
-        block["over_seeds"] = _over_seeds(per_seed)
+        block["over_seeds"] = _over_seeds(per_seed, metrics)
         results["arms"][arm] = block
     ref_block = results["arms"].get(REFERENCE_ARM)
     if ref_block is not None:
-        ref_aucs = {k: e["test"]["combined"]["auc"] for k, e in ref_block["per_seed"].items()}
+        ref_values = {k: e["test"]["combined"][headline] for k, e in ref_block["per_seed"].items()}
         for arm, block in results["arms"].items():
             if arm != REFERENCE_ARM:
                 block["vs_reference_over_seeds"] = paired_seed_comparison(
-                    {k: e["test"]["combined"]["auc"] for k, e in block["per_seed"].items()}, ref_aucs)
+                    {k: e["test"]["combined"][headline] for k, e in block["per_seed"].items()}, ref_values, headline)
     results = json_safe(results)
     write_json(out / "results.json", results)
     if cfg.evaluate.figures and preds:
@@ -400,10 +504,17 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
 
 
 def write_figures(results: dict, preds: dict[str, dict[str, dict]], folder: Path, cfg: StudyConfig) -> list[Path]:
-    """ROC curves and confusion matrices of every model on the combined test sites."""
-    from synthlearn.report.plots import plot_confusion_matrices, plot_roc_curves
+    """ROC curves and confusion matrices of every model on the combined test sites; for a segmentation task, the
+    per-case Dice of every arm per test site and region (box plots)."""
+    from synthlearn.report.plots import plot_confusion_matrices, plot_roc_curves, plot_segmentation_boxes
 
     task = get_task(cfg.task)
+    if task.is_segmentation:
+        rows = {}
+        for arm, models in preds.items():
+            for label, r in models.items():
+                rows[arm if label == arm else f"{arm}:{label}"] = r
+        return [plot_segmentation_boxes(rows, results.get("test_sites", []), folder / "dice_per_site.png")]
     curves, aucs, matrices = {}, {}, {}
     for arm, models in preds.items():
         block = results["arms"][arm]
@@ -505,8 +616,21 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
     if learning["n_collapsed"]:
         log.warning("arm %s: %d of %d networks did not learn (%s); see model.json's learning_check", what,
                     learning["n_collapsed"], learning["n_networks"], ", ".join(learning["collapsed"]))
-    rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
-    atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, get_task(cfg.task).class_names))
+    task = get_task(cfg.task)
+    if task.is_segmentation:
+        rows, maps = segment_test_cases(output.models, test_cases, cache)
+        atomic_write_text(arm_dir / "predictions.csv", _segmentation_csv(rows))
+        if index == 0 and cfg.evaluate.figures:
+            label = next(iter(maps))
+            try:
+                _write_overlay(test_cases, cache.dataset(test_cases), maps[label],
+                               arm_dir / "figures" / "segmentation_overlay.png",
+                               f"{arm}{'' if label == arm else ':' + label}: truth | prediction")
+            except Exception as exc:  # noqa: BLE001 - a figure must never lose the results
+                log.warning("segmentation overlay not written: %s: %s", type(exc).__name__, exc)
+    else:
+        rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
+        atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, task.class_names))
     wall = time.perf_counter() - t0
     write_json(done, json_safe({"arm": arm, "seed": seed, "models": model_dirs,
                                 "bytes_from_sites": output.bytes_from_sites, "rounds": output.rounds, "wall_s": wall,
@@ -536,8 +660,17 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     from synthlearn.runtime import configure_threads
 
     configure_threads(cfg.threads)
+    kind, dims = get_task(cfg.task).kind, cfg.preprocess.spatial_dims
     for arm in cfg.arms:  # unknown arms and bad arm settings fail before any training
         spec = get_arm(arm)
+        if kind not in spec.task_kinds:
+            able = [name for name, other in all_arms().items() if kind in other.task_kinds]
+            raise ValueError(f"arm {arm} does not run {kind} tasks (task = {cfg.task!r}); arms that do: "
+                             f"{', '.join(able)}")
+        if dims not in spec.spatial_dims:
+            able = [name for name, other in all_arms().items() if dims in other.spatial_dims]
+            raise ValueError(f"arm {arm} does not run on {dims}D studies (preprocess.shape = {list(cfg.preprocess.shape)}); "
+                             f"arms that do: {', '.join(able)}")
         if spec.check is not None:
             spec.check(cfg.arm_config(arm), cfg.task)
     study = open_study(cfg.study)
@@ -552,7 +685,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     # every array of the run's sites read once in full before anything trains: a NaN voxel, a truncated file or a
     # shape mismatch found after an hour of training (or turned into a null AUC) is a study that should not have run
     log.info("checking every file of the %d training and %d test sites", len(train_sites), len(test_sites))
-    problems, _ = check_sites((*train_sites, *test_sites), progress=progress)
+    problems, summaries = check_sites((*train_sites, *test_sites), progress=progress)
+    found = {f"{len(shape.split('x'))}D": site.name for site in summaries for shape in site.shapes}
+    if not problems and set(found) != {f"{dims}D"}:
+        raise ValueError(f"study {cfg.study}: preprocess.shape = {list(cfg.preprocess.shape)} takes {dims}D cases; found "
+                         + ", ".join(f"{d} cases (e.g. at {site})" for d, site in sorted(found.items()))
+                         + (": give preprocess.shape two sizes for a 2D study, three for volumes" if len(found) == 1
+                            else ": a study is all 2D or all 3D"))
     if problems:
         listing = "\n".join(f"  {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -207,7 +207,8 @@ def test_sites_have_scanner_fingerprints(atlas32):
 # --- arguments and the output folder ---------------------------------------------------------------------
 
 def test_presets_are_named():
-    assert set(PRESETS) == {"paper", "tiny"}
+    assert set(PRESETS) == {"paper", "tiny", "slices2d", "tiny-slices2d"}
+    assert STUDY_PRESETS["slices2d"].sites == STUDY_PRESETS["paper"].sites and STUDY_PRESETS["slices2d"].slices2d
     assert [s.name for s in STUDY_PRESETS["paper"].sites] == [
         "tcga", "utsw", "egd", "nyu", "uwm", "ucsf", "upenn", "utswp2"]
     assert [s.role for s in STUDY_PRESETS["paper"].sites] == ["train"] * 3 + ["test"] * 5
@@ -259,3 +260,26 @@ def test_resume_after_a_killed_run_and_replace(tmp_path):
     make_phantom_study(out, preset="tiny", cases_per_site=2, seed=4, progress=False, replace=True)
     study = open_study(out)
     assert not study.problems and all(len(s) == 2 for s in study.sites)
+
+
+def test_slices2d_holds_each_case_s_largest_tumour_slice(tiny_study, tiny_study_2d):
+    """``--preset tiny-slices2d``: every case of the tiny study as its axial slice through the largest tumour area
+    (the same bytes as that slice of the 3D case, the affine moved to it), a 2D study that verify-data passes."""
+    from synthlearn.data.io import read_case
+    from synthlearn.data.verify import verify_study
+
+    two = open_study(tiny_study_2d)
+    three = {c.case_id: c for c in open_study(tiny_study).cases}
+    assert [s.name for s in two.sites] == [s.name for s in open_study(tiny_study).sites]
+    assert 0 < len(two.cases) <= len(three)
+    for case in two.cases:
+        a, b = read_case(case), read_case(three[case.case_id])
+        z = int(np.argmax((b.seg > 0).sum(axis=(0, 1))))
+        assert a.images.shape == (4, 32, 32) and a.seg.shape == (32, 32)
+        np.testing.assert_array_equal(a.images, b.images[..., z])
+        np.testing.assert_array_equal(a.seg, b.seg[..., z])
+        assert (a.seg > 0).sum() >= 10
+        np.testing.assert_allclose(a.affine[:3, 3], (b.affine @ [0, 0, z, 1])[:3])
+        assert case.labels == three[case.case_id].labels
+    report = verify_study(tiny_study_2d, progress=False)
+    assert report.ok and set(report.sites[0].shapes) == {"32x32"}

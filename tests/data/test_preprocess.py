@@ -148,3 +148,21 @@ def test_grid_affine_maps_preprocessed_voxels_to_their_world_positions(cfg):
     assert inside.sum() > 100
     for c in range(3):
         np.testing.assert_allclose(out[c][inside] - 1000.0, expected[c][inside], atol=1e-3)
+
+
+def test_a_2d_case_is_cropped_scored_and_fitted_in_its_plane():
+    from synthlearn.data.preprocess import preprocess_case_on_grid
+
+    images, seg = _blob()
+    images, seg = images[..., 5], seg[..., 5]  # (4, 20, 24), (20, 24): a slice through the tumour
+    cfg = PreprocessConfig(shape=(8, 8))
+    x, s, grid = preprocess_case_on_grid(images, seg, cfg, affine=np.diag([2.0, 2.0, 3.0, 1.0]))
+    assert x.shape == (4, 8, 8) and s.shape == (8, 8) and cfg.spatial_dims == 2
+    brain = np.any(x != 0, axis=0)
+    assert np.allclose(x[:, brain].mean(axis=1), 0, atol=1e-5) and (s > 0).any()
+    # the 12 x 16 brain is fitted to 8 x 8 (scale 1/2): 4 mm pixels, the slice's own 3 mm axis kept
+    np.testing.assert_allclose(np.sqrt((grid[:3, :3] ** 2).sum(0)), [4.0, 4.0, 3.0])
+    with pytest.raises(ValueError, match="3D studies only"):
+        PreprocessConfig(shape=(8, 8), spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"\(C, X, Y\)"):
+        preprocess_case(np.zeros((4, 8, 8, 8)), None, cfg)

@@ -32,6 +32,14 @@ def test_mamba_block_residual_shape():
     block = MambaBlock3d(8, n_layers=1, d_state=4, use_cuda=False)
     x = torch.randn(1, 8, 2, 3, 4)
     assert block(x).shape == x.shape
+    x2 = torch.randn(1, 8, 3, 4)  # a 2D feature map: its pixels are the tokens
+    assert block(x2).shape == x2.shape
+
+
+def test_a_2d_network_with_mamba_for_2d_studies():
+    net = build_classifier(ClassifierConfig(channels=(4, 8), norm_num_groups=2, mamba=True, mamba_d_state=4),
+                           out_channels=4, spatial_dims=2)
+    assert net(torch.randn(2, 4, 8, 8)).shape == (2, 4, 8, 8)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -42,7 +50,6 @@ def test_mamba_block_residual_shape():
     ({"channels": (4, -8)}, "positive"),
     ({"channels": (4, 6), "norm_num_groups": 4}, "divisible"),
     ({"dropout": 1.0}, "dropout"),
-    ({"spatial_dims": 2, "mamba": True}, "mamba"),
 ])
 def test_argument_checks(kwargs, match):
     args = {"channels": (4, 8), "norm_num_groups": 2, **kwargs}

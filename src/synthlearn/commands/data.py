@@ -70,8 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write the offline multi-site glioma phantom (PHANTOM.md) in the data contract.")
     p.add_argument("--out", type=Path, required=True,
                    help="output study folder: new or empty (an unfinished study with the same arguments resumes)")
-    p.add_argument("--preset", default="paper", choices=("paper", "tiny"),
-                   help="paper: the 8 CATphishing sites at 64^3; tiny: 3 train + 2 test sites at 32^3")
+    p.add_argument("--preset", default="paper", choices=("paper", "tiny", "slices2d", "tiny-slices2d"),
+                   help="paper: the 8 CATphishing sites at 64^3; tiny: 3 train + 2 test sites at 32^3; slices2d, "
+                        "tiny-slices2d: the same as 2D studies (each case's axial slice through its largest tumour)")
     p.add_argument("--cases-per-site", type=int, default=None, help="cases per site (default: the preset's)")
     p.add_argument("--shape", type=_shape, default=None, help="N or XxYxZ, e.g. 64 or 128x192x192")
     p.add_argument("--seed", type=int, default=0)

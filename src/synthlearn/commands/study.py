@@ -35,8 +35,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_segmentation_summary(results: dict) -> str:
+    """:func:`format_summary` of a segmentation run: Dice and HD95 per region, then the mean Dice over seeds."""
+    lines = [f"task {results['task']}, test sites {', '.join(results.get('test_sites', []))}",
+             f"{'arm':<22}{'Dice WT':>8}{'TC':>7}{'ET':>7}{'mean':>7}{'HD95 WT':>9}{'TC':>7}{'ET':>7}"
+             f"{'Wilcoxon p':>11}{'MB from sites':>15}{'wall s':>9}"]
+
+    def fmt(v, w=7, d=3):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return f"{v:>{w}.{d}f}" if ok else f"{'-':>{w}}"
+
+    def row(name, block, info):
+        c = block["test"]["combined"]
+        return (f"{name:<22}{fmt(c.get('dice_wt'), 8)}{fmt(c.get('dice_tc'))}{fmt(c.get('dice_et'))}"
+                f"{fmt(c.get('dice_mean'))}{fmt(c.get('hd95_wt'), 9, 1)}{fmt(c.get('hd95_tc'), 7, 1)}"
+                f"{fmt(c.get('hd95_et'), 7, 1)}{fmt(block.get('wilcoxon_p_vs_centralized'), 11)}"
+                f"{fmt(info['bytes_from_sites'] / 1e6, 15, 2)}{fmt(info['wall_s'], 9, 0)}")
+
+    for arm, block in results["arms"].items():
+        lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
+        for site, sub in block.get("site_models", {}).items():
+            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": None}))
+    seeds = results.get("seeds") or []
+    lines += ["", f"over task-model seeds {', '.join(map(str, seeds))}:",
+              f"{'arm':<22}{'Dice mean':>10}{'SD':>7}{'min':>7}{'max':>7}  {'not learned':<16}"
+              "Dice mean - centralized (paired t p)"]
+    for arm, block in results["arms"].items():
+        over = block.get("over_seeds") or {}
+        d = over.get("dice_mean") or {}
+        vs = block.get("vs_reference_over_seeds")
+        vs_text = "-"
+        if vs:
+            vs_text = f"{vs['dice_mean_difference_mean']:+.3f} +/- {vs['dice_mean_difference_sd']:.3f}"
+            vs_text += f" (p {vs['paired_t_p']:.3g})" if vs.get("paired_t_p") is not None else ""
+        collapsed = over.get("seeds_with_collapse")
+        collapsed_text = f"{len(collapsed)} of {over.get('n_seeds', 0)} seeds" if collapsed is not None else "-"
+        lines.append(f"{arm:<22}{fmt(d.get('mean'), 10)}{fmt(d.get('sd'))}{fmt(d.get('min'))}{fmt(d.get('max'))}  "
+                     f"{collapsed_text:<16}{vs_text}")
+    return "\n".join(lines)
+
+
 def format_summary(results: dict) -> str:
     """A plain-text table of the combined test metrics per arm."""
+    if results.get("task_kind") == "segmentation":
+        return format_segmentation_summary(results)
     lines = [f"task {results['task']}, test sites {', '.join(results.get('test_sites', []))}",
              f"{'arm':<22}{'ACC':>7}{'SEN':>7}{'SPE':>7}{'AUC':>7}  {'95% CI':<15}{'McNemar p':>10}"
              f"{'MB from sites':>15}{'wall s':>9}"]

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from synthlearn.data.contract import CaseRecord
 from synthlearn.data.io import read_case
-from synthlearn.data.preprocess import PreprocessConfig, preprocess_case
+from synthlearn.data.preprocess import PreprocessConfig, preprocess_case_on_grid
 
 
 class CaseDataset(Dataset):
@@ -32,6 +32,7 @@ class CaseDataset(Dataset):
         self.preprocess = preprocess
         self.cache = cache
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._grid: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -43,10 +44,19 @@ class CaseDataset(Dataset):
         case = self.cases[index]
         arrays = read_case(case)
         seg = arrays.seg if arrays.seg is not None else np.zeros(arrays.images.shape[1:], np.int64)
-        image, seg = preprocess_case(arrays.images, seg, self.preprocess, affine=arrays.affine)
+        image, seg, grid = preprocess_case_on_grid(arrays.images, seg, self.preprocess, affine=arrays.affine)
+        self._grid[index] = grid
         if self.cache:
             self._cache[index] = (image, seg)
         return image, seg
+
+    def grid_affine(self, index: int) -> np.ndarray:
+        """``(4, 4)`` voxel-to-world affine of case ``index``'s preprocessed grid (its voxel sizes give distances in
+        mm, e.g. for HD95)."""
+        if index not in self._grid:
+            self._cache.pop(index, None)
+            self.arrays(index)
+        return self._grid[index]
 
     def __getitem__(self, index: int) -> dict:
         image, seg = self.arrays(index)

@@ -239,8 +239,8 @@ def inspect_case(case: CaseRecord, site: str = "", *, keep: bool = False, seg_op
                  skip: frozenset[str] = frozenset()) -> tuple[list[Problem], CaseArrays | None]:
     """Read every file of a case in full and gather every problem (the checks of ``verify-data``).
 
-    Checks: ``missing-file``, ``unreadable`` (does not read in full), ``dimensions`` (not 3D; a trailing
-    singleton 4th axis is dropped), ``non-finite``, ``empty-image`` (a sequence all zeros), ``seg-values`` (outside
+    Checks: ``missing-file``, ``unreadable`` (does not read in full), ``dimensions`` (not 3D, or 2D for a 2D
+    study; a trailing singleton 4th axis is dropped), ``non-finite``, ``empty-image`` (a sequence all zeros), ``seg-values`` (outside
     the layout's allowed set), ``shape`` / ``affine`` (against the majority of the case's files), ``affine`` (not
     invertible or a zero voxel size).
 
@@ -277,8 +277,8 @@ def inspect_case(case: CaseRecord, site: str = "", *, keep: bool = False, seg_op
             continue
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
-        if data.ndim != 3:
-            problems.append(Problem(site, case.case_id, str(file), "dimensions", "a 3D volume",
+        if data.ndim not in (2, 3):
+            problems.append(Problem(site, case.case_id, str(file), "dimensions", "a 3D volume (or a 2D image)",
                                     f"{data.ndim}D, shape {_fmt_shape(data.shape)}"))
             continue
         problems.extend(_value_problems(site, case, key, file, data))
@@ -336,16 +336,17 @@ def write_case(
     Args:
         site_dir: the site folder.
         case_id: folder name of the case.
-        images: ``(4, X, Y, Z)`` float, channels in :data:`SEQUENCES` order (written as float32).
-        seg: ``(X, Y, Z)`` integer segmentation in contract values (written as int8).
+        images: ``(4, X, Y, Z)`` float, channels in :data:`SEQUENCES` order (written as float32); ``(4, X, Y)``
+            for a 2D study.
+        seg: ``(X, Y, Z)`` (or ``(X, Y)``) integer segmentation in contract values (written as int8).
         affine: ``(4, 4)`` voxel-to-world affine (mm).
 
     Returns:
         The case folder.
     """
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[0] != len(SEQUENCES):
-        raise ValueError(f"images must be (4, X, Y, Z), found shape {images.shape}")
+    if images.ndim not in (3, 4) or images.shape[0] != len(SEQUENCES):
+        raise ValueError(f"images must be (4, X, Y, Z) or (4, X, Y), found shape {images.shape}")
     if seg.shape != images.shape[1:]:
         raise ValueError(f"seg shape {seg.shape} differs from image shape {images.shape[1:]}")
     case_dir = Path(site_dir) / case_id

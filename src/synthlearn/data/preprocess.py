@@ -21,7 +21,8 @@ class PreprocessConfig:
     """Preprocessing settings.
 
     Attributes:
-        shape: working shape ``(X, Y, Z)`` every case is brought to.
+        shape: working shape ``(X, Y, Z)`` every case is brought to; ``(X, Y)`` for a 2D study (its cases are
+            2D images; ``canonical`` and ``spacing`` then do not apply and ``spacing`` must be absent).
         mode: ``fit`` scales a cropped case down (keeping its aspect ratio) only when it is larger than
             ``shape``, then pads it centred; ``pad`` pads/crops centred without resampling; ``resize``
             resamples to ``shape`` exactly (aspect ratio not kept).
@@ -33,7 +34,7 @@ class PreprocessConfig:
             stored grid (the CATphishing setting: crop, then fit to ``shape``).
     """
 
-    shape: tuple[int, int, int] = (64, 64, 64)
+    shape: tuple[int, ...] = (64, 64, 64)
     mode: Literal["fit", "pad", "resize"] = "fit"
     crop: bool = True
     zscore: bool = True
@@ -41,27 +42,34 @@ class PreprocessConfig:
     spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.shape) != 3 or any(int(s) < 4 for s in self.shape):
-            raise ValueError(f"preprocess.shape must be 3 sizes >= 4, found {self.shape}")
+        if len(self.shape) not in (2, 3) or any(int(s) < 4 for s in self.shape):
+            raise ValueError(f"preprocess.shape must be 3 sizes >= 4 (2 for a 2D study), found {self.shape}")
         if self.mode not in ("fit", "pad", "resize"):
             raise ValueError(f"preprocess.mode must be fit, pad or resize, found {self.mode!r}")
         if self.spacing is not None and (len(self.spacing) != 3 or any(v <= 0 for v in self.spacing)):
             raise ValueError(f"preprocess.spacing must be 3 positive sizes in mm or absent, found {self.spacing}")
+        if self.spacing is not None and len(self.shape) == 2:
+            raise ValueError("preprocess.spacing applies to 3D studies only; leave it out for a 2D shape")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the dimensionality of the cases this preprocessing takes."""
+        return len(self.shape)
 
 
 def brain_mask(images: np.ndarray) -> np.ndarray:
-    """``(C, X, Y, Z)`` -> ``(X, Y, Z)`` bool: voxels non-zero in any sequence."""
+    """``(C, *S)`` -> ``(*S)`` bool: voxels non-zero in any sequence."""
     return np.any(images != 0, axis=0)
 
 
-def brain_bbox(images: np.ndarray) -> tuple[slice, slice, slice]:
-    """Bounding box (slices) of the non-zero brain of ``(C, X, Y, Z)`` images; whole array if empty."""
+def brain_bbox(images: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box (slices) of the non-zero brain of ``(C, *S)`` images (2D or 3D); whole array if empty."""
     mask = brain_mask(images)
     if not mask.any():
         return tuple(slice(0, n) for n in mask.shape)  # type: ignore[return-value]
     out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
         idx = np.flatnonzero(mask.any(axis=other))
         out.append(slice(int(idx[0]), int(idx[-1]) + 1))
     return tuple(out)  # type: ignore[return-value]
@@ -92,8 +100,8 @@ def _pad_crop_offsets(spatial: tuple[int, ...], shape: tuple[int, ...]) -> list[
 
 
 def _pad_crop_centered(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Centre-pad with zeros / centre-crop the last three axes of ``arr`` to ``shape``."""
-    spatial = arr.shape[-3:]
+    """Centre-pad with zeros / centre-crop the last ``len(shape)`` axes of ``arr`` to ``shape``."""
+    spatial = arr.shape[-len(shape):]
     pads, slices = [], []
     for have, want, offset in zip(spatial, shape, _pad_crop_offsets(spatial, shape)):
         if have <= want:
@@ -103,12 +111,13 @@ def _pad_crop_centered(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
             pads.append((0, 0))
             slices.append(slice(offset, offset + want))
     arr = arr[(..., *slices)]
-    return np.pad(arr, [(0, 0)] * (arr.ndim - 3) + pads)
+    return np.pad(arr, [(0, 0)] * (arr.ndim - len(shape)) + pads)
 
 
-def _resample(images: np.ndarray, seg: np.ndarray | None, size: tuple[int, int, int]):
+def _resample(images: np.ndarray, seg: np.ndarray | None, size: tuple[int, ...]):
     t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[None]
-    images = F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0].numpy()
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    images = F.interpolate(t, size=size, mode=mode, align_corners=False)[0].numpy()
     if seg is not None:
         s = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32))[None, None]
         seg = F.interpolate(s, size=size, mode="nearest")[0, 0].numpy().astype(np.int64)
@@ -133,7 +142,8 @@ def _resampled_affine(affine: np.ndarray, before: tuple[int, ...], after: tuple[
     """Affine of a grid resampled from ``before`` to ``after`` voxels by :func:`_resample`
     (``align_corners=False``: output voxel ``j`` sits at input coordinate ``(j + 0.5) * s - 0.5``, ``s = before /
     after``), so world positions are kept."""
-    scale = np.array(before, dtype=float) / np.array(after, dtype=float)
+    scale = np.ones(3)
+    scale[:len(before)] = np.array(before, dtype=float) / np.array(after, dtype=float)  # a 2D grid keeps its 3rd axis
     step = np.eye(4)
     step[:3, :3] = np.diag(scale)
     step[:3, 3] = 0.5 * scale - 0.5
@@ -143,14 +153,14 @@ def _resampled_affine(affine: np.ndarray, before: tuple[int, ...], after: tuple[
 def _shifted_affine(affine: np.ndarray, offsets) -> np.ndarray:
     """Affine of a grid whose voxel 0 is voxel ``offsets`` of the grid of ``affine`` (crop, pad)."""
     step = np.eye(4)
-    step[:3, 3] = np.asarray(offsets, dtype=float)
+    step[:len(offsets), 3] = np.asarray(offsets, dtype=float)
     return np.asarray(affine, dtype=float) @ step
 
 
-def fit_to_shape(images: np.ndarray, seg: np.ndarray | None, shape: tuple[int, int, int], mode: str = "fit"):
-    """Bring ``(C, X, Y, Z)`` images and ``(X, Y, Z)`` seg to ``shape`` (see :class:`PreprocessConfig`)."""
+def fit_to_shape(images: np.ndarray, seg: np.ndarray | None, shape: tuple[int, ...], mode: str = "fit"):
+    """Bring ``(C, *S)`` images and ``(*S)`` seg to ``shape`` (2D or 3D; see :class:`PreprocessConfig`)."""
     shape = tuple(int(s) for s in shape)
-    size = _fit_size(tuple(images.shape[-3:]), shape, mode)
+    size = _fit_size(tuple(images.shape[1:]), shape, mode)
     if size is not None:
         images, seg = _resample(images, seg, size)
     images = _pad_crop_centered(images, shape)
@@ -227,11 +237,15 @@ def preprocess_case_on_grid(
         the ``(4, 4)`` affine of the output grid.
     """
     images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (C, X, Y, Z), found shape {images.shape}")
+    dims = len(cfg.shape)
+    if images.ndim != dims + 1:
+        what = "(C, X, Y, Z)" if dims == 3 else "(C, X, Y) (a 2D study: preprocess.shape has two sizes)"
+        raise ValueError(f"images must be {what}, found shape {images.shape}")
     if seg is not None and seg.shape != images.shape[1:]:
         raise ValueError(f"seg shape {seg.shape} differs from image shape {images.shape[1:]}")
-    if affine is not None:
+    if affine is not None and dims == 2:
+        affine = np.asarray(affine, dtype=float)  # a 2D image: no reorientation, no resampling to a voxel size
+    elif affine is not None:
         affine = np.asarray(affine, dtype=float)
         if cfg.canonical:
             images, seg, affine = to_canonical(images, seg, affine)

@@ -5,7 +5,7 @@ data. Nothing is written and the input is never modified. Checks per case:
 
 - ``missing-file``: the four sequences and the segmentation exist;
 - ``unreadable``: each file reads in full (truncated gzip, not NIfTI, empty file);
-- ``dimensions``: each file is a 3D volume;
+- ``dimensions``: each file is a 3D volume (or a 2D image, in a 2D study);
 - ``non-finite``: no NaN or inf;
 - ``empty-image``: a sequence is not all zeros;
 - ``shape`` / ``affine``: the same across a case's files;

@@ -197,6 +197,11 @@ def load_run_models(run_dir: str | Path, arms: Sequence[str] | None = None, *,
     if len(tasks) > 1:
         raise ValueError(f"{run_dir}: the requested arms hold models of different tasks {sorted(tasks)}; "
                          "evaluate them separately with --arms")
+    seg = [m.label for m in out if m.model.task.is_segmentation]
+    if seg:
+        raise ValueError(f"{run_dir}: a segmentation run (models {seg}); its Dice and HD95 per test site are in its "
+                         "results.json (`synthlearn study show`); applying segmentation models to another study or "
+                         "case is not supported yet")
     return out
 
 

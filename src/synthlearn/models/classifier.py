@@ -33,9 +33,9 @@ def _mamba_cuda_available() -> bool:
 
 
 class MambaBlock3d(nn.Module):
-    """A Mamba sequence model over the voxels of a 3D feature map, added as a residual.
+    """A Mamba sequence model over the voxels of a feature map (3D, or 2D), added as a residual.
 
-    The feature map ``(B, C, X, Y, Z)`` is read as a sequence of ``X*Y*Z`` tokens of width ``C``
+    The feature map ``(B, C, X, Y, Z)`` (or ``(B, C, X, Y)``) is read as a sequence of ``X*Y*Z`` tokens of width ``C``
     (raster order), normalised (LayerNorm), passed through ``n_layers`` Mamba layers and added back.
 
     Args:
@@ -119,8 +119,6 @@ class VoxelClassifierUNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), found {dropout}")
-        if mamba and spatial_dims != 3:
-            raise ValueError("mamba=True is implemented for spatial_dims=3 only")
         from monai.networks.blocks import UnetOutBlock, UnetResBlock
         from monai.networks.blocks.dynunet_block import get_conv_layer
 
@@ -213,9 +211,11 @@ class ClassifierConfig:
     dropout: float = 0.0
 
 
-def build_classifier(cfg: ClassifierConfig, *, out_channels: int, in_channels: int = 4) -> VoxelClassifierUNet:
-    """A 3D :class:`VoxelClassifierUNet` from its config (``out_channels`` = number of classes)."""
-    return VoxelClassifierUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+def build_classifier(cfg: ClassifierConfig, *, out_channels: int, in_channels: int = 4,
+                     spatial_dims: int = 3) -> VoxelClassifierUNet:
+    """A :class:`VoxelClassifierUNet` from its config (``out_channels`` = number of classes; ``spatial_dims`` 3, or 2
+    for a 2D study)."""
+    return VoxelClassifierUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                                channels=cfg.channels, norm_num_groups=cfg.norm_num_groups, mamba=cfg.mamba,
                                mamba_layers=cfg.mamba_layers, mamba_d_state=cfg.mamba_d_state,
                                dropout=cfg.dropout)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from synthlearn.data.contract import SEQUENCES, CaseRecord
-from synthlearn.data.io import read_case
+from synthlearn.data.io import CaseArrays, read_case
 from synthlearn.data.layouts import open_study
 
 SEQUENCE_TITLES = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
@@ -95,6 +95,9 @@ def draw_case_grid(cases: Sequence[CaseRecord], out: str | Path, title: str | No
                         hspace=0.28 * n / (2.3 * n) * 1.0 + 0.02)
     for r, case in enumerate(cases):
         arrays = read_case(case)
+        if arrays.images.ndim == 3:  # a 2D study: each case is one slice
+            arrays = CaseArrays(arrays.images[..., None], None if arrays.seg is None else arrays.seg[..., None],
+                                arrays.affine)
         z = largest_tumour_slice(arrays.seg, arrays.images)
         for c, seq in enumerate(SEQUENCES):
             ax = axes[r, c]
@@ -142,3 +145,58 @@ def show_study(path: str | Path, out: str | Path, max_cases: int = 8, sites: Seq
         raise ValueError(f"{path}: every case misses a file; run `synthlearn verify-data {path}`")
     picked = pick_cases(cases, max_cases)
     return draw_case_grid(picked, out, title=f"{Path(path).name}: {len(picked)} of {len(cases)} cases")
+
+
+#: colours of the contract labels in overlays (1 necrosis / core, 2 oedema, 3 enhancing)
+LABEL_COLOURS = {1: "#3b82f6", 2: "#22c55e", 3: "#ef4444"}
+
+
+def plot_segmentation_overlay(items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], out: str | Path,
+                              title: str | None = None) -> Path:
+    """Cases (rows) at the slice of largest true tumour: t1c alone, with the true labels, with the predicted labels.
+
+    Args:
+        items: ``(row title, image (4, X, Y, Z) preprocessed, truth (X, Y, Z), prediction (X, Y, Z))`` per case (or
+            ``(4, X, Y)``, ``(X, Y)``, ``(X, Y)`` in a 2D study).
+        out: PNG to write.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    if not items:
+        raise ValueError("no cases to draw")
+    n = len(items)
+    cmap = ListedColormap([LABEL_COLOURS[k] for k in (1, 2, 3)])
+    fig, axes = plt.subplots(n, 3, figsize=(6.9, 2.4 * n + 0.6), squeeze=False)
+    for r, (label, image, truth, pred) in enumerate(items):
+        if truth.ndim == 2:  # a 2D study: the image itself
+            image, truth, pred = image[..., None], truth[..., None], pred[..., None]
+        z = largest_tumour_slice(truth, image)
+        t1c = image[SEQUENCES.index("t1c")][:, :, z]
+        lo, hi = np.percentile(t1c, [0.5, 99.5]) if t1c.size else (0.0, 1.0)
+        for c, overlay in enumerate((None, truth, pred)):
+            ax = axes[r, c]
+            ax.imshow(np.rot90(t1c)[:, ::-1], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                      interpolation="nearest")
+            if overlay is not None:
+                sl = np.rot90(overlay[:, :, z])[:, ::-1].astype(float)
+                ax.imshow(np.ma.masked_where(sl == 0, sl), cmap=cmap, vmin=0.5, vmax=3.5, alpha=0.55,
+                          interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(("t1c", "truth", "prediction")[c], fontsize=9)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.text(0.5, 0.005, "blue: necrosis / core, green: oedema, red: enhancing", ha="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97 if title else 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -150,7 +150,62 @@ def _test_sites(arms: dict) -> list[str]:
     return sites
 
 
+SEG_REGIONS = ("wt", "tc", "et")
+
+
+def _seg_comparison(doc: _Doc, results: dict) -> None:
+    """A segmentation run: Dice and HD95 per region (combined test sites), per test site, and over seeds."""
+    arms = results.get("arms", {})
+    names = sorted(arms, key=_arm_sort_key)
+    doc.h(2, "Comparison on the held-out test sites (combined)")
+    header = ["arm", "Dice WT", "Dice TC", "Dice ET", "Dice mean", "HD95 WT (mm)", "HD95 TC (mm)", "HD95 ET (mm)",
+              "Wilcoxon p vs centralized", "bytes from sites", "rounds", "wall time"]
+    rows = []
+    for name in names:
+        arm = arms[name]
+        comb = (arm.get("test") or {}).get("combined", {})
+        rows.append([name, *(_num(comb.get(f"dice_{r}")) for r in SEG_REGIONS), _num(comb.get("dice_mean")),
+                     *(_num(comb.get(f"hd95_{r}"), 1) for r in SEG_REGIONS), _num(arm.get("wilcoxon_p_vs_centralized")),
+                     _bytes(arm.get("bytes_from_sites")), _num(arm.get("rounds")), _duration(arm.get("wall_s"))])
+    doc.table(header, rows)
+    seeds = results.get("seeds") or []
+    doc.p("Regions: WT whole tumour (labels 1, 2, 3), TC tumour core (1, 3), ET enhancing tumour (3); means over the "
+          "test cases, on " + str(results.get("metrics_grid", "the task model's grid")) + ". A region absent from "
+          "both truth and prediction scores Dice 1 and HD95 0, absent from one of them Dice 0 and HD95 the grid's "
+          "diagonal. Wilcoxon: signed-rank test of the per-case mean Dice against centralized training on the same "
+          "cases." + (f" These figures are the primary seed's ({seeds[0]})." if len(seeds) > 1 else ""))
+    if any(arms[n].get("over_seeds") for n in names):
+        doc.h(2, "Over task-model seeds (mean ± SD)")
+        rows = []
+        for name in names:
+            arm = arms[name]
+            over = arm.get("over_seeds") or {}
+            vs = arm.get("vs_reference_over_seeds")
+            vs_text = "-"
+            if vs:
+                vs_text = f"{vs['dice_mean_difference_mean']:+.3f} ± {_num(vs['dice_mean_difference_sd'])}"
+                if vs.get("paired_t_p") is not None:
+                    vs_text += f" (paired t p = {_num(vs['paired_t_p'])})"
+            rows.append([name, ", ".join(str(k) for k in arm.get("seeds", [])),
+                         *(_mean_sd(over.get(f"dice_{r}")) for r in SEG_REGIONS), _mean_sd(over.get("dice_mean")),
+                         f"{len(over.get('seeds_with_collapse') or [])} of {over.get('n_seeds', 0)}", vs_text])
+        doc.table(["arm", "seeds", "Dice WT", "Dice TC", "Dice ET", "Dice mean",
+                   "seeds with a network that did not learn", "Dice mean - centralized (same seeds)"], rows)
+    sites = _test_sites(arms)
+    if sites:
+        doc.h(2, "Dice (mean over regions) and HD95 WT per test site")
+        def cell(name: str, site: str) -> str:
+            entry = (arms[name].get("test") or {}).get(site) or {}
+            return f"{_num(entry.get('dice_mean'))} / {_num(entry.get('hd95_wt'), 1)}"
+
+        rows = [[name, *(cell(name, s) for s in sites)] for name in names]
+        doc.table(["arm", *sites], rows)
+
+
 def _comparison(doc: _Doc, results: dict) -> None:
+    if results.get("task_kind") == "segmentation":
+        _seg_comparison(doc, results)
+        return
     arms = results.get("arms", {})
     names = sorted(arms, key=_arm_sort_key)
     doc.h(2, "Comparison on the held-out test sites (combined)")

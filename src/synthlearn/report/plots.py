@@ -1,5 +1,5 @@
-"""Classification figures as PNG (matplotlib, Agg backend, no display needed): ROC curves of several
-arms on one plot (paper 000 Fig. 3) and confusion matrices (Fig. 4)."""
+"""Study figures as PNG (matplotlib, Agg backend, no display needed): ROC curves of several
+arms on one plot (paper 000 Fig. 3), confusion matrices (Fig. 4) and per-site Dice box plots (segmentation)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,53 @@ def plot_confusion_matrices(matrices: Mapping[str, np.ndarray], class_names: Seq
     axes[0][0].set_ylabel("true", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_segmentation_boxes(rows: Mapping[str, Sequence[Mapping[str, float | str]]], sites: Sequence[str],
+                            path: str | Path, *, title: str = "per-case Dice per test site") -> Path:
+    """Box plots of the per-case Dice of every model, one panel per region (WT, TC, ET), grouped by test site.
+
+    Args:
+        rows: model (``arm`` or ``arm:site``) -> its per-case rows (``site``, ``dice_wt``, ``dice_tc``, ``dice_et``).
+        sites: the test sites, in order.
+        path: PNG to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    regions = ("wt", "tc", "et")
+    names = list(rows)
+    if not names or not sites:
+        raise ValueError("plot_segmentation_boxes needs at least one model and one test site")
+    width = 0.8 / len(names)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(len(regions), 1, figsize=(max(6.0, 1.2 * len(sites) * max(1, len(names)) / 2 + 2),
+                                                       2.3 * len(regions) + 0.6), dpi=110, squeeze=False)
+    for ax, region in zip(axes[:, 0], regions):
+        for m, name in enumerate(names):
+            data = [[float(r[f"dice_{region}"]) for r in rows[name] if r["site"] == site] for site in sites]
+            pos = [s + (m - (len(names) - 1) / 2) * width for s in range(len(sites))]
+            box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
+                             flierprops={"markersize": 2})
+            for patch in box["boxes"]:
+                patch.set_facecolor(colours[m % len(colours)])
+                patch.set_alpha(0.6)
+            ax.plot([], [], color=colours[m % len(colours)], lw=6, alpha=0.6, label=name)
+        ax.set_xticks(range(len(sites)), sites, fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(f"Dice {region.upper()}", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(5, len(names)), loc="upper center", bbox_to_anchor=(0.5, 0.965))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

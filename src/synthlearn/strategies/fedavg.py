@@ -42,10 +42,10 @@ from synthlearn.strategies.base import ArmContext, ArmOutput
 from synthlearn.strategies.registry import ArmSpec
 from synthlearn.tasks.cache import DatasetCache
 from synthlearn.tasks.folds import stage_data
-from synthlearn.tasks.model import TaskModel, init_model
+from synthlearn.tasks.model import TaskModel, check_network, init_model
 from synthlearn.tasks.setup import TrainingSetup, model_names, split_name
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
-from synthlearn.training.learning_check import check_learning, summarise_checks
+from synthlearn.training.learning_check import summarise_checks
 from synthlearn.training.trainer import train_model
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def site_update(global_states: Mapping[str, Mapping[str, torch.Tensor]], site_ca
         outcome = train_model(net, cache.dataset([sd.cases[i] for i in idx]), [sd.targets[i] for i in idx],
                               setup.train, seed=setup.seed, name=name, total_epochs=cfg.total_epochs,
                               start_epoch=start, stop_epoch=stop, optimizer_state=opt_state, progress=progress,
-                              num_classes=sd.stage.num_classes)
+                              num_classes=sd.stage.num_classes, segmentation=sd.stage.segmentation)
         if cfg.keep_site_optimizer_state and opt_path is not None:
             save_checkpoint(opt_path, {"round": server_round, "optimizer": outcome.optimizer_state})
         states[name] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -303,7 +303,7 @@ def task_model_from_states(states: Mapping[str, Mapping[str, torch.Tensor]], set
 def federated_learning_check(model: TaskModel, sites: Sequence[SiteRecord], setup: TrainingSetup,
                              history: Sequence[Mapping[str, Any]], cache: DatasetCache | None = None
                              ) -> dict[str, dict[str, Any]]:
-    """Did the final global model learn? :func:`synthlearn.training.learning_check.check_learning` of every network
+    """Did the final global model learn? :func:`synthlearn.tasks.model.check_network` of every network
     on the training cases of its fold (every site's), with the final training loss taken as the sites' last-round
     losses weighted by their training cases (what the sites reported; ``history[-1]["loss"]``).
 
@@ -330,9 +330,8 @@ def federated_learning_check(model: TaskModel, sites: Sequence[SiteRecord], setu
                 losses.append(float(value))
                 weights.append(n)
         final = [float(np.average(losses, weights=weights))] if losses else None
-        checks[name] = check_learning(model.networks[name], cache.dataset([sd.cases[i] for i in idx]),
-                                      [sd.targets[i] for i in idx], final, setup.train, sd.stage.num_classes,
-                                      sd.stage.class_names)
+        checks[name] = check_network(model.networks[name], cache.dataset([sd.cases[i] for i in idx]),
+                                     [sd.targets[i] for i in idx], final, setup, sd.stage)
         checks[name]["seed"] = setup.seed
         if not checks[name]["learned"]:
             log.warning("fedavg %s (seed %d) did not learn: %s", name, setup.seed, "; ".join(checks[name]["reasons"]))
@@ -360,5 +359,5 @@ def run(ctx: ArmContext) -> ArmOutput:
                      extra={"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend})
 
 
-ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig, description="Federated Averaging of the task model on "
-              "Flower: weights leave each site every round")
+ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig, task_kinds=("classification", "segmentation"), spatial_dims=(2, 3),
+              description="Federated Averaging of the task model on Flower: weights leave each site every round")

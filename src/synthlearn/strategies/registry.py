@@ -35,6 +35,9 @@ class ArmSpec:
         signature: ``signature(config, task) -> dict``: what, beyond the config itself, must match for a complete
             arm to be reused (e.g. the content of a config file the config names by path).
         description: one line for ``--help`` and the docs.
+        task_kinds: the kinds of task it runs (:attr:`synthlearn.tasks.Task.kind`: ``classification``,
+            ``segmentation``); a study with another task refuses the arm before anything trains.
+        spatial_dims: the study dimensionalities it runs on (3: volumes; 2: a 2D study of images).
     """
 
     name: str
@@ -45,6 +48,8 @@ class ArmSpec:
     check: Callable[[Any, str], None] | None = None
     signature: Callable[[Any, str], dict[str, Any]] | None = None
     description: str = ""
+    task_kinds: tuple[str, ...] = ("classification",)
+    spatial_dims: tuple[int, ...] = (3,)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():

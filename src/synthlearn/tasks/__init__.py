@@ -1,6 +1,6 @@
 """Tasks: what a model learns (its classes, its stages), how it is trained and the trained model itself.
 
-- :mod:`synthlearn.tasks.definitions`: :class:`Task` and :class:`Stage` (IDH; the two-stage tumour type), ``get_task``;
+- :mod:`synthlearn.tasks.definitions`: :class:`Task` and :class:`Stage` (IDH; the two-stage tumour type; segmentation), ``get_task``;
 - :mod:`synthlearn.tasks.setup`: :class:`TrainingSetup`, the network names of a task model;
 - :mod:`synthlearn.tasks.folds`: k-fold splits per (site, label);
 - :mod:`synthlearn.tasks.cache`: preprocessed cases shared by the arms of a run;
@@ -12,6 +12,7 @@ imports the other's internals.
 
 from synthlearn.tasks.definitions import (
     STAGE_IDH,
+    STAGE_SEG,
     STAGE_SUBTYPE,
     TASKS,
     Stage,
@@ -19,4 +20,4 @@ from synthlearn.tasks.definitions import (
     get_task,
 )
 
-__all__ = ["STAGE_IDH", "STAGE_SUBTYPE", "TASKS", "Stage", "Task", "get_task"]
+__all__ = ["STAGE_IDH", "STAGE_SEG", "STAGE_SUBTYPE", "TASKS", "Stage", "Task", "get_task"]

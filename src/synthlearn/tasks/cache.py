@@ -46,5 +46,10 @@ class CasesView:
         ds, i = self.items[index]
         return ds.arrays(i)
 
+    def grid_affine(self, index: int) -> np.ndarray:
+        """The ``(4, 4)`` affine of case ``index``'s preprocessed grid (:meth:`CaseDataset.grid_affine`)."""
+        ds, i = self.items[index]
+        return ds.grid_affine(i)
+
 
 __all__ = ["CasesView", "DatasetCache"]

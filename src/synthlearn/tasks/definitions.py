@@ -1,4 +1,4 @@
-"""Classification tasks: which label a model learns, its classes, and how stages combine.
+"""Tasks: which label a model learns, its classes, and how stages combine.
 
 A :class:`Task` is one or more :class:`Stage` s, each a classifier over its own classes trained on the
 cases whose stage label is known (unknown labels are masked, never guessed):
@@ -9,6 +9,9 @@ cases whose stage label is known (unknown labels are masked, never guessed):
   The 3-class probabilities are ``p(gbm) = 1 - p(mut)``, ``p(astro) = p(mut) * p(astro | mut)``,
   ``p(oligo) = p(mut) * p(oligo | mut)``: the arg-max equals "stage 1 says wildtype -> glioblastoma, else
   the stage-2 class" whenever stage 1 is confident, and the probabilities stay a proper distribution for AUC.
+- ``segmentation``: one stage, the tumour's labels voxel by voxel (0 background, 1 necrosis / non-enhancing core,
+  2 oedema, 3 enhancing; :mod:`synthlearn.training.segmentation`), learned from every case with a segmentation and
+  evaluated per region (whole tumour, tumour core, enhancing tumour) with Dice and HD95.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from synthlearn.data.contract import LABEL_VALUES, Labels
+from synthlearn.training.segmentation import SEG_CLASSES
 
 
 def _idh_from_labels(labels: Labels) -> str | None:
@@ -61,13 +65,17 @@ class Stage:
     name: str
     class_names: tuple[str, ...]
     extract: Callable[[Labels], str | None] = dataclasses.field(compare=False, repr=False)
+    segmentation: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def label(self, labels: Labels) -> int | None:
-        """Class index of a case for this stage, or None when unknown / not applicable."""
+        """Class index of a case for this stage, or None when unknown / not applicable (a segmentation stage
+        learns from every case: 0)."""
+        if self.segmentation:
+            return 0
         value = self.extract(labels)
         return None if value is None else self.class_names.index(value)
 
@@ -84,6 +92,7 @@ class Task:
         extract: ``Labels -> final class name or None`` (unknown).
         positive_class: index of the positive class for SEN/SPE of a binary task; None for multi-class
             tasks (SEN/SPE are then macro averages over one-vs-rest).
+        kind: ``classification`` (case classes, AUC...) or ``segmentation`` (voxel labels, Dice and HD95).
     """
 
     name: str
@@ -92,6 +101,11 @@ class Task:
     stages: tuple[Stage, ...]
     extract: Callable[[Labels], str | None] = dataclasses.field(compare=False, repr=False)
     positive_class: int | None = 1
+    kind: str = "classification"
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.kind == "segmentation"
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +139,8 @@ class Task:
             p = np.asarray(stage_probs[s.name])
             if p.ndim != 2 or p.shape[1] != s.num_classes:
                 raise ValueError(f"stage {s.name}: expected (N, {s.num_classes}) probabilities, found {p.shape}")
+        if self.is_segmentation:
+            raise ValueError(f"task {self.name} predicts voxel labels, not case probabilities")
         if self.name == "idh":
             return np.asarray(stage_probs["idh"], dtype=np.float64)
         if self.name == "tumor_type":
@@ -138,11 +154,14 @@ class Task:
 
 STAGE_IDH = Stage("idh", LABEL_VALUES["idh"], _idh_from_labels)
 STAGE_SUBTYPE = Stage("subtype", ("astrocytoma", "oligodendroglioma"), _subtype_from_labels)
+STAGE_SEG = Stage("seg", SEG_CLASSES, lambda labels: None, segmentation=True)
 
 TASKS: dict[str, Task] = {
     "idh": Task("idh", LABEL_VALUES["idh"], "idh", (STAGE_IDH,), _idh_from_labels, positive_class=1),
     "tumor_type": Task("tumor_type", LABEL_VALUES["tumor_type"], "tumor_type", (STAGE_IDH, STAGE_SUBTYPE),
                        _tumor_type_from_labels, positive_class=None),
+    "segmentation": Task("segmentation", SEG_CLASSES, "", (STAGE_SEG,), lambda labels: None, positive_class=None,
+                         kind="segmentation"),
 }
 
 

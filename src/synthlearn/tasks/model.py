@@ -35,6 +35,7 @@ from synthlearn.tasks.folds import stage_data
 from synthlearn.tasks.setup import TrainingSetup, model_names, split_name
 from synthlearn.training.learning_check import check_learning, summarise_checks
 from synthlearn.training.seeding import derive_seed
+from synthlearn.training.segmentation import check_segmentation_learning, predict_label_maps
 from synthlearn.training.trainer import predict_probabilities, train_model
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def init_model(setup: TrainingSetup, name: str) -> VoxelClassifierUNet:
     every arm."""
     stage, _ = split_name(name)
     torch.manual_seed(derive_seed(setup.seed, "init", name))
-    return build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes)
+    return build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes,
+                            spatial_dims=setup.preprocess.spatial_dims)
 
 
 class TaskModel:
@@ -85,6 +87,16 @@ class TaskModel:
             out[stage.name] = predict_probabilities(nets, dataset, bf16=cfg.bf16, device=cfg.device,
                                                     batch_size=cfg.batch_size, progress=progress)
         return out
+
+    def predict_label_maps(self, dataset) -> np.ndarray:
+        """A segmentation model's ``(N, *S)`` int64 label maps on the preprocessed grid (the fold ensemble's mean
+        softmax, arg-max; :func:`synthlearn.training.segmentation.predict_label_maps`)."""
+        if not self.task.is_segmentation:
+            raise ValueError(f"task {self.task.name} is not a segmentation task")
+        stage = self.task.stages[0]
+        cfg = self.setup.train
+        nets = [self.networks[f"{stage.name}/fold-{k}"] for k in range(self.setup.n_folds)]
+        return predict_label_maps(nets, dataset, batch_size=cfg.batch_size, bf16=cfg.bf16, device=cfg.device)
 
     def predict(self, dataset, *, progress: bool = False) -> np.ndarray:
         """Final ``(N, task classes)`` probabilities (two-stage tasks combined, :meth:`Task.combine`)."""
@@ -146,7 +158,8 @@ class TaskModel:
         for name in model_names(setup):
             stage, k = split_name(name)
             path = folder / meta["stages"][stage]["folds"][k]
-            net = build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes)
+            net = build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes,
+                                   spatial_dims=setup.preprocess.spatial_dims)
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
@@ -154,6 +167,16 @@ class TaskModel:
             net.load_state_dict(state)
             networks[name] = net.eval()
         return cls(setup, networks, meta.get("info"))
+
+
+def check_network(net: torch.nn.Module, dataset, targets: list[int], losses, setup: TrainingSetup,
+                  stage: Stage) -> dict[str, Any]:
+    """The learning check of one network of ``stage``: :func:`synthlearn.training.learning_check.check_learning`
+    for a classification stage, :func:`synthlearn.training.segmentation.check_segmentation_learning` for a
+    segmentation stage."""
+    if stage.segmentation:
+        return check_segmentation_learning(net, dataset, losses, setup.train)
+    return check_learning(net, dataset, targets, losses, setup.train, stage.num_classes, stage.class_names)
 
 
 def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int], stage: Stage, ckpt_dir: Path, *,
@@ -169,9 +192,9 @@ def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int],
         net = init_model(run_setup, name)
         ckpt = ckpt_dir / f"{name}{suffix}.pt"
         outcome = train_model(net, dataset, targets, setup.train, seed=run_setup.seed, name=name, checkpoint_path=ckpt,
-                              progress=progress, num_classes=stage.num_classes, on_epoch=on_epoch)
-        check = check_learning(net, dataset, targets, outcome.losses, setup.train, stage.num_classes,
-                               stage.class_names)
+                              progress=progress, num_classes=stage.num_classes, on_epoch=on_epoch,
+                              segmentation=stage.segmentation)
+        check = check_network(net, dataset, targets, outcome.losses, setup, stage)
         check.update(seed=run_setup.seed, losses=outcome.losses)
         tried.append(run_setup.seed)
         if not check["learned"]:
@@ -294,7 +317,7 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
             raise ValueError(f"{label or 'training'}: no labelled training cases for stage {stage!r} fold {fold} "
                              f"(stage classes {list(sd.stage.class_names)}); check labels.csv")
         targets = [sd.targets[i] for i in idx]
-        if len(set(targets)) < 2:
+        if len(set(targets)) < 2 and not sd.stage.segmentation:
             log.warning("%s %s: training cases hold a single class (%s)", label, name,
                         sd.stage.class_names[targets[0]])
         dataset = cache.dataset([sd.cases[i] for i in idx])
@@ -304,8 +327,8 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
         if done_path.is_file():
             net = init_model(setup, name)
             net.load_state_dict(torch.load(done_path, map_location="cpu", weights_only=True))
-            check = json.loads(check_path.read_text()) if check_path.is_file() else check_learning(
-                net, dataset, targets, None, setup.train, sd.stage.num_classes, sd.stage.class_names)
+            check = json.loads(check_path.read_text()) if check_path.is_file() else check_network(
+                net, dataset, targets, None, setup, sd.stage)
             networks[name], info["learning_check"][name] = net, check
         else:
             todo[name] = (dataset, targets)
@@ -331,4 +354,4 @@ def train_task_model(cases: Sequence[CaseRecord], setup: TrainingSetup, work_dir
     return model
 
 
-__all__ = ["ArrayCases", "MODEL_FORMAT", "TaskModel", "init_model", "train_task_model"]
+__all__ = ["ArrayCases", "MODEL_FORMAT", "TaskModel", "check_network", "init_model", "train_task_model"]

@@ -30,6 +30,7 @@ from synthlearn.data.datasets import CaseDataset
 from synthlearn.models.classifier import case_probabilities
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
 from synthlearn.training.seeding import derive_seed, torch_generator
+from synthlearn.training.segmentation import segmentation_loss
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ def train_model(
     progress: bool = True,
     num_classes: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    segmentation: bool = False,
 ) -> TrainOutcome:
     """Train ``model`` in place on labelled cases for epochs ``[start_epoch, stop_epoch)``.
 
@@ -362,6 +364,9 @@ def train_model(
         progress: show a tqdm bar.
         num_classes: K (for class weighting; default: from the model's output on the first batch).
         on_epoch: called as ``on_epoch(epoch, mean_loss)`` after every epoch (e.g. a worker's progress report).
+        segmentation: learn the segmentation itself (:func:`synthlearn.training.segmentation.segmentation_loss`,
+            Dice + cross-entropy over every voxel; ``targets`` and class weighting unused) instead of the case
+            class on the tumour voxels.
 
     Returns:
         :class:`TrainOutcome`.
@@ -396,7 +401,7 @@ def train_model(
         log.info("%s: resumed from %s at epoch %d", name, checkpoint_path, resumed_from)
     targets_t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     weights = None
-    if cfg.class_weighting == "balanced":
+    if cfg.class_weighting == "balanced" and not segmentation:
         k = num_classes or int(targets_t.max()) + 1
         weights = class_weights_for(targets, k).to(device)
     use_bf16 = cfg.bf16
@@ -434,7 +439,10 @@ def train_model(
             batch_targets = targets_t[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(images)
-            loss = voxel_loss(logits, seg, batch_targets, weights, cfg.loss_normalisation)
+            if segmentation:
+                loss = segmentation_loss(logits, seg)
+            else:
+                loss = voxel_loss(logits, seg, batch_targets, weights, cfg.loss_normalisation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -221,6 +221,20 @@ def generate_case(
                        seg=seg.numpy().astype(np.int8), affine=atlas.affine.copy(), labels=labels, phenotype=phen)
 
 
+#: a 2D slice with fewer tumour pixels is dropped (AsynDGAN's BraTS setting)
+MIN_SLICE_TUMOUR_PIXELS = 10
+
+
+def largest_tumour_slice2d(images: np.ndarray, seg: np.ndarray, affine: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The axial (last-axis) slice of a ``(C, X, Y, Z)`` case with the largest tumour area: ``(images (C, X, Y),
+    seg (X, Y), affine of the slice (4, 4), its tumour pixels)``."""
+    z = int(np.argmax((seg > 0).sum(axis=(0, 1))))
+    shift = np.eye(4)
+    shift[2, 3] = z
+    return images[..., z], seg[..., z], np.asarray(affine, dtype=float) @ shift, int((seg[..., z] > 0).sum())
+
+
 def _case_complete(case_dir: Path) -> bool:
     return all((case_dir / f"{name}.nii.gz").is_file() for name in (*SEQUENCES, "seg"))
 
@@ -288,7 +302,9 @@ def make_phantom_study(
     Args:
         out: output folder: new, empty, or an unfinished phantom study with the same arguments (it resumes).
         preset: ``paper`` (train tcga, utsw, egd; test nyu, uwm, ucsf, upenn, utswp2; 48 cases per site;
-            64^3 at 3 mm) or ``tiny`` (3 train + 2 test sites, 6 cases per site, 32^3).
+            64^3 at 3 mm), ``tiny`` (3 train + 2 test sites, 6 cases per site, 32^3), or ``slices2d`` /
+            ``tiny-slices2d``: the same studies as 2D images, each case's axial slice through its largest tumour
+            area (a case whose slice holds fewer than 10 tumour pixels is left out).
         cases_per_site: cases per site (None = the preset's default).
         shape: working grid, an int (cube) or three ints (e.g. 128 or (128, 192, 192)); it always spans a
             192 mm cube. None = the preset's default.
@@ -348,7 +364,15 @@ def make_phantom_study(
                     labels, phen = case_design(site, index, seed, atlas, ttype)
                 else:
                     case = generate_case(site, index, seed=seed, shape=grid, tumor_type=ttype, atlas=atlas)
-                    write_case(out / site.name, case.case_id, case.images, case.seg, case.affine)
+                    images, seg, affine = case.images, case.seg, case.affine
+                    if spec.slices2d:
+                        images, seg, affine, pixels = largest_tumour_slice2d(images, seg, affine)
+                        if pixels < MIN_SLICE_TUMOUR_PIXELS:
+                            log.info("%s: its largest tumour slice holds %d pixels (< %d): left out", case_id,
+                                     pixels, MIN_SLICE_TUMOUR_PIXELS)
+                            bar.update(1)
+                            continue
+                    write_case(out / site.name, case.case_id, images, seg, affine)
                     labels, phen = case.labels, case.phenotype
                 rows.append((case_id, labels))
                 cases_meta[case_id] = {"site": site.name, **labels.as_row(), **phen.summary()}
@@ -361,6 +385,6 @@ def make_phantom_study(
     marker["cases"] = cases_meta
     atomic_write_text(out / MARKER, json.dumps(marker, indent=2) + "\n")
     write_study_json(out, {s.name: s.role for s in spec.sites})  # last: the study is now complete
-    log.info("phantom study (%s, %d sites x %d cases, %s) written to %s", preset, len(spec.sites), n_cases,
-             "x".join(map(str, grid)), out)
+    log.info("phantom study (%s, %d sites x %d cases, %s%s) written to %s", preset, len(spec.sites), n_cases,
+             "x".join(map(str, grid)), ": axial slices through the largest tumour" if spec.slices2d else "", out)
     return out

@@ -80,12 +80,15 @@ class StudyPreset:
         sites: the sites, train sites first.
         cases_per_site: default number of cases per site.
         shape: default working grid ``(X, Y, Z)``; it always spans a 192 mm cube.
+        slices2d: write a 2D study instead: each case's axial slice through its largest tumour area (PHANTOM.md,
+            2D variants; AsynDGAN's setting drops a case whose slice holds fewer than 10 tumour pixels).
     """
 
     name: str
     sites: tuple[SitePreset, ...]
     cases_per_site: int
     shape: tuple[int, int, int]
+    slices2d: bool = False
 
 
 _SITES: dict[str, SitePreset] = {s.name: s for s in (
@@ -144,6 +147,15 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
         "tiny",
         tuple(_SITES[n] for n in ("tcga", "utsw", "egd", "nyu", "ucsf")),
         cases_per_site=6, shape=(32, 32, 32)),
+    # the same studies as 2D slices (64x64 and 32x32 images)
+    "slices2d": StudyPreset(
+        "slices2d",
+        tuple(_SITES[n] for n in ("tcga", "utsw", "egd", "nyu", "uwm", "ucsf", "upenn", "utswp2")),
+        cases_per_site=48, shape=(64, 64, 64), slices2d=True),
+    "tiny-slices2d": StudyPreset(
+        "tiny-slices2d",
+        tuple(_SITES[n] for n in ("tcga", "utsw", "egd", "nyu", "ucsf")),
+        cases_per_site=6, shape=(32, 32, 32), slices2d=True),
 }
 
 #: Names of the study presets (``make-phantoms --preset``).

@@ -1,0 +1,113 @@
+"""Tumour segmentation with the task model's network: its loss, its ensemble prediction and its learning check.
+
+The network is the same voxel-wise UNet (MONAI blocks) as the classification task's, with one output channel per
+contract label (0 background, 1 necrosis / non-enhancing core, 2 oedema, 3 enhancing). It is trained with MONAI's
+Dice + cross-entropy loss over every voxel (softmax over the four labels), and evaluated on the BraTS regions:
+
+- ``WT`` whole tumour: labels 1, 2, 3;
+- ``TC`` tumour core: labels 1, 3;
+- ``ET`` enhancing tumour: label 3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: the contract's segmentation labels, index = network output channel
+SEG_CLASSES = ("background", "necrosis", "oedema", "enhancing")
+#: BraTS evaluation regions: name -> the contract labels they hold
+REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+
+def region_masks(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(*S)`` contract labels -> ``(3, *S)`` boolean masks of :data:`REGIONS` (WT, TC, ET order)."""
+    arr = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return np.stack([np.isin(arr, values) for values in REGIONS.values()], axis=0)
+
+
+def segmentation_loss(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``DiceCELoss`` (softmax over the labels, one-hot target, Dice over every label including
+    background, batch Dice) of ``(B, 4, *S)`` logits against ``(B, *S)`` contract labels; a scalar."""
+    from monai.losses import DiceCELoss
+
+    if logits.shape[1] != len(SEG_CLASSES):
+        raise ValueError(f"segmentation logits must have {len(SEG_CLASSES)} channels (one per contract label), "
+                         f"found {logits.shape[1]}")
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    return loss(logits.float(), seg.unsqueeze(1).long())
+
+
+@torch.no_grad()
+def predict_label_maps(models: Sequence[nn.Module], dataset, *, batch_size: int = 2, bf16: bool = False,
+                       device: str = "auto") -> np.ndarray:
+    """Label maps of an ensemble: per case the arg-max over the labels of the models' mean softmax.
+
+    Args:
+        models: networks with :data:`SEG_CLASSES` output channels.
+        dataset: the cases (``len()`` and ``arrays(i) -> (image (C, *S), seg (*S))``).
+
+    Returns:
+        ``(N, *S)`` int64 contract labels on the preprocessed grid.
+    """
+    if not models:
+        raise ValueError("predict_label_maps needs at least one model")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    for model in models:
+        model.to(dev).eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        images = torch.from_numpy(np.stack([dataset.arrays(i)[0] for i in idx])).to(dev)
+        probs = None
+        for model in models:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(images)
+            p = torch.softmax(logits.float(), dim=1)
+            probs = p if probs is None else probs + p
+        out.append(probs.argmax(dim=1).cpu().numpy().astype(np.int64))
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (the BraTS convention)."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    total = int(p.sum()) + int(t.sum())
+    return 1.0 if total == 0 else 2.0 * float((p & t).sum()) / total
+
+
+def check_segmentation_learning(model: nn.Module, dataset, losses: Sequence[float] | None, cfg,
+                                min_dice: float = 0.1) -> dict[str, Any]:
+    """Whether a segmentation network learned: its whole-tumour Dice on its own training cases.
+
+    "Not learned" = it draws no tumour voxel on any training case, or its mean whole-tumour Dice there is below
+    ``min_dice`` (a network that only learned the background). The loss has no class-frequency chance level here, so
+    ``chance_loss`` and ``loss_ratio`` hold the first epoch's loss and the final loss's ratio to it.
+
+    Returns:
+        The keys of :func:`synthlearn.training.learning_check.check_learning` (``learned``, ``reasons``,
+        ``final_loss``, ``chance_loss``, ``loss_ratio``) and ``train_dice`` (mean per region over the training cases).
+    """
+    maps = predict_label_maps([model], dataset, batch_size=cfg.batch_size, bf16=cfg.bf16, device=cfg.device)
+    truths = [dataset.arrays(i)[1] for i in range(len(dataset))]
+    scores = {name: float(np.mean([dice(np.isin(p, v), np.isin(t, v)) for p, t in zip(maps, truths)]))
+              for name, v in REGIONS.items()}
+    final = float(losses[-1]) if losses else None
+    first = float(losses[0]) if losses else None
+    ratio = final / first if final is not None and first and math.isfinite(first) else None
+    reasons = []
+    if not any(np.any(m > 0) for m in maps):
+        reasons.append(f"draws no tumour voxel on any of its {len(maps)} training cases")
+    elif scores["WT"] < min_dice:
+        reasons.append(f"whole-tumour Dice {scores['WT']:.3f} on its training cases (learned means >= {min_dice})")
+    return {"learned": not reasons, "reasons": reasons, "final_loss": final, "chance_loss": first,
+            "loss_ratio": ratio, "train_dice": scores}
+
+
+__all__ = ["REGIONS", "SEG_CLASSES", "check_segmentation_learning", "dice", "predict_label_maps", "region_masks",
+           "segmentation_loss"]
