@@ -14,13 +14,14 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export FLWR_HOME := $(CURDIR)/.flwr
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo demo-long test test-slow bench clean help
+.PHONY: install demo demo-long test test-slow test-browser bench clean help
 
 help:
 	@echo "make demo       set up .venv, make the default phantom study if absent, run the four-arm demo study and its report"
 	@echo "make demo-long  the same with CATphishing generators trained 3x as long (~45 min; closer to centralized)"
 	@echo "make test       set up .venv, check the package's import contracts (lint-imports) and run the test suite (slow and gpu tests excluded)"
 	@echo "make test-slow  the longer checks (pytest -m slow)"
+	@echo "make test-browser  report.html in headless Chromium (installs Debian's chromium and playwright if absent)"
 	@echo "make bench      the benchmarks recorded in docs/benchmarks.md"
 
 install: $(STAMP)
@@ -47,6 +48,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Debian's chromium (no browser download: a test tool's own browser download fails here) and Playwright to drive it
+test-browser: $(STAMP)
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(PIP) install --quiet --disable-pip-version-check -c requirements/constraints.txt -r requirements/browser.txt
+	$(PY) -m pytest -q -m browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_phantom.py
