@@ -35,15 +35,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def fmt(v, w=7, d=3) -> str:
+    """A number right-aligned in ``w`` characters with ``d`` decimals; ``-`` when it is missing or not finite."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return f"{v:>{w}.{d}f}" if ok else f"{'-':>{w}}"
+
+
+def _rows(results: dict, row) -> list[str]:
+    """One line per arm (``(mean)`` for an arm of several models) and one per site model of such an arm."""
+    lines = []
+    for arm, block in results["arms"].items():
+        lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
+        for site, sub in block.get("site_models", {}).items():
+            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": None}))
+    return lines
+
+
+def _vs_text(vs: dict | None, metric: str) -> str:
+    """An arm's ``vs_reference_over_seeds`` in words: the mean and SD of its ``metric`` minus the reference's, and
+    the paired t-test's p."""
+    if not vs:
+        return "-"
+    text = f"{vs[f'{metric}_difference_mean']:+.3f} +/- {vs[f'{metric}_difference_sd']:.3f}"
+    return text + (f" (p {vs['paired_t_p']:.3g})" if vs.get("paired_t_p") is not None else "")
+
+
 def format_segmentation_summary(results: dict) -> str:
     """:func:`format_summary` of a segmentation run: Dice and HD95 per region, then the mean Dice over seeds."""
     lines = [f"task {results['task']}, test sites {', '.join(results.get('test_sites', []))}",
              f"{'arm':<22}{'Dice WT':>8}{'TC':>7}{'ET':>7}{'mean':>7}{'HD95 WT':>9}{'TC':>7}{'ET':>7}"
              f"{'Wilcoxon p':>11}{'MB from sites':>15}{'wall s':>9}"]
-
-    def fmt(v, w=7, d=3):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        return f"{v:>{w}.{d}f}" if ok else f"{'-':>{w}}"
 
     def row(name, block, info):
         c = block["test"]["combined"]
@@ -52,10 +73,7 @@ def format_segmentation_summary(results: dict) -> str:
                 f"{fmt(c.get('hd95_et'), 7, 1)}{fmt(block.get('wilcoxon_p_vs_centralized'), 11)}"
                 f"{fmt(info['bytes_from_sites'] / 1e6, 15, 2)}{fmt(info['wall_s'], 9, 0)}")
 
-    for arm, block in results["arms"].items():
-        lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
-        for site, sub in block.get("site_models", {}).items():
-            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": None}))
+    lines += _rows(results, row)
     seeds = results.get("seeds") or []
     lines += ["", f"over task-model seeds {', '.join(map(str, seeds))}:",
               f"{'arm':<22}{'Dice mean':>10}{'SD':>7}{'min':>7}{'max':>7}  {'not learned':<16}"
@@ -64,10 +82,7 @@ def format_segmentation_summary(results: dict) -> str:
         over = block.get("over_seeds") or {}
         d = over.get("dice_mean") or {}
         vs = block.get("vs_reference_over_seeds")
-        vs_text = "-"
-        if vs:
-            vs_text = f"{vs['dice_mean_difference_mean']:+.3f} +/- {vs['dice_mean_difference_sd']:.3f}"
-            vs_text += f" (p {vs['paired_t_p']:.3g})" if vs.get("paired_t_p") is not None else ""
+        vs_text = _vs_text(vs, "dice_mean")
         collapsed = over.get("seeds_with_collapse")
         collapsed_text = f"{len(collapsed)} of {over.get('n_seeds', 0)} seeds" if collapsed is not None else "-"
         lines.append(f"{arm:<22}{fmt(d.get('mean'), 10)}{fmt(d.get('sd'))}{fmt(d.get('min'))}{fmt(d.get('max'))}  "
@@ -83,10 +98,6 @@ def format_summary(results: dict) -> str:
              f"{'arm':<22}{'ACC':>7}{'SEN':>7}{'SPE':>7}{'AUC':>7}  {'95% CI':<15}{'McNemar p':>10}"
              f"{'MB from sites':>15}{'wall s':>9}"]
 
-    def fmt(v, w=7, d=3):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        return f"{v:>{w}.{d}f}" if ok else f"{'-':>{w}}"
-
     def row(name, block, info):
         c = block["test"]["combined"]
         ci = c.get("auc_ci")
@@ -95,10 +106,7 @@ def format_summary(results: dict) -> str:
                 f"{fmt(block.get('mcnemar_p_vs_centralized'), 10)}{fmt(info['bytes_from_sites'] / 1e6, 15, 2)}"
                 f"{fmt(info['wall_s'], 9, 0)}")
 
-    for arm, block in results["arms"].items():
-        lines.append(row(arm + (" (mean)" if "site_models" in block else ""), block, block))
-        for site, sub in block.get("site_models", {}).items():
-            lines.append(row(f"  {arm}:{site}", sub, {"bytes_from_sites": 0, "wall_s": None}))
+    lines += _rows(results, row)
     seeds = results.get("seeds") or []
     if len(seeds) > 1:
         lines[0] += f"; the rows are the primary seed's ({seeds[0]})"
@@ -109,10 +117,7 @@ def format_summary(results: dict) -> str:
         over = block.get("over_seeds") or {}
         auc = over.get("auc") or {}
         vs = block.get("vs_reference_over_seeds")
-        vs_text = "-"
-        if vs:
-            vs_text = f"{vs['auc_difference_mean']:+.3f} +/- {vs['auc_difference_sd']:.3f}"
-            vs_text += f" (p {vs['paired_t_p']:.3g})" if vs.get("paired_t_p") is not None else ""
+        vs_text = _vs_text(vs, "auc")
         seeds_text = ",".join(str(k) for k in block.get("seeds", [])) or "-"
         collapsed = over.get("seeds_with_collapse")
         collapsed_text = (f"{len(collapsed)} of {over.get('n_seeds', 0)} seeds" if collapsed is not None else "-")

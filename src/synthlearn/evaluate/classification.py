@@ -73,25 +73,9 @@ def roc_auc(y_true: Sequence[int], probs: np.ndarray, positive: int | None = 1) 
 def bootstrap_auc_ci(y_true: Sequence[int], probs: np.ndarray, positive: int | None = 1, *, n_bootstrap: int = 1000,
                      ci: float = 0.95, rng: np.random.Generator | None = None) -> tuple[float, float] | None:
     """Percentile bootstrap CI of :func:`roc_auc`: cases are resampled with replacement (``n_bootstrap``
-    resamples, vectorised); resamples with a single class are left out. None when the AUC is undefined."""
-    y, p = _check(np.asarray(y_true), probs)
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), found {ci}")
-    if n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be >= 1, found {n_bootstrap}")
-    if np.unique(y).size < 2:
-        return None
-    rng = rng if rng is not None else np.random.default_rng(0)
-    values = []
-    for start in range(0, n_bootstrap, 256):  # chunks keep memory at 256 x N x K
-        idx = rng.integers(0, y.size, (min(256, n_bootstrap - start), y.size))
-        values.append(_auc_resamples(y[idx], p[idx], positive))
-    values = np.concatenate(values)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return None
-    alpha = (1.0 - ci) / 2.0
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+    resamples, vectorised); resamples with a single class are left out. None when the AUC is undefined (one model
+    of :func:`bootstrap_mean_auc_ci`)."""
+    return bootstrap_mean_auc_ci(y_true, [probs], positive, n_bootstrap=n_bootstrap, ci=ci, rng=rng)
 
 
 def bootstrap_mean_auc_ci(y_true: Sequence[int], probs: Sequence[np.ndarray], positive: int | None = 1, *,
@@ -112,7 +96,7 @@ def bootstrap_mean_auc_ci(y_true: Sequence[int], probs: Sequence[np.ndarray], po
         return None
     rng = rng if rng is not None else np.random.default_rng(0)
     values = []
-    for start in range(0, n_bootstrap, 256):
+    for start in range(0, n_bootstrap, 256):  # chunks keep memory at 256 x N x K per model
         idx = rng.integers(0, y.size, (min(256, n_bootstrap - start), y.size))
         values.append(np.mean([_auc_resamples(y[idx], p[idx], positive) for _, p in checked], axis=0))
     values = np.concatenate(values)

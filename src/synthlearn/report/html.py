@@ -153,6 +153,14 @@ def _test_sites(arms: dict) -> list[str]:
 SEG_REGIONS = ("wt", "tc", "et")
 
 
+def _vs_cell(vs: dict | None, metric: str) -> str:
+    """An arm's ``metric`` minus the reference arm's over the seeds both ran (mean ± SD, paired t-test)."""
+    if not vs:
+        return "-"
+    text = f"{vs[f'{metric}_difference_mean']:+.3f} ± {_num(vs[f'{metric}_difference_sd'])}"
+    return text + (f" (paired t p = {_num(vs['paired_t_p'])})" if vs.get("paired_t_p") is not None else "")
+
+
 def _seg_comparison(doc: _Doc, results: dict) -> None:
     """A segmentation run: Dice and HD95 per region (combined test sites), per test site, and over seeds."""
     arms = results.get("arms", {})
@@ -180,12 +188,7 @@ def _seg_comparison(doc: _Doc, results: dict) -> None:
         for name in names:
             arm = arms[name]
             over = arm.get("over_seeds") or {}
-            vs = arm.get("vs_reference_over_seeds")
-            vs_text = "-"
-            if vs:
-                vs_text = f"{vs['dice_mean_difference_mean']:+.3f} ± {_num(vs['dice_mean_difference_sd'])}"
-                if vs.get("paired_t_p") is not None:
-                    vs_text += f" (paired t p = {_num(vs['paired_t_p'])})"
+            vs_text = _vs_cell(arm.get("vs_reference_over_seeds"), "dice_mean")
             rows.append([name, ", ".join(str(k) for k in arm.get("seeds", [])),
                          *(_mean_sd(over.get(f"dice_{r}")) for r in SEG_REGIONS), _mean_sd(over.get("dice_mean")),
                          f"{len(over.get('seeds_with_collapse') or [])} of {over.get('n_seeds', 0)}", vs_text])
@@ -257,12 +260,7 @@ def _over_seeds_table(doc: _Doc, arms: dict, names: list[str]) -> None:
         learning = [((arm.get("per_seed") or {}).get(str(k)) or {}).get("learning") or {} for k in arm.get("seeds", [])]
         not_learned = sum(x.get("n_collapsed", 0) for x in learning)
         networks = sum(x.get("n_networks", 0) for x in learning)
-        vs = arm.get("vs_reference_over_seeds")
-        vs_text = "-"
-        if vs:
-            vs_text = f"{vs['auc_difference_mean']:+.3f} ± {_num(vs['auc_difference_sd'])}"
-            if vs.get("paired_t_p") is not None:
-                vs_text += f" (paired t p = {_num(vs['paired_t_p'])})"
+        vs_text = _vs_cell(arm.get("vs_reference_over_seeds"), "auc")
         rows.append([name, ", ".join(str(k) for k in arm.get("seeds", [])), *(_mean_sd(over.get(m)) for m in METRICS),
                      _mean_sd(over.get("auc")), f"{len(over.get('seeds_with_collapse') or [])} of {over.get('n_seeds', 0)}"
                      + (f" ({not_learned} of {networks} networks)" if networks else ""), vs_text])
