@@ -18,7 +18,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 help:
 	@echo "make demo       set up .venv, make the default phantom study if absent, run the four-arm demo study and its report"
-	@echo "make demo-long  the same with CATphishing generators trained 3x as long (~45 min; closer to centralized)"
+	@echo "make demo-long  the same with CATphishing generators trained 3x as long (not yet measured at the 16^3 latent; well over an hour)"
 	@echo "make test       set up .venv, check the package's import contracts (lint-imports) and run the test suite (slow and gpu tests excluded)"
 	@echo "make test-slow  the longer checks (pytest -m slow)"
 	@echo "make test-browser  report.html in headless Chromium (installs Debian's chromium and playwright if absent)"
