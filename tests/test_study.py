@@ -344,3 +344,11 @@ def test_a_2d_study_runs_segmentation_and_idh_on_its_slices(tiny_study, tiny_stu
     assert net.spatial_dims == 2
     idh = run_study(load_study_config(TINY, {**two_d, "arms": ["centralized"]}), tmp_path / "idh2d", progress=False)
     assert 0.0 <= idh["arms"]["centralized"]["test"]["combined"]["auc"] <= 1.0
+    # the 2D model applied to the study again (external validation) and to one case (predict: map and overlay)
+    assert main(["evaluate", "--run", str(tmp_path / "idh2d"), "--study", str(tiny_study_2d), "--out",
+                 str(tmp_path / "ext"), "-q"]) == 0
+    assert json.loads((tmp_path / "ext" / "results.json").read_text())["arms"]["centralized"]["test"]["combined"]["n"]
+    case = sorted(p for p in (tiny_study_2d / "nyu").iterdir() if p.is_dir())[0]
+    assert main(["predict", "--run", str(tmp_path / "idh2d"), "--arm", "centralized", "--case", str(case), "--out",
+                 str(tmp_path / "pred")]) == 0
+    assert len(list((tmp_path / "pred").glob("*_overlay.png"))) == 1

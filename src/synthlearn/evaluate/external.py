@@ -576,20 +576,20 @@ def voxel_probability_map(networks: Sequence[torch.nn.Module], image: np.ndarray
 
     Args:
         networks: :class:`~synthlearn.models.classifier.VoxelClassifierUNet` s with the same K.
-        image: ``(4, X, Y, Z)`` preprocessed case.
+        image: ``(4, X, Y, Z)`` preprocessed case (``(4, X, Y)`` in a 2D study).
         device: torch device.
         bf16: bfloat16 autocast.
 
     Returns:
-        ``(K, X, Y, Z)`` float32 probabilities (summing to 1 over K at every voxel).
+        ``(K, X, Y, Z)`` (or ``(K, X, Y)``) float32 probabilities (summing to 1 over K at every voxel).
     """
     from synthlearn.training.trainer import resolve_device
 
     if not networks:
         raise ValueError("voxel_probability_map needs at least one network")
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 4:
-        raise ValueError(f"image must be (C, X, Y, Z), but it is {image.ndim}D")
+    if image.ndim not in (3, 4):
+        raise ValueError(f"image must be (C, X, Y, Z) or (C, X, Y), but it is {image.ndim}D")
     dev = resolve_device(device)
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(dev)
     total = None
@@ -629,6 +629,8 @@ def _overlay_png(path: Path, t1c: np.ndarray, region: np.ndarray, region_kind: s
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    if t1c.ndim == 2:  # a 2D study: the image is its own slice
+        t1c, region, prob = t1c[..., None], region[..., None], prob[..., None]
     brain = t1c != 0
     if region_kind == "tumour":
         z = int(np.argmax(region.sum(axis=(0, 1))))
