@@ -221,7 +221,10 @@ def _latent_eps(shape: tuple[int, ...], generator: torch.Generator) -> torch.Ten
     return torch.randn(shape, generator=generator)
 
 
-def _history_append(history: dict[str, list[float]], sums: dict[str, float], count: int) -> dict[str, float]:
+def _epoch_means(history: dict[str, list[float]], sums: dict[str, float], count: int, rt: Runtime
+                 ) -> dict[str, float]:
+    """The epoch's mean of every loss over all ranks (:func:`_reduce`), appended to ``history``."""
+    sums, count = _reduce(sums, count, rt)
     means = {k: v / max(count, 1) for k, v in sums.items()}
     for k, v in means.items():
         history.setdefault(k, []).append(float(v))
@@ -350,8 +353,7 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
             if perceptual is not None:
                 sums["perceptual"] += float(p_loss.detach()) * len(idx)
             count += len(idx)
-        sums, count = _reduce(sums, count, rt)
-        means = _history_append(history, sums, count)
+        means = _epoch_means(history, sums, count, rt)
         log.info("autoencoder epoch %d/%d: %s", epoch + 1, acfg.epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
         if rt.is_main:
@@ -569,8 +571,7 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
             if perceptual is not None:
                 sums["perceptual"] += float(p_loss.detach()) * len(idx)
             count += len(idx)
-        sums, count = _reduce(sums, count, rt)
-        means = _history_append(history, sums, count)
+        means = _epoch_means(history, sums, count, rt)
         log.info("superres epoch %d/%d: %s", epoch + 1, scfg.epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
         if rt.is_main:
@@ -671,8 +672,7 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
                 _ema_update(ema, model, dcfg.ema_decay)
             sums["mse"] += float(loss.detach()) * len(idx)
             count += len(idx)
-        sums, count = _reduce(sums, count, rt)
-        means = _history_append(history, sums, count)
+        means = _epoch_means(history, sums, count, rt)
         if (epoch + 1) % max(1, dcfg.epochs // 10) == 0 or epoch + 1 == dcfg.epochs:
             log.info("diffusion epoch %d/%d: mse %.4g", epoch + 1, dcfg.epochs, means["mse"])
         if rt.is_main:
