@@ -1,4 +1,6 @@
-"""Tumour segmentation with the task model's network: its loss, its ensemble prediction and its learning check.
+"""Tumour segmentation with the task model's network: its labels and regions, Dice and its learning check (its loss,
+:func:`segmentation_loss`, and its ensemble prediction, :func:`predict_label_maps`, live beside the classification
+ones in :mod:`synthlearn.training.trainer` and are re-exported here).
 
 The network is the same voxel-wise UNet (MONAI blocks) as the classification task's, with one output channel per
 contract label (0 background, 1 necrosis / non-enhancing core, 2 oedema, 3 enhancing). It is trained with MONAI's
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from synthlearn.training.trainer import predict_label_maps, segmentation_loss
+
 #: the contract's segmentation labels, index = network output channel
 SEG_CLASSES = ("background", "necrosis", "oedema", "enhancing")
 #: BraTS evaluation regions: name -> the contract labels they hold
@@ -29,49 +33,6 @@ def region_masks(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """``(*S)`` contract labels -> ``(3, *S)`` boolean masks of :data:`REGIONS` (WT, TC, ET order)."""
     arr = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     return np.stack([np.isin(arr, values) for values in REGIONS.values()], axis=0)
-
-
-def segmentation_loss(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """MONAI's ``DiceCELoss`` (softmax over the labels, one-hot target, Dice over every label including
-    background, batch Dice) of ``(B, 4, *S)`` logits against ``(B, *S)`` contract labels; a scalar."""
-    from monai.losses import DiceCELoss
-
-    if logits.shape[1] != len(SEG_CLASSES):
-        raise ValueError(f"segmentation logits must have {len(SEG_CLASSES)} channels (one per contract label), "
-                         f"found {logits.shape[1]}")
-    loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    return loss(logits.float(), seg.unsqueeze(1).long())
-
-
-@torch.no_grad()
-def predict_label_maps(models: Sequence[nn.Module], dataset, *, batch_size: int = 2, bf16: bool = False,
-                       device: str = "auto") -> np.ndarray:
-    """Label maps of an ensemble: per case the arg-max over the labels of the models' mean softmax.
-
-    Args:
-        models: networks with :data:`SEG_CLASSES` output channels.
-        dataset: the cases (``len()`` and ``arrays(i) -> (image (C, *S), seg (*S))``).
-
-    Returns:
-        ``(N, *S)`` int64 contract labels on the preprocessed grid.
-    """
-    if not models:
-        raise ValueError("predict_label_maps needs at least one model")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    for model in models:
-        model.to(dev).eval()
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        idx = list(range(start, min(start + batch_size, len(dataset))))
-        images = torch.from_numpy(np.stack([dataset.arrays(i)[0] for i in idx])).to(dev)
-        probs = None
-        for model in models:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(images)
-            p = torch.softmax(logits.float(), dim=1)
-            probs = p if probs is None else probs + p
-        out.append(probs.argmax(dim=1).cpu().numpy().astype(np.int64))
-    return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthlearn.data.contract import SEG_VALUES
 from synthlearn.data.datasets import CaseDataset
 from synthlearn.models.classifier import case_probabilities
 from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
 from synthlearn.training.seeding import derive_seed, torch_generator
-from synthlearn.training.segmentation import segmentation_loss
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,18 @@ def voxel_loss(logits: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor,
     if class_weights is not None:
         w = w * class_weights.to(w.device)[targets.long()]
     return (per_case * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def segmentation_loss(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``DiceCELoss`` (softmax over the labels, one-hot target, Dice over every label including
+    background, batch Dice) of ``(B, 4, *S)`` logits against ``(B, *S)`` contract labels; a scalar."""
+    from monai.losses import DiceCELoss
+
+    if logits.shape[1] != len(SEG_VALUES):
+        raise ValueError(f"segmentation logits must have {len(SEG_VALUES)} channels (one per contract label), "
+                         f"found {logits.shape[1]}")
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    return loss(logits.float(), seg.unsqueeze(1).long())
 
 
 def poly_lr(base_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
@@ -509,3 +521,35 @@ def predict_probabilities(models: Sequence[nn.Module], dataset: CaseDataset, *, 
         out.append(torch.stack(probs).mean(0).double().cpu().numpy())
     k = out[0].shape[1] if out else 0
     return np.concatenate(out) if out else np.zeros((0, k))
+
+
+@torch.no_grad()
+def predict_label_maps(models: Sequence[nn.Module], dataset, *, batch_size: int = 2, bf16: bool = False,
+                       device: str = "auto") -> np.ndarray:
+    """Label maps of an ensemble: per case the arg-max over the labels of the models' mean softmax.
+
+    Args:
+        models: networks with one output channel per contract label (:data:`synthlearn.data.contract.SEG_VALUES`).
+        dataset: the cases (``len()`` and ``arrays(i) -> (image (C, *S), seg (*S))``).
+
+    Returns:
+        ``(N, *S)`` int64 contract labels on the preprocessed grid.
+    """
+    if not models:
+        raise ValueError("predict_label_maps needs at least one model")
+    dev = resolve_device(device)
+    for model in models:
+        model.to(dev).eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        images, _ = load_batch(dataset, idx)
+        images = images.to(dev)
+        probs = None
+        for model in models:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(images)
+            p = torch.softmax(logits.float(), dim=1)
+            probs = p if probs is None else probs + p
+        out.append(probs.argmax(dim=1).cpu().numpy().astype(np.int64))
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
