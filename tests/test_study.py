@@ -104,7 +104,8 @@ def test_unknown_arm_and_bad_config(tmp_path, tiny_study):
 
 @pytest.mark.parametrize("name", ["study_tiny.toml", "study_cpu.toml", "study_paper.toml", "demo.toml",
                                   "demo_long.toml", "demo_tiny.toml", "demo_paper.toml", "study_tumor_type.toml",
-                                  "study_tiny_segmentation.toml", "study_segmentation.toml"])
+                                  "study_tiny_segmentation.toml", "study_segmentation.toml",
+                                  "study_tiny_multitask.toml", "study_multitask.toml"])
 def test_shipped_configs_load(name):
     cfg = load_study_config(ROOT / "configs" / name)
     assert cfg.arms[0] == "centralized"
@@ -352,3 +353,90 @@ def test_a_2d_study_runs_segmentation_and_idh_on_its_slices(tiny_study, tiny_stu
     assert main(["predict", "--run", str(tmp_path / "idh2d"), "--arm", "centralized", "--case", str(case), "--out",
                  str(tmp_path / "pred")]) == 0
     assert len(list((tmp_path / "pred").glob("*_overlay.png"))) == 1
+
+
+def test_a_study_of_its_own_sequences_and_label_columns_runs_evaluates_and_predicts(tiny_study, tmp_path):
+    """study.json names two sequences (flair, t1) and the label columns response and risk: the task is a column of
+    the study, the networks read two channels, evaluate and predict apply them to the study's cases; a built-in task
+    whose columns the study lacks and the glioma-only CATphishing arm are refused before anything trains."""
+    from tests.data.custom import write_custom_copy
+
+    study = write_custom_copy(tiny_study, tmp_path / "custom")
+    with pytest.raises(ValueError, match=r"task 'idh' needs label column idh or tumor_type.*'response', 'risk'"):
+        run_study(load_study_config(TINY, {"study": str(study)}), tmp_path / "idh", progress=False)
+    with pytest.raises(ValueError, match=r"arm catphishing draws the glioma study's four sequences.*\['flair', 't1'\]"):
+        run_study(load_study_config(TINY, {"study": str(study), "task": "response",
+                                           "arms": ["centralized", "catphishing"]}), tmp_path / "cat", progress=False)
+    assert not (tmp_path / "idh").exists() and not (tmp_path / "cat").exists()
+    out = tmp_path / "run"
+    results = run_study(load_study_config(TINY, {"study": str(study), "task": "response",
+                                                 "arms": ["centralized", "fedavg"]}), out, progress=False)
+    assert results["task"] == "response" and results["class_names"] == ["no", "yes"]
+    for block in results["arms"].values():
+        assert 0.0 <= block["test"]["combined"]["auc"] <= 1.0
+    assert json.loads((out / "splits.json").read_text())["sequences"] == ["flair", "t1"]
+    model = json.loads((out / "centralized" / "model" / "model.json").read_text())
+    assert model["setup"]["sequences"] == ["flair", "t1"] and model["setup"]["label_values"]["risk"] == ["low", "high"]
+    from synthlearn.tasks.model import TaskModel
+
+    net = TaskModel.load(out / "centralized" / "model").networks["response/fold-0"]
+    assert next(net.parameters()).shape[1] == 2  # the first convolution reads two channels
+    assert main(["study", "report", str(out)]) == 0
+    # applied to the study again (external validation) and to one case; the original four-sequence study has both
+    # channels (read by name, in the model's order)
+    assert main(["evaluate", "--run", str(out), "--study", str(study), "--out", str(tmp_path / "ext"), "-q"]) == 0
+    from synthlearn.data.layouts import open_study
+
+    ext = json.loads((tmp_path / "ext" / "results.json").read_text())["arms"]["centralized"]["test"]["combined"]
+    assert ext["n"] == len(open_study(study).cases)  # every case read and labelled
+    case = min(p for p in (tiny_study / "nyu").iterdir() if p.is_dir())
+    assert main(["predict", "--run", str(out), "--arm", "centralized", "--case", str(case), "--out",
+                 str(tmp_path / "pred")]) == 0
+    assert len(list((tmp_path / "pred").glob("*_overlay.png"))) == 1
+
+
+def test_multitask_segments_and_classifies_every_marker_with_unknown_labels_masked(copy_study, tmp_path):
+    """Ren et al.'s multi-task model under centralized and FedAvg (local trains as centralized does): results.json holds Dice / HD95 per region
+    and, per head (IDH, 1p/19q, MGMT, grade), the classification metrics per test site with seed summaries; MGMT
+    unknown for half the training cases trains the other heads on every case; the Mamba option is refused."""
+    import csv
+
+    for site in ("tcga", "utsw", "egd"):
+        path = copy_study / site / "labels.csv"
+        rows = list(csv.DictReader(path.open()))
+        for i, r in enumerate(rows):
+            if i % 2:
+                r["mgmt"] = ""
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    config = ROOT / "configs" / "study_tiny_multitask.toml"
+    with pytest.raises(ValueError, match="mamba = false"):
+        run_study(load_study_config(config, {"study": str(copy_study), "model": {"mamba": True}}), tmp_path / "m",
+                  progress=False)
+    out = tmp_path / "run"
+    results = run_study(load_study_config(config, {"study": str(copy_study), "seeds": [0, 1],
+                                                   "arms": ["centralized", "fedavg"]}), out, progress=False)
+    assert results["task_kind"] == "multitask"
+    assert results["heads"] == {"idh": ["wildtype", "mutant"], "codeletion_1p19q": ["intact", "codeleted"],
+                                "mgmt": ["unmethylated", "methylated"], "grade": ["2", "3", "4"]}
+    for arm, block in results["arms"].items():
+        assert 0.0 <= block["test"]["combined"]["dice_wt"] <= 1.0, arm
+        assert set(block["heads"]) == set(results["heads"])
+        for head, hb in block["heads"].items():
+            comb = hb["test"]["combined"]
+            assert comb["n"] == block["test"]["combined"]["n"] and 0.0 <= comb["acc"] <= 1.0, (arm, head)
+            assert hb["over_seeds"]["n_seeds"] == 2 and set(hb["per_seed"]) == {"0", "1"}
+        assert (out / arm / "predictions-grade.csv").is_file()
+    assert "mcnemar_p_vs_centralized" in results["arms"]["fedavg"]["heads"]["idh"]  # paired with centralized's head
+    from synthlearn.models.multitask import MultiTaskUNet
+    from synthlearn.tasks.model import TaskModel
+
+    model = TaskModel.load(out / "centralized" / "model")
+    assert isinstance(model.networks["multitask/fold-0"], MultiTaskUNet)
+    check = model.info["learning_check"]["multitask/fold-0"]
+    assert check["heads"]["mgmt"]["n_known"] < check["heads"]["idh"]["n_known"]  # unknown MGMT left out, not guessed
+    assert main(["study", "report", str(out)]) == 0
+    assert "mgmt" in (out / "report.md").read_text()
+

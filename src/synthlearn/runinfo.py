@@ -52,13 +52,15 @@ def data_fingerprint(cases: Iterable[CaseRecord], include_ids: bool = True) -> d
         (what leaves a site in a generator's manifest) nothing identifies a single case.
     """
     cases = list(cases)
+    # the glioma columns always (so a default study's fingerprint reads as before), then any other column of the cases
+    columns = LABEL_COLUMNS + tuple(sorted({k for c in cases for k, _ in c.labels.items()} - set(LABEL_COLUMNS)))
     per_case = []
     for case in cases:
         h = hashlib.sha256()
         for key, path in sorted(case.files().items()):
             h.update(key.encode())
             h.update(file_sha256(path).encode() if Path(path).is_file() else b"missing")
-        for col in LABEL_COLUMNS:
+        for col in columns:
             h.update(f"{col}={case.labels.get(col)}".encode())
         if include_ids:
             h.update(f"{case.site}/{case.case_id}".encode())
@@ -68,7 +70,7 @@ def data_fingerprint(cases: Iterable[CaseRecord], include_ids: bool = True) -> d
         "sha256": total,
         "n_cases": len(cases),
         "sites": dict(Counter(c.site for c in cases)),
-        "label_counts": {col: dict(Counter(str(c.labels.get(col)) for c in cases)) for col in LABEL_COLUMNS},
+        "label_counts": {col: dict(Counter(str(c.labels.get(col)) for c in cases)) for col in columns},
     }
     if include_ids:
         ids: dict[str, list[str]] = {}

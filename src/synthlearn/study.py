@@ -35,6 +35,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from synthlearn.config import ConfigError, from_dict, merge_tables, read_toml, to_dict
-from synthlearn.data.contract import CaseRecord
+from synthlearn.data.contract import GLIOMA_LABELS, SEQUENCES, CaseRecord, LabelSchema, Study
 from synthlearn.data.io import atomic_write_text, json_safe, write_json
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.evaluate.external import mean_block, metrics_block
@@ -51,7 +52,7 @@ from synthlearn.federated.simulation import run_protocol_simulation
 from synthlearn.models.classifier import ClassifierConfig
 from synthlearn.strategies.base import ArmContext, ArmOutput
 from synthlearn.strategies.registry import all_arms, get_arm, register_arm
-from synthlearn.tasks import get_task
+from synthlearn.tasks import TASKS, Task, get_task
 from synthlearn.tasks.cache import DatasetCache
 from synthlearn.tasks.model import TaskModel
 from synthlearn.tasks.setup import TrainingSetup
@@ -60,6 +61,7 @@ from synthlearn.training.trainer import TrainConfig
 log = logging.getLogger(__name__)
 
 REFERENCE_ARM = "centralized"
+_COLUMN_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,8 @@ class StudyConfig:
     Attributes:
         study: the study folder (relative paths are relative to the working directory); the CLI's
             ``--study`` overrides it.
-        task: ``idh``, ``tumor_type`` or ``segmentation`` (:mod:`synthlearn.tasks`).
+        task: ``idh``, ``tumor_type``, ``segmentation`` or any label column of the study (``study.json``'s
+            ``labels``; :func:`synthlearn.tasks.get_task`), checked against the study when the run opens it.
         arms: arms to run, in order (``centralized`` first: the others are tested against it).
         seed: run seed (every arm uses it the same way), when ``seeds`` is empty.
         seeds: task-model seeds: every arm's task model is trained once per seed, with the same splits, data and
@@ -129,7 +132,9 @@ class StudyConfig:
     arm_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        get_task(self.task)
+        if self.task not in TASKS and not _COLUMN_NAME.fullmatch(self.task):
+            raise ValueError(f"unknown task {self.task!r}; expected one of {sorted(TASKS)} or a label column of the "
+                             f"study (a lower-case name)")
         if not self.arms:
             raise ValueError("arms must name at least one arm")
         if len(set(self.arms)) != len(self.arms):
@@ -152,9 +157,21 @@ class StudyConfig:
 
     @property
     def setup(self) -> TrainingSetup:
-        """The training setup of the primary seed (``run_seeds[0]``)."""
+        """The training setup of the primary seed (``run_seeds[0]``) for a study of the default sequences and
+        label columns (:meth:`setup_for` gives a study's own)."""
         return TrainingSetup(task=self.task, n_folds=self.n_folds, seed=self.run_seeds[0], preprocess=self.preprocess,
                              model=self.model, train=self.train)
+
+    def setup_for(self, study: Study) -> TrainingSetup:
+        """The training setup of the primary seed for ``study``: its sequences are the input channels, its label
+        columns the task's classes.
+
+        Raises:
+            ValueError: the task is neither built in nor a label column of the study (lists what it can run).
+        """
+        return TrainingSetup(task=self.task, n_folds=self.n_folds, seed=self.run_seeds[0], preprocess=self.preprocess,
+                             model=self.model, train=self.train, sequences=study.sequences,
+                             label_values={} if study.labels == GLIOMA_LABELS else dict(study.labels.columns))
 
 
     def arm_config(self, name: str) -> Any:
@@ -215,12 +232,24 @@ def resolve_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _run_task(cfg: StudyConfig, out: Path) -> Task:
+    """The task of the run in ``out``, over the label columns of its study (recorded in ``splits.json``; the glioma
+    columns for a run recorded before studies had their own)."""
+    splits = out / "splits.json"
+    labels = json.loads(splits.read_text()).get("labels") if splits.is_file() else None
+    return get_task(cfg.task, LabelSchema.from_json(labels) if labels else None)
+
+
 def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str,
                         setup: TrainingSetup | None = None) -> dict[str, Any]:
     """What must match for a complete arm to be reused: the training setup (of its seed; default the primary
     seed's), the arm's own settings (and what its spec adds, e.g. the content of a file they name) and the data
     (by content)."""
     d = to_dict(setup or cfg.setup)
+    if tuple(d.get("sequences", SEQUENCES)) == SEQUENCES and not d.get("label_values"):
+        # a study of the default channels and labels keeps the signature it had before studies could have their own
+        d.pop("sequences", None)
+        d.pop("label_values", None)
     spec = get_arm(arm)
     if spec.config is not None:
         d[spec.config_table] = to_dict(cfg.arm_config(arm))
@@ -272,6 +301,25 @@ def predict_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRe
             row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(task.class_names, p)})
             rows.append(row)
     return rows
+
+
+def classify_test_cases_by_head(models: dict[str, TaskModel], test_cases: Sequence[CaseRecord], cache: DatasetCache,
+                                ) -> dict[str, list[dict[str, Any]]]:
+    """A multi-task model's classification heads on every test case: head name -> the rows of its
+    ``predictions-<head>.csv`` (the columns of ``predictions.csv`` of a classification task)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    dataset = cache.dataset(test_cases)
+    for label, model in models.items():
+        probs = model.predict_heads(dataset)
+        for head in model.task.heads:
+            for case, p in zip(test_cases, probs[head.name]):
+                y = head.label(case.labels)
+                row = {"model": label, "site": case.site, "case_id": case.case_id,
+                       "true": head.class_names[y] if y is not None else "",
+                       "pred": head.class_names[int(np.argmax(p))]}
+                row.update({f"p_{c}": f"{float(v):.6f}" for c, v in zip(head.class_names, p)})
+                out.setdefault(head.name, []).append(row)
+    return out
 
 
 def segment_test_cases(models: dict[str, TaskModel], test_cases: Sequence[CaseRecord], cache: DatasetCache,
@@ -326,7 +374,7 @@ def _write_overlay(test_cases: Sequence[CaseRecord], dataset, label_maps: np.nda
     n = min(max_cases, len(test_cases))
     items = [(f"{test_cases[i].site}/{test_cases[i].case_id}", dataset.arrays(i)[0], dataset.arrays(i)[1],
               label_maps[i]) for i in range(n)]
-    plot_segmentation_overlay(items, path, title=title)
+    plot_segmentation_overlay(items, path, title=title, sequences=test_cases[0].sequences)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -356,12 +404,12 @@ SEED_METRICS = ("acc", "sen", "spe", "auc")
 def _seed_metrics(task) -> tuple[str, ...]:
     from synthlearn.evaluate.segmentation import BLOCK_METRICS
 
-    return BLOCK_METRICS if task.is_segmentation else SEED_METRICS
+    return BLOCK_METRICS if task.segments else SEED_METRICS
 
 
 def _headline(task) -> str:
     """The metric an arm is compared with the reference arm on over seeds: AUC, or the mean Dice over regions."""
-    return "dice_mean" if task.is_segmentation else "auc"
+    return "dice_mean" if task.segments else "auc"
 
 
 def _seg_arm_block(models: dict[str, list[dict]], arm: str, test_sites: list[str],
@@ -434,8 +482,8 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
     and the seeds with a network that did not learn) and, for every arm but the reference,
     ``vs_reference_over_seeds`` (:func:`paired_seed_comparison`) are added."""
     out = Path(out)
-    task = get_task(cfg.task)
-    seg = task.is_segmentation
+    task = _run_task(cfg, out)
+    seg = task.segments
     metrics, headline = _seed_metrics(task), _headline(task)
 
     def read(path: Path) -> dict:
@@ -468,7 +516,9 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
     if seg:
         from synthlearn.training.segmentation import REGIONS
 
-        results["task_kind"] = "segmentation"
+        results["task_kind"] = task.kind
+        if task.is_multitask:
+            results["heads"] = {h.name: list(h.class_names) for h in task.heads}
         results["regions"] = {name: list(values) for name, values in REGIONS.items()}
         results["metrics_grid"] = "the task model's preprocessed grid (HD95 in mm from its voxel size)"
     for arm, info in arm_infos.items():
@@ -485,6 +535,8 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
         block["seeds"] = [int(k) for k in per_seed]
         block["per_seed"] = per_seed
         block["over_seeds"] = _over_seeds(per_seed, metrics)
+        if task.is_multitask:
+            block["heads"] = _head_blocks(cfg, out, arm, task, test_sites, seed_preds[arm])
         results["arms"][arm] = block
     ref_block = results["arms"].get(REFERENCE_ARM)
     if ref_block is not None:
@@ -497,19 +549,55 @@ def build_results(cfg: StudyConfig, out: str | Path) -> dict:
     write_json(out / "results.json", results)
     if cfg.evaluate.figures and preds:
         try:
-            write_figures(results, preds, out / "figures", cfg)
+            write_figures(results, preds, out / "figures", cfg, task=task)
         except Exception as exc:  # noqa: BLE001 - a figure must never lose the results
             log.warning("figures not written: %s: %s", type(exc).__name__, exc)
     return results
 
 
-def write_figures(results: dict, preds: dict[str, dict[str, dict]], folder: Path, cfg: StudyConfig) -> list[Path]:
+def _head_blocks(cfg: StudyConfig, out: Path, arm: str, task: Task, test_sites: list[str],
+                 seeds_done: dict[int, Any]) -> dict[str, Any]:
+    """A multi-task arm's classification heads: per head the metrics block of a classification arm (its primary
+    seed's, tested against the reference arm's same head) with ``per_seed`` and ``over_seeds`` of its combined
+    metrics."""
+    from synthlearn.tasks import column_task
+
+    seeds = cfg.run_seeds
+    out_heads: dict[str, Any] = {}
+    for head in task.heads:
+        head_task = column_task(head.name, head.class_names)
+        name = f"predictions-{head.name}.csv"
+        ref_path = out / REFERENCE_ARM / name
+        reference = (next(iter(read_predictions(ref_path, head.class_names).values()))
+                     if arm != REFERENCE_ARM and ref_path.is_file() else None)
+        per_seed: dict[str, dict[str, Any]] = {}
+        block: dict[str, Any] = {}
+        for i, k in enumerate(seeds):
+            if k not in seeds_done:
+                continue
+            path = (out / arm if i == 0 else seed_dir(out, arm, i, k)) / name
+            b = _arm_block(read_predictions(path, head.class_names), arm, test_sites, head_task, cfg,
+                           reference if i == 0 else None, cfg.evaluate.n_bootstrap)
+            if i == 0:
+                block = b
+            per_seed[str(k)] = _seed_entry(b, {}, SEED_METRICS)
+            per_seed[str(k)].pop("learning", None)
+        block["per_seed"] = per_seed
+        over = _over_seeds(per_seed, SEED_METRICS)
+        block["over_seeds"] = {m: over[m] for m in SEED_METRICS} | {"n_seeds": over["n_seeds"]}
+        out_heads[head.name] = block
+    return out_heads
+
+
+def write_figures(results: dict, preds: dict[str, dict[str, dict]], folder: Path, cfg: StudyConfig, *,
+                  task: Task | None = None) -> list[Path]:
     """ROC curves and confusion matrices of every model on the combined test sites; for a segmentation task, the
-    per-case Dice of every arm per test site and region (box plots)."""
+    per-case Dice of every arm per test site and region (box plots). ``task``: the run's task (default: ``cfg.task``
+    over the glioma label columns)."""
     from synthlearn.report.plots import plot_confusion_matrices, plot_roc_curves, plot_segmentation_boxes
 
-    task = get_task(cfg.task)
-    if task.is_segmentation:
+    task = task or get_task(cfg.task)
+    if task.segments:
         rows = {}
         for arm, models in preds.items():
             for label, r in models.items():
@@ -574,7 +662,8 @@ def learning_of(models: dict[str, TaskModel]) -> dict[str, Any]:
 
 
 def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, train_sites, train_cases, test_cases,
-                  fingerprint: dict[str, Any], cache: DatasetCache, *, progress: bool, force: bool) -> None:
+                  fingerprint: dict[str, Any], cache: DatasetCache, *, progress: bool, force: bool,
+                  base_setup: TrainingSetup | None = None) -> None:
     """Train and apply ``arm`` with the run's ``index``-th seed in :func:`seed_dir` (skipped when complete)."""
     import shutil
 
@@ -582,7 +671,7 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
 
     arm_dir = seed_dir(out, arm, index, seed)
     done = arm_dir / "arm.json"
-    setup = dataclasses.replace(cfg.setup, seed=seed)
+    setup = dataclasses.replace(base_setup or cfg.setup, seed=seed)
     signature = _training_signature(cfg, arm, fingerprint["sha256"], setup)
     what = arm if index == 0 else f"{arm} (seed {seed})"
     if done.is_file() and not force:
@@ -616,10 +705,15 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
     if learning["n_collapsed"]:
         log.warning("arm %s: %d of %d networks did not learn (%s); see model.json's learning_check", what,
                     learning["n_collapsed"], learning["n_networks"], ", ".join(learning["collapsed"]))
-    task = get_task(cfg.task)
-    if task.is_segmentation:
+    task = setup.task_spec
+    if task.segments:
         rows, maps = segment_test_cases(output.models, test_cases, cache)
         atomic_write_text(arm_dir / "predictions.csv", _segmentation_csv(rows))
+        if task.is_multitask:
+            heads = {h.name: h for h in task.heads}
+            for head, head_rows in classify_test_cases_by_head(output.models, test_cases, cache).items():
+                atomic_write_text(arm_dir / f"predictions-{head}.csv",
+                                  _predictions_csv(head_rows, heads[head].class_names))
         if index == 0 and cfg.evaluate.figures:
             label = next(iter(maps))
             try:
@@ -660,7 +754,16 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     from synthlearn.runtime import configure_threads
 
     configure_threads(cfg.threads)
-    kind, dims = get_task(cfg.task).kind, cfg.preprocess.spatial_dims
+    study = open_study(cfg.study)
+    if study.problems:
+        listing = "\n".join(f"  {p}" for p in study.problems[:20])
+        raise ValueError(f"study {cfg.study} has {len(study.problems)} problem(s):\n{listing}\n"
+                         f"run `synthlearn verify-data {cfg.study}` for the full report")
+    try:
+        base_setup = cfg.setup_for(study)
+    except ValueError as exc:
+        raise ValueError(f"study {cfg.study}: {exc}") from exc
+    kind, dims = base_setup.task_spec.kind, cfg.preprocess.spatial_dims
     for arm in cfg.arms:  # unknown arms and bad arm settings fail before any training
         spec = get_arm(arm)
         if kind not in spec.task_kinds:
@@ -671,13 +774,12 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
             able = [name for name, other in all_arms().items() if dims in other.spatial_dims]
             raise ValueError(f"arm {arm} does not run on {dims}D studies (preprocess.shape = {list(cfg.preprocess.shape)}); "
                              f"arms that do: {', '.join(able)}")
+        if spec.generic_data is False and (study.sequences != SEQUENCES or study.labels != GLIOMA_LABELS):
+            raise ValueError(f"arm {arm} draws the glioma study's four sequences {list(SEQUENCES)} and labels; study "
+                             f"{cfg.study} has sequences {list(study.sequences)} and label columns "
+                             f"{list(study.labels.names)}")
         if spec.check is not None:
             spec.check(cfg.arm_config(arm), cfg.task)
-    study = open_study(cfg.study)
-    if study.problems:
-        listing = "\n".join(f"  {p}" for p in study.problems[:20])
-        raise ValueError(f"study {cfg.study} has {len(study.problems)} problem(s):\n{listing}\n"
-                         f"run `synthlearn verify-data {cfg.study}` for the full report")
     train_sites, test_sites = _split_sites(study, cfg)
     if not train_sites or not test_sites:
         raise ValueError(f"study {cfg.study}: need sites with role 'train' and 'test' in study.json, found "
@@ -685,7 +787,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     # every array of the run's sites read once in full before anything trains: a NaN voxel, a truncated file or a
     # shape mismatch found after an hour of training (or turned into a null AUC) is a study that should not have run
     log.info("checking every file of the %d training and %d test sites", len(train_sites), len(test_sites))
-    problems, summaries = check_sites((*train_sites, *test_sites), progress=progress)
+    problems, summaries = check_sites((*train_sites, *test_sites), progress=progress, label_columns=study.labels.names)
     found = {f"{len(shape.split('x'))}D": site.name for site in summaries for shape in site.shapes}
     if not problems and set(found) != {f"{dims}D"}:
         raise ValueError(f"study {cfg.study}: preprocess.shape = {list(cfg.preprocess.shape)} takes {dims}D cases; found "
@@ -704,13 +806,14 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     write_run_info(out, config=cfg.as_dict(), seed=cfg.run_seeds[0], fingerprint=fingerprint,
                    extra={"study": str(Path(cfg.study).resolve()), "seeds": list(cfg.run_seeds)})
     write_json(out / "splits.json", {"train": [s.name for s in train_sites], "test": [s.name for s in test_sites],
-                                     "n_folds": cfg.n_folds})
+                                     "n_folds": cfg.n_folds, "sequences": list(study.sequences),
+                                     "labels": study.labels.to_json()})
     cache = DatasetCache(cfg.preprocess)
     seeds = cfg.run_seeds
     for arm in cfg.arms:
         for index, seed in enumerate(seeds):
             _run_arm_seed(cfg, arm, index, seed, out, train_sites, train_cases, test_cases, fingerprint, cache,
-                          progress=progress, force=force)
+                          progress=progress, force=force, base_setup=base_setup)
     return build_results(cfg, out)
 
 

@@ -8,6 +8,7 @@ from synthlearn.data.contract import SEQUENCES, Labels, normalize_label
 from synthlearn.data.io import read_case
 from synthlearn.data.layouts import StudyLayoutError, open_case, open_study
 from tests.data.brats import write_brats_copy
+from tests.data.custom import write_custom_copy
 
 
 def test_contract_study_reads_sites_roles_and_labels(tiny_study):
@@ -58,6 +59,51 @@ def test_single_site_folder_and_folder_of_sites(tiny_study, tmp_path):
     assert site.layout == "site" and site.sites[0].name == name
     sites = open_study(tmp_path / "sites")
     assert sites.layout == "sites" and sites.sites[0].role == "external"
+
+
+def test_a_study_names_its_own_sequences_and_label_columns(tiny_study, tmp_path):
+    study = open_study(write_custom_copy(tiny_study, tmp_path / "custom"))
+    assert not study.problems and study.sequences == ("flair", "t1")
+    assert study.labels.names == ("response", "risk") and study.labels.values("risk") == ("low", "high")
+    case = study.sites[0].cases[0]
+    assert case.sequences == ("flair", "t1") and case.labels.get("response") in ("no", "yes")  # "Yes" -> "yes"
+    assert case.labels.idh is None
+    arrays = read_case(case)
+    assert arrays.images.shape[0] == 2
+    original = read_case(open_study(tiny_study).sites[0].cases[0])
+    assert np.array_equal(arrays.images[0], original.images[SEQUENCES.index("flair")])  # the study's channel order
+    with pytest.raises(ValueError, match=r"expected sequences \['t1c'\], found \['flair', 't1'\]"):
+        case.with_sequences(["t1c"])
+    assert case.with_sequences(["t1"]).sequences == ("t1",)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sequences", [], "sequences: expected a non-empty list"),
+    ("sequences", ["t1", "t1"], "sequences: expected a non-empty list of distinct"),
+    ("sequences", ["T1"], "lower-case"),
+    ("sequences", ["t1", "seg"], "not \"seg\""),
+    ("labels", {"response": ["yes"]}, "labels: label column 'response': expected at least two distinct"),
+    ("labels", {"Response": ["no", "yes"]}, "labels: label column 'Response': expected a lower-case name"),
+    ("labels", ["response"], "labels: expected an object of label columns"),
+])
+def test_bad_sequences_or_labels_in_study_json_are_refused(tiny_study, tmp_path, key, value, message):
+    meta = json.loads((tiny_study / "study.json").read_text())
+    meta[key] = value
+    (tmp_path / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(StudyLayoutError, match=f"study.json: {message}" if key == "labels" else message):
+        open_study(tmp_path)
+
+
+def test_a_labels_csv_without_the_study_columns_or_with_a_value_outside_them_is_a_problem(tiny_study, tmp_path):
+    root = write_custom_copy(tiny_study, tmp_path / "custom")
+    site = open_study(root).sites[0].name
+    path = root / site / "labels.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1].rsplit(",", 1)[0] + ",medium", *lines[2:]]) + "\n")
+    problems = open_study(root).problems
+    assert [p.check for p in problems] == ["label-value"] and "risk in ['low', 'high'] or blank" in str(problems[0])
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert "missing columns ['risk']" in str(open_study(root).problems[0])
 
 
 def test_not_a_study_is_refused(tmp_path):

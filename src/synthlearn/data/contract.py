@@ -6,13 +6,19 @@ A study folder (DESIGN.md "Data contract")::
     <study>/<site>/labels.csv         case_id, idh, codeletion_1p19q, mgmt, grade, tumor_type (blank = unknown)
     <study>/<site>/<case_id>/{t1,t1c,t2,flair,seg}.nii.gz
 
-Label values are normalised to the canonical spellings in :data:`LABEL_VALUES`; common synonyms (``1``/``0``,
-``mut``/``wt``, ``GBM``...) are accepted on reading so that other hospitals' tables load unchanged.
+A study's channels and label columns are its own: ``study.json`` names the sequences (channel order everywhere,
+e.g. ``["t1", "flair"]`` or ``["ct"]``) and the label columns with their values (e.g. ``{"grade": ["low",
+"high"]}``); without those keys a study has the glioma defaults, :data:`SEQUENCES` and :data:`LABEL_VALUES`
+(:class:`LabelSchema`). Label values are normalised to the schema's spellings (case-insensitive); for the glioma
+columns common synonyms (``1``/``0``, ``mut``/``wt``, ``GBM``...) are accepted on reading so that other hospitals'
+tables load unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 #: The four MRI sequences, in channel order everywhere in synthlearn.
@@ -47,26 +53,106 @@ _SYNONYMS: dict[str, dict[str, str]] = {
 _UNKNOWN = {"", "na", "n/a", "nan", "none", "unknown", "?", "-"}
 
 
-def normalize_label(column: str, raw: str | int | float | None) -> str | None:
+def normalize_label(column: str, raw: str | int | float | None,
+                    values: tuple[str, ...] | None = None) -> str | None:
     """Canonical value of ``raw`` for label ``column``, or None when unknown.
+
+    Args:
+        column: the label column.
+        raw: the value as written in a table.
+        values: the column's allowed values (a study's own schema); default: the glioma column's
+            :data:`LABEL_VALUES`. Matching is case-insensitive; the glioma synonyms apply when the column keeps its
+            glioma values.
 
     Raises:
         ValueError: when ``raw`` is neither unknown nor a known value or synonym.
     """
-    if column not in LABEL_VALUES:
-        raise ValueError(f"unknown label column {column!r}; expected one of {LABEL_COLUMNS}")
+    if values is None:
+        if column not in LABEL_VALUES:
+            raise ValueError(f"unknown label column {column!r}; expected one of {LABEL_COLUMNS}")
+        values = LABEL_VALUES[column]
     if raw is None:
         return None
     text = str(raw).strip().lower()
     if text in _UNKNOWN:
         return None
-    if text in LABEL_VALUES[column]:
-        return text
-    if text in _SYNONYMS[column]:
+    for value in values:
+        if text == value.lower():
+            return value
+    if tuple(values) == LABEL_VALUES.get(column) and text in _SYNONYMS[column]:
         return _SYNONYMS[column][text]
     raise ValueError(
-        f"label {column}={raw!r} is not valid; expected one of {list(LABEL_VALUES[column])} (or blank for unknown)"
+        f"label {column}={raw!r} is not valid; expected one of {list(values)} (or blank for unknown)"
     )
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSchema:
+    """A study's label columns and each column's allowed values (value order = class index everywhere).
+
+    Attributes:
+        columns: ``((column, (value, ...)), ...)`` in table order.
+    """
+
+    columns: tuple[tuple[str, tuple[str, ...]], ...] = tuple(LABEL_VALUES.items())
+
+    def __post_init__(self) -> None:
+        names = [c for c, _ in self.columns]
+        if len(set(names)) != len(names):
+            raise ValueError(f"label columns must be unique, found {names}")
+        for column, values in self.columns:
+            if not _NAME.match(column) or column == "case_id":
+                raise ValueError(f"label column {column!r}: expected a lower-case name of letters, digits and _ "
+                                 f"(not case_id)")
+            if len(values) < 2 or len({v.lower() for v in values}) != len(values) or not all(
+                    isinstance(v, str) and v.strip() and v.strip().lower() not in _UNKNOWN for v in values):
+                raise ValueError(f"label column {column!r}: expected at least two distinct non-blank values "
+                                 f"(blank means unknown), found {list(values)}")
+
+    @classmethod
+    def from_json(cls, table: object) -> LabelSchema:
+        """``{"column": ["value", ...], ...}`` (``study.json``'s ``labels``) -> schema.
+
+        Raises:
+            ValueError: not such a table, or a column the schema refuses.
+        """
+        if not isinstance(table, dict) or not table or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in table.values()):
+            raise ValueError(f'expected an object of label columns and their values like {{"grade": ["low", "high"]}}, '
+                             f"found {str(table)[:200]}")
+        return cls(tuple((str(k), tuple(v)) for k, v in table.items()))
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {c: list(v) for c, v in self.columns}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.columns)
+
+    def values(self, column: str) -> tuple[str, ...]:
+        """The values of ``column``.
+
+        Raises:
+            KeyError: ``column`` is not in the schema (the message lists the columns).
+        """
+        for c, v in self.columns:
+            if c == column:
+                return v
+        raise KeyError(f"label column {column!r} is not in this study; its columns: {list(self.names)}")
+
+    def __contains__(self, column: object) -> bool:
+        return column in self.names
+
+    def normalize(self, column: str, raw: str | float | None) -> str | None:
+        """:func:`normalize_label` with this schema's values."""
+        return normalize_label(column, raw, self.values(column))
+
+
+#: The glioma label columns of the default study.
+GLIOMA_LABELS = LabelSchema()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,23 +171,55 @@ class Problem:
         return f"[{self.check}] {where}: {self.file}: expected {self.expected}; found {self.found}"
 
 
-@dataclasses.dataclass(frozen=True)
 class Labels:
-    """A case's labels; None means unknown (masked in training and evaluation)."""
+    """A case's labels: label column -> canonical value; a column not set is unknown (None: masked in training and
+    evaluation). Immutable and hashable.
 
-    idh: str | None = None
-    codeletion_1p19q: str | None = None
-    mgmt: str | None = None
-    grade: str | None = None
-    tumor_type: str | None = None
+    ``Labels(idh="mutant", grade="2")`` or ``Labels({"ki67": "high"})``; the glioma columns read as attributes
+    (``labels.idh``), any column with :meth:`get`.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, values: Mapping[str, str | None] | None = None, /, **columns: str | None):
+        merged = {**(values or {}), **columns}
+        object.__setattr__(self, "_items", tuple(sorted((str(k), str(v)) for k, v in merged.items()
+                                                        if v is not None)))
 
     def get(self, column: str) -> str | None:
-        if column not in LABEL_VALUES:
-            raise ValueError(f"unknown label column {column!r}; expected one of {LABEL_COLUMNS}")
-        return getattr(self, column)
+        """The value of ``column``, or None when unknown (or not a column of this case's study)."""
+        for k, v in self._items:
+            if k == column:
+                return v
+        return None
 
-    def as_row(self) -> dict[str, str]:
-        return {c: (getattr(self, c) or "") for c in LABEL_COLUMNS}
+    def __getattr__(self, name: str) -> str | None:
+        if name in LABEL_VALUES:  # the glioma columns as attributes
+            return self.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}; read a label column with .get()")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def items(self) -> tuple[tuple[str, str], ...]:
+        """The known ``(column, value)`` pairs, sorted by column."""
+        return self._items
+
+    def as_row(self, columns: Sequence[str] = LABEL_COLUMNS) -> dict[str, str]:
+        """``column -> value`` ('' = unknown) for a labels.csv row."""
+        return {c: (self.get(c) or "") for c in columns}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Labels) and self._items == other._items
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return f"Labels({', '.join(f'{k}={v!r}' for k, v in self._items)})"
+
+    def __reduce__(self):
+        return (Labels, (dict(self._items),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +229,8 @@ class CaseRecord:
     Attributes:
         case_id: identifier unique within the site.
         site: the site name.
-        images: sequence name -> NIfTI path, keys in :data:`SEQUENCES` order (a missing file keeps its
-            expected path; :mod:`synthlearn.data.verify` reports it).
+        images: sequence name -> NIfTI path, keys in the study's sequence order (:data:`SEQUENCES` by default; a
+            missing file keeps its expected path; :mod:`synthlearn.data.verify` reports it).
         seg: segmentation NIfTI path (None when the layout has none, e.g. unlabelled external cases).
         labels: the case's labels.
         seg_values: allowed values in the segmentation file as stored (BraTS-2021 folders use 4 for
@@ -128,6 +246,26 @@ class CaseRecord:
     seg_values: tuple[int, ...] = SEG_VALUES
     seg_map: tuple[tuple[int, int], ...] = ()
     path: Path | None = None
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        """The case's sequences in channel order."""
+        return tuple(self.images)
+
+    def with_sequences(self, sequences: Sequence[str]) -> CaseRecord:
+        """The same case with its images restricted to (and ordered as) ``sequences``, e.g. a model's channels.
+
+        Raises:
+            ValueError: the case lacks one of ``sequences`` (names the case folder, what was expected and found).
+        """
+        sequences = tuple(sequences)
+        if sequences == self.sequences:
+            return self
+        missing = [s for s in sequences if s not in self.images]
+        if missing:
+            raise ValueError(f"{self.path or self.case_id}: expected sequences {list(sequences)}, found "
+                             f"{list(self.sequences)} (missing {missing})")
+        return dataclasses.replace(self, images={s: self.images[s] for s in sequences})
 
     def files(self) -> dict[str, Path]:
         out = dict(self.images)
@@ -157,6 +295,7 @@ class Study:
     sites: tuple[SiteRecord, ...]
     sequences: tuple[str, ...] = SEQUENCES
     layout: str = "contract"
+    labels: LabelSchema = GLIOMA_LABELS
     problems: tuple[Problem, ...] = ()  # structural problems found while reading (verify reports them)
 
     def site(self, name: str) -> SiteRecord:

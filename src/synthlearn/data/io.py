@@ -126,7 +126,7 @@ class CaseArrays:
     """A case loaded into memory.
 
     Attributes:
-        images: ``(4, X, Y, Z)`` float32, channels in :data:`SEQUENCES` order.
+        images: ``(C, X, Y, Z)`` float32, channels in the case's sequence order (:data:`SEQUENCES` by default).
         seg: ``(X, Y, Z)`` int64 in contract values (0 bg, 1 necrosis/core, 2 oedema, 3 enhancing), or None.
         affine: ``(4, 4)`` voxel-to-world affine of the first sequence.
     """
@@ -252,8 +252,8 @@ def inspect_case(case: CaseRecord, site: str = "", *, keep: bool = False, seg_op
         skip: files (as ``str``) already reported missing, not checked again.
 
     Returns:
-        ``(problems, arrays)``: ``arrays`` is a :class:`CaseArrays` (images ``(4, X, Y, Z)`` float32 in
-        :data:`SEQUENCES` order, seg ``(X, Y, Z)`` int64 in contract values or None, the first sequence's affine)
+        ``(problems, arrays)``: ``arrays`` is a :class:`CaseArrays` (images ``(C, X, Y, Z)`` float32 in the case's
+        sequence order, :data:`SEQUENCES` by default, seg ``(X, Y, Z)`` int64 in contract values or None, the first sequence's affine)
         when ``keep`` and no problem, else None.
     """
     problems: list[Problem] = []
@@ -295,7 +295,7 @@ def inspect_case(case: CaseRecord, site: str = "", *, keep: bool = False, seg_op
         seg = np.rint(data_by_key["seg"]).astype(np.int64)
         for src, dst in case.seg_map:
             seg[seg == src] = dst
-    images = np.stack([data_by_key[seq] for seq in SEQUENCES]).astype(np.float32)
+    images = np.stack([data_by_key[seq] for seq in case.images]).astype(np.float32)
     return problems, CaseArrays(images=images, seg=seg, affine=affine_first)
 
 
@@ -330,27 +330,31 @@ def write_case(
     images: np.ndarray,
     seg: np.ndarray,
     affine: np.ndarray,
+    sequences: tuple[str, ...] = SEQUENCES,
 ) -> Path:
     """Write one case in the data contract layout.
 
     Args:
         site_dir: the site folder.
         case_id: folder name of the case.
-        images: ``(4, X, Y, Z)`` float, channels in :data:`SEQUENCES` order (written as float32); ``(4, X, Y)``
+        images: ``(C, X, Y, Z)`` float, channels in ``sequences`` order (written as float32); ``(C, X, Y)``
             for a 2D study.
         seg: ``(X, Y, Z)`` (or ``(X, Y)``) integer segmentation in contract values (written as int8).
         affine: ``(4, 4)`` voxel-to-world affine (mm).
+        sequences: the study's sequences (file stems), :data:`SEQUENCES` by default.
 
     Returns:
         The case folder.
     """
     images = np.asarray(images)
-    if images.ndim not in (3, 4) or images.shape[0] != len(SEQUENCES):
-        raise ValueError(f"images must be (4, X, Y, Z) or (4, X, Y), found shape {images.shape}")
+    c = len(sequences)
+    if images.ndim not in (3, 4) or images.shape[0] != c:
+        raise ValueError(f"images must be ({c}, X, Y, Z) or ({c}, X, Y) for sequences {list(sequences)}, "
+                         f"found shape {images.shape}")
     if seg.shape != images.shape[1:]:
         raise ValueError(f"seg shape {seg.shape} differs from image shape {images.shape[1:]}")
     case_dir = Path(site_dir) / case_id
-    for i, seq in enumerate(SEQUENCES):
+    for i, seq in enumerate(sequences):
         save_nifti(case_dir / f"{seq}.nii.gz", images[i].astype(np.float32), affine)
     save_nifti(case_dir / "seg.nii.gz", seg.astype(np.int8), affine)
     return case_dir
@@ -372,10 +376,12 @@ def read_labels_csv(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
     return rows, header
 
 
-def write_labels_csv(path: str | Path, rows: list[tuple[str, Labels]]) -> None:
-    """Write ``labels.csv`` (case_id + every label column; unknown = blank) atomically."""
-    lines = [",".join(("case_id",) + LABEL_COLUMNS)]
+def write_labels_csv(path: str | Path, rows: list[tuple[str, Labels]],
+                     columns: tuple[str, ...] = LABEL_COLUMNS) -> None:
+    """Write ``labels.csv`` (case_id + every label column of the study, :data:`LABEL_COLUMNS` by default; unknown =
+    blank) atomically."""
+    lines = [",".join(("case_id", *columns))]
     for case_id, labels in rows:
-        row = labels.as_row()
-        lines.append(",".join([case_id] + [row[c] for c in LABEL_COLUMNS]))
+        row = labels.as_row(columns)
+        lines.append(",".join([case_id] + [row[c] for c in columns]))
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -25,30 +25,30 @@ import re
 from pathlib import Path
 
 from synthlearn.data.contract import (
-    LABEL_COLUMNS,
-    LABEL_VALUES,
+    GLIOMA_LABELS,
     SEG_VALUES,
     SEQUENCES,
     CaseRecord,
     Labels,
+    LabelSchema,
     Problem,
     SiteRecord,
     Study,
-    normalize_label,
 )
 from synthlearn.data.io import NIFTI_SUFFIXES, find_nifti, read_labels_csv
 
 ROLES = ("train", "test", "external")
 BRATS_SEQUENCE_NAMES = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
 BRATS_SEG_VALUES = (0, 1, 2, 4)
+_SEQUENCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 class StudyLayoutError(ValueError):
     """The folder is not a study in any supported layout."""
 
 
-def _is_contract_case(folder: Path) -> bool:
-    return any(find_nifti(folder, s) for s in (*SEQUENCES, "seg"))
+def _is_contract_case(folder: Path, sequences: tuple[str, ...] = SEQUENCES) -> bool:
+    return any(find_nifti(folder, s) for s in (*sequences, "seg"))
 
 
 def _brats_file(folder: Path, name: str) -> Path | None:
@@ -67,8 +67,10 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_labels(site: str, site_dir: Path, required: bool, problems: list[Problem]) -> dict[str, Labels]:
-    """labels.csv of a site -> case_id -> Labels; invalid values become problems (and unknown)."""
+def _read_labels(site: str, site_dir: Path, required: bool, problems: list[Problem],
+                 schema: LabelSchema = GLIOMA_LABELS) -> dict[str, Labels]:
+    """labels.csv of a site -> case_id -> Labels over ``schema``'s columns; invalid values become problems (and
+    unknown)."""
     path = site_dir / "labels.csv"
     if not path.is_file():
         if required:
@@ -84,9 +86,9 @@ def _read_labels(site: str, site_dir: Path, required: bool, problems: list[Probl
         problems.append(Problem(site, "", str(path), "labels", "a case_id column", f"columns {header}"))
         return {}
     if required:
-        missing = [c for c in LABEL_COLUMNS if c not in header]
+        missing = [c for c in schema.names if c not in header]
         if missing:
-            problems.append(Problem(site, "", str(path), "labels", f"columns {list(LABEL_COLUMNS)}",
+            problems.append(Problem(site, "", str(path), "labels", f"columns {list(schema.names)}",
                                     f"missing columns {missing}"))
     out: dict[str, Labels] = {}
     for i, row in enumerate(rows, start=2):
@@ -98,28 +100,28 @@ def _read_labels(site: str, site_dir: Path, required: bool, problems: list[Probl
             problems.append(Problem(site, case_id, f"{path}:{i}", "labels", "one row per case",
                                     "a duplicate row"))
         values = {}
-        for col in LABEL_COLUMNS:
+        for col in schema.names:
             try:
-                values[col] = normalize_label(col, row.get(col))
+                values[col] = schema.normalize(col, row.get(col))
             except ValueError:
                 problems.append(Problem(site, case_id, f"{path}:{i}", "label-value",
-                                        f"{col} in {list(LABEL_VALUES[col])} or blank",
+                                        f"{col} in {list(schema.values(col))} or blank",
                                         repr(row.get(col))))
                 values[col] = None
         out[case_id] = Labels(**values)
     return out
 
 
-def _read_contract_site(name: str, role: str, site_dir: Path, labels_required: bool,
-                        problems: list[Problem]) -> SiteRecord:
-    labels = _read_labels(name, site_dir, labels_required, problems)
+def _read_contract_site(name: str, role: str, site_dir: Path, labels_required: bool, problems: list[Problem],
+                        sequences: tuple[str, ...] = SEQUENCES, schema: LabelSchema = GLIOMA_LABELS) -> SiteRecord:
+    labels = _read_labels(name, site_dir, labels_required, problems, schema)
     cases = []
     seen = set()
     for case_dir in _subdirs(site_dir):
         case_id = case_dir.name
         seen.add(case_id)
         images = {}
-        for seq in SEQUENCES:
+        for seq in sequences:
             p = find_nifti(case_dir, seq)
             if p is None:
                 problems.append(Problem(name, case_id, str(case_dir / f"{seq}.nii.gz"), "missing-file",
@@ -170,6 +172,15 @@ def _read_brats_site(name: str, role: str, folder: Path, problems: list[Problem]
     return SiteRecord(name=name, role=role, cases=tuple(cases), path=folder)
 
 
+def _study_sequences(meta_path: Path, raw: object) -> tuple[str, ...]:
+    """``study.json``'s ``sequences``: a non-empty list of distinct lower-case file stems (not ``seg``)."""
+    if not isinstance(raw, list) or not raw or not all(isinstance(s, str) and _SEQUENCE_NAME.match(s) for s in raw) \
+            or len(set(raw)) != len(raw) or "seg" in raw:
+        raise StudyLayoutError(f"{meta_path}: sequences: expected a non-empty list of distinct lower-case names "
+                               f"(the case files' stems, e.g. [\"t1\", \"flair\"]; not \"seg\"), found {raw!r}")
+    return tuple(raw)
+
+
 def _site_name(folder: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.resolve().name) or "site"
 
@@ -198,10 +209,11 @@ def open_study(path: str | Path) -> Study:
                 f"{meta_path}: expected an object with a non-empty 'sites' table "
                 f'like {{"sites": {{"tcga": {{"role": "train"}}}}}}, found {str(meta)[:200]}'
             )
-        sequences = tuple(meta.get("sequences", SEQUENCES))
-        if sequences != SEQUENCES:
-            problems.append(Problem("", "", str(meta_path), "study", f"sequences {list(SEQUENCES)}",
-                                    f"{list(sequences)}"))
+        sequences = _study_sequences(meta_path, meta.get("sequences", list(SEQUENCES)))
+        try:
+            schema = LabelSchema.from_json(meta["labels"]) if "labels" in meta else GLIOMA_LABELS
+        except ValueError as exc:
+            raise StudyLayoutError(f"{meta_path}: labels: {exc}") from exc
         sites = []
         for name, info in meta["sites"].items():
             role = (info or {}).get("role", "train") if isinstance(info, dict) else "?"
@@ -212,8 +224,9 @@ def open_study(path: str | Path) -> Study:
                 problems.append(Problem(name, "", str(site_dir), "missing-file", "a site folder", "no such folder"))
                 sites.append(SiteRecord(name=name, role=role, cases=(), path=site_dir))
                 continue
-            sites.append(_read_contract_site(name, role, site_dir, True, problems))
-        return Study(root=root, sites=tuple(sites), layout="contract", problems=tuple(problems))
+            sites.append(_read_contract_site(name, role, site_dir, True, problems, sequences, schema))
+        return Study(root=root, sites=tuple(sites), sequences=sequences, layout="contract", labels=schema,
+                     problems=tuple(problems))
 
     subdirs = _subdirs(root)
     if any(_is_brats_case(d) for d in subdirs):
@@ -238,8 +251,9 @@ def open_study(path: str | Path) -> Study:
     )
 
 
-def open_case(path: str | Path, site: str = "") -> CaseRecord:
-    """Read one case folder, in contract names (``t1/t1c/t2/flair[/seg].nii.gz``) or BraTS-2021 names
+def open_case(path: str | Path, site: str = "", *, sequences: tuple[str, ...] = SEQUENCES) -> CaseRecord:
+    """Read one case folder, in contract names (``<sequence>.nii.gz``, by default ``t1/t1c/t2/flair[/seg].nii.gz``;
+    ``sequences`` names a study's own) or BraTS-2021 names
     (``<case>_t1.nii.gz``, ``<case>_t1ce.nii.gz``, ... ``<case>_seg.nii.gz``, seg 4 mapped to 3); no arrays
     are loaded and the case has no labels.
 
@@ -266,8 +280,8 @@ def open_case(path: str | Path, site: str = "") -> CaseRecord:
                   for seq, name in BRATS_SEQUENCE_NAMES.items()}
         return CaseRecord(case_id=case_id, site=site, images=images, seg=_brats_file(folder, "seg"),
                           labels=Labels(), seg_values=BRATS_SEG_VALUES, seg_map=((4, 3),), path=folder)
-    if _is_contract_case(folder):
-        images = {seq: find_nifti(folder, seq) or folder / f"{seq}.nii.gz" for seq in SEQUENCES}
+    if _is_contract_case(folder, sequences):
+        images = {seq: find_nifti(folder, seq) or folder / f"{seq}.nii.gz" for seq in sequences}
         return CaseRecord(case_id=folder.name, site=site, images=images, seg=find_nifti(folder, "seg"),
                           labels=Labels(), path=folder)
     raise StudyLayoutError(
@@ -277,16 +291,17 @@ def open_case(path: str | Path, site: str = "") -> CaseRecord:
     )
 
 
-def write_study_json(root: str | Path, sites: dict[str, str]) -> None:
-    """Write ``study.json`` for ``sites`` (name -> role)."""
+def write_study_json(root: str | Path, sites: dict[str, str], *, sequences: tuple[str, ...] = SEQUENCES,
+                     labels: LabelSchema = GLIOMA_LABELS) -> None:
+    """Write ``study.json`` for ``sites`` (name -> role), its sequences (channel order) and label columns."""
     from synthlearn.data.io import write_json
 
     for name, role in sites.items():
         if role not in ROLES:
             raise ValueError(f"site {name}: role must be one of {ROLES}, found {role!r}")
     write_json(Path(root) / "study.json", {
-        "sequences": list(SEQUENCES),
+        "sequences": list(sequences),
         "seg_values": list(SEG_VALUES),
-        "labels": {k: list(v) for k, v in LABEL_VALUES.items()},
+        "labels": labels.to_json(),
         "sites": {name: {"role": role} for name, role in sites.items()},
     })

@@ -64,7 +64,7 @@ class VerifyReport:
             shapes = ", ".join(f"{k} x{v}" for k, v in s.shapes.items()) or "-"
             spacings = ", ".join(f"{k} mm x{v}" for k, v in s.spacings.items()) or "-"
             lines.append(f"  {s.name} [{s.role}]: {s.n_cases} cases; shapes {shapes}; spacing {spacings}")
-            for col in LABEL_COLUMNS:
+            for col in self.study.labels.names:
                 counts = s.label_counts.get(col, {})
                 lines.append(f"      {col:<17} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         lines.append("OK: no problems found" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
@@ -85,7 +85,7 @@ def verify_study(path: str | Path, progress: bool = True) -> VerifyReport:
         FileNotFoundError / synthlearn.data.layouts.StudyLayoutError: the folder is no study at all.
     """
     study = open_study(path)
-    problems, summaries = check_sites(study.sites, study.problems, progress=progress)
+    problems, summaries = check_sites(study.sites, study.problems, progress=progress, label_columns=study.labels.names)
     return VerifyReport(study=study, problems=tuple(problems), sites=tuple(summaries))
 
 
@@ -104,7 +104,8 @@ def _case_reference(case, skip) -> tuple[tuple[int, ...], np.ndarray] | None:
     return None
 
 
-def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True) -> tuple[list[Problem], list[SiteSummary]]:
+def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True,
+                label_columns: tuple[str, ...] = LABEL_COLUMNS) -> tuple[list[Problem], list[SiteSummary]]:
     """Read every file of every case of ``sites`` in full (the checked reader of ``verify-data``; ``study run`` uses
     it before anything trains) and gather every problem with its file, expected and found.
 
@@ -113,6 +114,7 @@ def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True) -
         known: problems already found while opening the study (kept first; their missing files are not reported
             twice).
         progress: a progress bar over cases.
+        label_columns: the study's label columns (counted per site).
 
     Returns:
         ``(problems, per-site summaries)``.
@@ -135,7 +137,7 @@ def check_sites(sites, known: tuple[Problem, ...] = (), progress: bool = True) -
                 spacings["x".join(f"{z:.3g}" for z in voxel_spacing(ref[1]))] += 1
             bar.update(1)
         label_counts = {col: dict(sorted(Counter(c.labels.get(col) or "unknown" for c in site.cases).items()))
-                        for col in LABEL_COLUMNS}
+                        for col in label_columns}
         summaries.append(SiteSummary(site.name, site.role, len(site.cases), dict(shapes), dict(spacings),
                                      label_counts))
     bar.close()

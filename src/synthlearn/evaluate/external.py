@@ -48,10 +48,11 @@ import numpy as np
 import torch
 
 from synthlearn.config import to_dict
-from synthlearn.data.contract import SEQUENCES, CaseRecord
+from synthlearn.data.contract import CaseRecord
 from synthlearn.data.io import (
     AFFINE_ATOL,
     CaseArrays,
+    CaseFileMissing,
     CaseRefused,
     atomic_write_text,
     json_safe,
@@ -197,11 +198,11 @@ def load_run_models(run_dir: str | Path, arms: Sequence[str] | None = None, *,
     if len(tasks) > 1:
         raise ValueError(f"{run_dir}: the requested arms hold models of different tasks {sorted(tasks)}; "
                          "evaluate them separately with --arms")
-    seg = [m.label for m in out if m.model.task.is_segmentation]
+    seg = [m.label for m in out if m.model.task.segments]
     if seg:
-        raise ValueError(f"{run_dir}: a segmentation run (models {seg}); its Dice and HD95 per test site are in its "
-                         "results.json (`synthlearn study show`); applying segmentation models to another study or "
-                         "case is not supported yet")
+        raise ValueError(f"{run_dir}: a {out[0].model.task.kind} run (models {seg}); its Dice and HD95 (and a "
+                         "multi-task model's per-head metrics) per test site are in its results.json (`synthlearn study "
+                         "show`); applying segmentation models to another study or case is not supported yet")
     return out
 
 
@@ -212,7 +213,7 @@ def read_case_checked(case: CaseRecord) -> CaseArrays:
     names no existing file is returned with ``seg=None``.
 
     Returns:
-        :class:`~synthlearn.data.io.CaseArrays`: ``(4, X, Y, Z)`` float32 images in :data:`SEQUENCES`
+        :class:`~synthlearn.data.io.CaseArrays`: ``(C, X, Y, Z)`` float32 images in the case's sequence
         order, ``(X, Y, Z)`` int64 seg in contract values (or None), the affine of the first sequence.
 
     Raises:
@@ -236,6 +237,21 @@ class PreparedCase:
     region: np.ndarray
     region_kind: str
     grid_affine: np.ndarray
+
+
+def _model_sequences(case: CaseRecord, sequences: Sequence[str]) -> CaseRecord:
+    """The case with the model's input sequences in the model's order; a case without one is refused.
+
+    Raises:
+        CaseRefused: the case lacks one of the model's sequences (names the case folder and the missing file).
+    """
+    try:
+        return case.with_sequences(sequences)
+    except ValueError:
+        missing = [s for s in sequences if s not in case.images]
+        folder = case.path or Path(case.case_id)
+        raise CaseFileMissing(Path(folder) / f"{missing[0]}.nii.gz", f"the model's sequences {list(sequences)}",
+                              f"sequences {list(case.sequences)}") from None
 
 
 def prepare_case(arrays: CaseArrays, preprocess: PreprocessConfig, *, file: str | Path = "") -> PreparedCase:
@@ -433,6 +449,10 @@ def evaluate_run(run_dir: str | Path, study: str | Path, out: str | Path, *, arm
         raise ValueError(f"{study_path}: {len(bad_labels)} invalid label value(s); fix them (or leave the cell blank "
                          f"for unknown):\n{listing}")
     cases = list(opened.cases)
+    sequences = models[0].model.setup.sequences
+    other = [f"{m.arm}:{m.label} {list(m.model.setup.sequences)}" for m in models if m.model.setup.sequences != sequences]
+    if other:
+        raise ValueError(f"{run_dir}: the models read different sequences ({list(sequences)} vs {', '.join(other)})")
     arm_names = list(dict.fromkeys(m.arm for m in models))
     overlap = training_overlap(run_dir, arm_names, cases)
     if overlap.get("n_cases"):
@@ -465,7 +485,7 @@ def evaluate_run(run_dir: str | Path, study: str | Path, out: str | Path, *, arm
         prepared: dict[str, list[PreparedCase]] = {key: [] for key in groups}
         for case in chunk:
             try:
-                arrays = read_case_checked(case)
+                arrays = read_case_checked(_model_sequences(case, sequences))
                 per_group = {key: prepare_case(arrays, cfg, file=case.path or "") for key, (cfg, _) in groups.items()}
             except CaseRefused as exc:
                 log.warning("skipped %s/%s: %s", case.site, case.case_id, exc)
@@ -693,7 +713,7 @@ def predict_case(run_dir: str | Path, arm: str, case_dir: str | Path, out: str |
 
     rm = select_model(run_dir, arm, model_label, device=device)
     model = rm.model
-    case = open_case(case_dir)
+    case = _model_sequences(open_case(case_dir, sequences=model.setup.sequences), model.setup.sequences)
     arrays = read_case_checked(case)
     prep = prepare_case(arrays, model.preprocess, file=case.path or case_dir)
     probs = model.predict(PreparedCases([prep]))[0]
@@ -716,7 +736,8 @@ def predict_case(run_dir: str | Path, arm: str, case_dir: str | Path, out: str |
     png_path = out / f"{stem}_overlay.png"
     title = (f"{case.case_id} | {arm}" + (f":{rm.label}" if rm.label != arm else "") + " | "
              + ", ".join(f"p({c})={v:.3f}" for c, v in zip(model.task.class_names, probs)))
-    _overlay_png(png_path, prep.image[SEQUENCES.index("t1c")], prep.region, prep.region_kind, prob_map[shown], title,
+    backdrop = model.setup.sequences.index("t1c") if "t1c" in model.setup.sequences else 0
+    _overlay_png(png_path, prep.image[backdrop], prep.region, prep.region_kind, prob_map[shown], title,
                  f"voxel p({stage.class_names[shown]}), stage {stage.name}")
     shape = tuple(int(v) for v in model.preprocess.shape)
     info = {

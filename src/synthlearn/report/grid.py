@@ -38,6 +38,7 @@ def case_title(case: CaseRecord) -> str:
         value = case.labels.get(col)
         if value is not None:
             parts.append(f"{short} {value}".strip())
+    parts += [f"{col} {value}" for col, value in case.labels.items() if col not in _LABEL_SHORT]
     return f"{case.site}/{case.case_id}" + (" | " + ", ".join(parts) if parts else " | labels unknown")
 
 
@@ -88,9 +89,10 @@ def draw_case_grid(cases: Sequence[CaseRecord], out: str | Path, title: str | No
     if not cases:
         raise ValueError("no cases to draw")
     n = len(cases)
+    columns = max(len(c.sequences) for c in cases)
     top_in = 0.55 if title else 0.25
     height = 2.3 * n + 0.28 * n + top_in
-    fig, axes = plt.subplots(n, len(SEQUENCES), figsize=(2.3 * len(SEQUENCES), height), squeeze=False)
+    fig, axes = plt.subplots(n, columns, figsize=(2.3 * columns, height), squeeze=False)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - top_in / height, wspace=0.03,
                         hspace=0.28 * n / (2.3 * n) * 1.0 + 0.02)
     for r, case in enumerate(cases):
@@ -99,7 +101,9 @@ def draw_case_grid(cases: Sequence[CaseRecord], out: str | Path, title: str | No
             arrays = CaseArrays(arrays.images[..., None], None if arrays.seg is None else arrays.seg[..., None],
                                 arrays.affine)
         z = largest_tumour_slice(arrays.seg, arrays.images)
-        for c, seq in enumerate(SEQUENCES):
+        for c in range(len(case.sequences), columns):
+            axes[r, c].axis("off")
+        for c, seq in enumerate(case.sequences):
             ax = axes[r, c]
             img = arrays.images[c][:, :, z]
             brain = img[img != 0]
@@ -152,14 +156,16 @@ LABEL_COLOURS = {1: "#3b82f6", 2: "#22c55e", 3: "#ef4444"}
 
 
 def plot_segmentation_overlay(items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], out: str | Path,
-                              title: str | None = None) -> Path:
-    """Cases (rows) at the slice of largest true tumour: t1c alone, with the true labels, with the predicted labels.
+                              title: str | None = None, sequences: Sequence[str] = SEQUENCES) -> Path:
+    """Cases (rows) at the slice of largest true tumour: t1c (or the first sequence of a study without one) alone,
+    with the true labels, with the predicted labels.
 
     Args:
-        items: ``(row title, image (4, X, Y, Z) preprocessed, truth (X, Y, Z), prediction (X, Y, Z))`` per case (or
-            ``(4, X, Y)``, ``(X, Y)``, ``(X, Y)`` in a 2D study).
+        items: ``(row title, image (C, X, Y, Z) preprocessed, truth (X, Y, Z), prediction (X, Y, Z))`` per case (or
+            ``(C, X, Y)``, ``(X, Y)``, ``(X, Y)`` in a 2D study).
         out: PNG to write.
         title: figure title.
+        sequences: the images' channels.
     """
     import matplotlib
 
@@ -169,6 +175,7 @@ def plot_segmentation_overlay(items: Sequence[tuple[str, np.ndarray, np.ndarray,
 
     if not items:
         raise ValueError("no cases to draw")
+    shown = "t1c" if "t1c" in sequences else sequences[0]
     n = len(items)
     cmap = ListedColormap([LABEL_COLOURS[k] for k in (1, 2, 3)])
     fig, axes = plt.subplots(n, 3, figsize=(6.9, 2.4 * n + 0.6), squeeze=False)
@@ -176,7 +183,7 @@ def plot_segmentation_overlay(items: Sequence[tuple[str, np.ndarray, np.ndarray,
         if truth.ndim == 2:  # a 2D study: the image itself
             image, truth, pred = image[..., None], truth[..., None], pred[..., None]
         z = largest_tumour_slice(truth, image)
-        t1c = image[SEQUENCES.index("t1c")][:, :, z]
+        t1c = image[list(sequences).index(shown)][:, :, z]
         lo, hi = np.percentile(t1c, [0.5, 99.5]) if t1c.size else (0.0, 1.0)
         for c, overlay in enumerate((None, truth, pred)):
             ax = axes[r, c]
@@ -189,7 +196,7 @@ def plot_segmentation_overlay(items: Sequence[tuple[str, np.ndarray, np.ndarray,
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(("t1c", "truth", "prediction")[c], fontsize=9)
+                ax.set_title((shown, "truth", "prediction")[c], fontsize=9)
         axes[r, 0].set_ylabel(label, fontsize=7)
     fig.text(0.5, 0.005, "blue: necrosis / core, green: oedema, red: enhancing", ha="center", fontsize=8)
     if title:

@@ -205,9 +205,39 @@ def _seg_comparison(doc: _Doc, results: dict) -> None:
         doc.table(["arm", *sites], rows)
 
 
+def _heads_comparison(doc: _Doc, results: dict) -> None:
+    """A multi-task run's classification heads: per head and arm the combined metrics, AUC per test site and the AUC
+    over seeds."""
+    arms = results.get("arms", {})
+    names = sorted(arms, key=_arm_sort_key)
+    heads = list(results.get("heads") or {})
+    if not heads:
+        return
+    doc.h(2, "Classification heads (combined test sites)")
+    rows = []
+    for head in heads:
+        for name in names:
+            hb = (arms[name].get("heads") or {}).get(head) or {}
+            comb = (hb.get("test") or {}).get("combined", {})
+            over = hb.get("over_seeds") or {}
+            rows.append([head, name, *(_num(comb.get(m)) for m in METRICS), _auc_cell(comb),
+                         _mean_sd(over.get("auc")), _num(hb.get("mcnemar_p_vs_centralized"))])
+    doc.table(["head", "arm", "ACC", "SEN", "SPE", "AUC [95% CI]", "AUC over seeds", "McNemar p vs centralized"], rows)
+    doc.p("One network segments and classifies (Ren et al.); each head is scored on the test cases whose label is "
+          "known. A binary head's SEN/SPE are those of its second class (mutant, codeleted, methylated); grade's are "
+          "macro averages over its classes.")
+    sites = _test_sites(arms)
+    if sites:
+        doc.h(3, "AUC per head and test site")
+        rows = [[head, name, *(_num(((((arms[name].get("heads") or {}).get(head) or {}).get("test") or {}).get(s) or {})
+                                    .get("auc")) for s in sites)] for head in heads for name in names]
+        doc.table(["head", "arm", *sites], rows)
+
+
 def _comparison(doc: _Doc, results: dict) -> None:
-    if results.get("task_kind") == "segmentation":
+    if results.get("task_kind") in ("segmentation", "multitask"):
         _seg_comparison(doc, results)
+        _heads_comparison(doc, results)
         return
     arms = results.get("arms", {})
     names = sorted(arms, key=_arm_sort_key)

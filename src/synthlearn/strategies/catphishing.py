@@ -663,8 +663,9 @@ def _signature(cfg: CatphishingConfig, task: str) -> dict[str, Any]:
 
 
 ARM = ArmSpec(name="catphishing", run=run, config=CatphishingConfig, needs=(RECOGNITION_REFERENCE,), check=_check,
-              signature=_signature, description="a generator trained at each site, shipped once; the server trains "
-              "on its synthetic cases only (paper 000)")
+              signature=_signature, generic_data=False,
+              description="a generator trained at each site, shipped once; the server trains on its synthetic cases only "
+              "(paper 000)")
 
 __all__ = ["ARM", "CatphishingConfig", "GENERATOR_LABEL", "RECOGNITION_REFERENCE", "draw_synthetic_vs_real",
            "control_cases", "load_generator_for_task", "pair_by_class", "plot_fid_matrix", "privacy_holdout",

@@ -43,5 +43,6 @@ def run(ctx: ArmContext) -> ArmOutput:
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=raw_data_bytes(ctx.train_sites), rounds=1)
 
 
-ARM = ArmSpec(name="centralized", run=run, task_kinds=("classification", "segmentation"), spatial_dims=(2, 3),
+ARM = ArmSpec(name="centralized", run=run, task_kinds=("classification", "segmentation", "multitask"),
+              spatial_dims=(2, 3),
               description="every training site's raw cases pooled in one place: the reference upper bound")

@@ -212,7 +212,8 @@ def site_update(global_states: Mapping[str, Mapping[str, torch.Tensor]], site_ca
         outcome = train_model(net, cache.dataset([sd.cases[i] for i in idx]), [sd.targets[i] for i in idx],
                               setup.train, seed=setup.seed, name=name, total_epochs=cfg.total_epochs,
                               start_epoch=start, stop_epoch=stop, optimizer_state=opt_state, progress=progress,
-                              num_classes=sd.stage.num_classes, segmentation=sd.stage.segmentation)
+                              num_classes=sd.stage.num_classes, segmentation=sd.stage.segmentation,
+                              heads=sd.stage.head_sizes)
         if cfg.keep_site_optimizer_state and opt_path is not None:
             save_checkpoint(opt_path, {"round": server_round, "optimizer": outcome.optimizer_state})
         states[name] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -359,5 +360,7 @@ def run(ctx: ArmContext) -> ArmOutput:
                      extra={"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend})
 
 
-ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig, task_kinds=("classification", "segmentation"), spatial_dims=(2, 3),
+ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig,
+              task_kinds=("classification", "segmentation", "multitask"),
+              spatial_dims=(2, 3),
               description="Federated Averaging of the task model on Flower: weights leave each site every round")

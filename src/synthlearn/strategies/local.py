@@ -23,5 +23,6 @@ def run(ctx: ArmContext) -> ArmOutput:
     return ArmOutput(models=models, bytes_from_sites=0, rounds=0)
 
 
-ARM = ArmSpec(name="local", run=run, task_kinds=("classification", "segmentation"), spatial_dims=(2, 3),
+ARM = ArmSpec(name="local", run=run, task_kinds=("classification", "segmentation", "multitask"),
+              spatial_dims=(2, 3),
               description="each training site alone on its own cases: the lower bound")

@@ -36,8 +36,10 @@ class ArmSpec:
             arm to be reused (e.g. the content of a config file the config names by path).
         description: one line for ``--help`` and the docs.
         task_kinds: the kinds of task it runs (:attr:`synthlearn.tasks.Task.kind`: ``classification``,
-            ``segmentation``); a study with another task refuses the arm before anything trains.
+            ``segmentation``, ``multitask``); a study with another task refuses the arm before anything trains.
         spatial_dims: the study dimensionalities it runs on (3: volumes; 2: a 2D study of images).
+        generic_data: it runs on a study of any sequences and label columns (``study.json``); False: only on the
+            glioma defaults (a generator that draws the four sequences), refused before anything trains otherwise.
     """
 
     name: str
@@ -50,6 +52,7 @@ class ArmSpec:
     description: str = ""
     task_kinds: tuple[str, ...] = ("classification",)
     spatial_dims: tuple[int, ...] = (3,)
+    generic_data: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():

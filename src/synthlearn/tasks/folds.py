@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from synthlearn.data.contract import CaseRecord
 from synthlearn.tasks.definitions import Stage
@@ -46,11 +47,12 @@ def assign_folds(cases: Sequence[CaseRecord], labels: Sequence[int], n_folds: in
 
 @dataclasses.dataclass(frozen=True)
 class StageData:
-    """The labelled cases of one stage and their folds."""
+    """The labelled cases of one stage and their folds (a multi-task stage: every case, and per case a tuple of one
+    class index per head, -1 = unknown)."""
 
     stage: Stage
     cases: tuple[CaseRecord, ...]
-    targets: tuple[int, ...]
+    targets: tuple[Any, ...]
     folds: tuple[int, ...]
 
     def training_indices(self, fold: int, n_folds: int) -> list[int]:
@@ -64,6 +66,12 @@ def stage_data(cases: Sequence[CaseRecord], setup: TrainingSetup) -> dict[str, S
     """Per stage, the cases whose stage label is known (unknown ones are masked), and their folds."""
     out = {}
     for stage in setup.task_spec.stages:
+        if stage.heads:  # multi-task: every case; per head its class or -1 (unknown), folds stratified on head 1
+            sel = tuple(cases)
+            head_targets = tuple(stage.head_targets(c.labels) for c in sel)
+            folds = tuple(assign_folds(sel, [t[0] for t in head_targets], setup.n_folds, setup.seed, stage.name))
+            out[stage.name] = StageData(stage, sel, head_targets, folds)
+            continue
         kept = [(c, stage.label(c.labels)) for c in cases]
         kept = [(c, y) for c, y in kept if y is not None]
         sel = tuple(c for c, _ in kept)

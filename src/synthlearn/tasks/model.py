@@ -28,28 +28,44 @@ from synthlearn.data.contract import CaseRecord
 from synthlearn.data.datasets import CaseDataset
 from synthlearn.data.io import write_json
 from synthlearn.data.preprocess import PreprocessConfig
-from synthlearn.models.classifier import VoxelClassifierUNet, build_classifier
+from synthlearn.models.classifier import build_classifier
 from synthlearn.tasks.cache import DatasetCache
 from synthlearn.tasks.definitions import Stage, Task
 from synthlearn.tasks.folds import stage_data
 from synthlearn.tasks.setup import TrainingSetup, model_names, split_name
 from synthlearn.training.learning_check import check_learning, summarise_checks
 from synthlearn.training.seeding import derive_seed
-from synthlearn.training.segmentation import check_segmentation_learning, predict_label_maps
-from synthlearn.training.trainer import predict_probabilities, train_model
+from synthlearn.training.segmentation import (
+    check_multitask_learning,
+    check_segmentation_learning,
+    predict_label_maps,
+)
+from synthlearn.training.trainer import predict_head_probabilities, predict_probabilities, train_model
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "synthlearn-task-model/1"
 
 
-def init_model(setup: TrainingSetup, name: str) -> VoxelClassifierUNet:
+def build_network(setup: TrainingSetup, stage: Stage) -> torch.nn.Module:
+    """The network of ``stage``: the voxel classifier UNet, or for a multi-task stage the multi-task UNet (Ren et al.,
+    :class:`synthlearn.models.multitask.MultiTaskUNet`) with the ``[model]`` widths, groups and dropout."""
+    if stage.heads:
+        from synthlearn.models.multitask import MultiTaskUNet
+
+        return MultiTaskUNet(setup.preprocess.spatial_dims, len(setup.sequences), stage.num_classes, stage.head_sizes,
+                             channels=setup.model.channels, norm_num_groups=setup.model.norm_num_groups,
+                             dropout=setup.model.dropout)
+    return build_classifier(setup.model, out_channels=stage.num_classes, in_channels=len(setup.sequences),
+                            spatial_dims=setup.preprocess.spatial_dims)
+
+
+def init_model(setup: TrainingSetup, name: str) -> torch.nn.Module:
     """A freshly initialised network for model ``name``; the same (seed, name) gives the same weights in
     every arm."""
     stage, _ = split_name(name)
     torch.manual_seed(derive_seed(setup.seed, "init", name))
-    return build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes,
-                            spatial_dims=setup.preprocess.spatial_dims)
+    return build_network(setup, setup.task_spec.stage(stage))
 
 
 class TaskModel:
@@ -91,20 +107,33 @@ class TaskModel:
     def predict_label_maps(self, dataset) -> np.ndarray:
         """A segmentation model's ``(N, *S)`` int64 label maps on the preprocessed grid (the fold ensemble's mean
         softmax, arg-max; :func:`synthlearn.training.segmentation.predict_label_maps`)."""
-        if not self.task.is_segmentation:
+        if not self.task.segments:
             raise ValueError(f"task {self.task.name} is not a segmentation task")
         stage = self.task.stages[0]
         cfg = self.setup.train
         nets = [self.networks[f"{stage.name}/fold-{k}"] for k in range(self.setup.n_folds)]
         return predict_label_maps(nets, dataset, batch_size=cfg.batch_size, bf16=cfg.bf16, device=cfg.device)
 
+    def predict_heads(self, dataset) -> dict[str, np.ndarray]:
+        """A multi-task model's classification heads: head name -> ``(N, head classes)`` probabilities (the fold
+        ensemble's mean softmax)."""
+        if not self.task.is_multitask:
+            raise ValueError(f"task {self.task.name} has no classification heads")
+        stage = self.task.stages[0]
+        cfg = self.setup.train
+        nets = [self.networks[f"{stage.name}/fold-{k}"] for k in range(self.setup.n_folds)]
+        probs = predict_head_probabilities(nets, dataset, batch_size=cfg.batch_size, bf16=cfg.bf16, device=cfg.device)
+        return {head.name: p for head, p in zip(stage.heads, probs)}
+
     def predict(self, dataset, *, progress: bool = False) -> np.ndarray:
         """Final ``(N, task classes)`` probabilities (two-stage tasks combined, :meth:`Task.combine`)."""
         return self.task.combine(self.predict_stages(dataset, progress=progress))
 
     def predict_cases(self, cases: Sequence[CaseRecord], *, progress: bool = False) -> np.ndarray:
-        """:meth:`predict` on case records, preprocessed exactly as in training."""
-        return self.predict(CaseDataset(list(cases), self.preprocess), progress=progress)
+        """:meth:`predict` on case records (their sequences the model's, :meth:`CaseRecord.with_sequences`),
+        preprocessed exactly as in training."""
+        cases = [c.with_sequences(self.setup.sequences) for c in cases]
+        return self.predict(CaseDataset(cases, self.preprocess), progress=progress)
 
     def save(self, folder: str | Path) -> Path:
         """Write the model folder (weights first, ``model.json`` last, so a folder with ``model.json`` is
@@ -158,8 +187,7 @@ class TaskModel:
         for name in model_names(setup):
             stage, k = split_name(name)
             path = folder / meta["stages"][stage]["folds"][k]
-            net = build_classifier(setup.model, out_channels=setup.task_spec.stage(stage).num_classes,
-                                   spatial_dims=setup.preprocess.spatial_dims)
+            net = build_network(setup, setup.task_spec.stage(stage))
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
@@ -174,6 +202,8 @@ def check_network(net: torch.nn.Module, dataset, targets: list[int], losses, set
     """The learning check of one network of ``stage``: :func:`synthlearn.training.learning_check.check_learning`
     for a classification stage, :func:`synthlearn.training.segmentation.check_segmentation_learning` for a
     segmentation stage."""
+    if stage.heads:
+        return check_multitask_learning(net, dataset, targets, losses, setup.train, stage)
     if stage.segmentation:
         return check_segmentation_learning(net, dataset, losses, setup.train)
     return check_learning(net, dataset, targets, losses, setup.train, stage.num_classes, stage.class_names)
@@ -193,7 +223,7 @@ def _train_checked(setup: TrainingSetup, name: str, dataset, targets: list[int],
         ckpt = ckpt_dir / f"{name}{suffix}.pt"
         outcome = train_model(net, dataset, targets, setup.train, seed=run_setup.seed, name=name, checkpoint_path=ckpt,
                               progress=progress, num_classes=stage.num_classes, on_epoch=on_epoch,
-                              segmentation=stage.segmentation)
+                              segmentation=stage.segmentation, heads=stage.head_sizes)
         check = check_network(net, dataset, targets, outcome.losses, setup, stage)
         check.update(seed=run_setup.seed, losses=outcome.losses)
         tried.append(run_setup.seed)

@@ -70,5 +70,36 @@ def check_segmentation_learning(model: nn.Module, dataset, losses: Sequence[floa
             "loss_ratio": ratio, "train_dice": scores}
 
 
-__all__ = ["REGIONS", "SEG_CLASSES", "check_segmentation_learning", "dice", "predict_label_maps", "region_masks",
+def check_multitask_learning(model: nn.Module, dataset, targets: Sequence[Sequence[int]], losses: Sequence[float] | None,
+                             cfg, stage) -> dict[str, Any]:
+    """Whether a multi-task network learned: :func:`check_segmentation_learning` of its segmentation, and for each
+    classification head whether it tells its classes apart on its own training cases (not learned: it predicts one
+    class for every case whose label is known while they hold two or more). ``heads`` gives per head the training
+    cases with a known label, the classes predicted and the accuracy there.
+
+    Args:
+        targets: per case one class per head (-1 = unknown), in ``stage.heads`` order.
+        stage: the multi-task stage (:class:`synthlearn.tasks.Stage` with ``heads``).
+    """
+    from synthlearn.training.trainer import predict_head_probabilities
+
+    out = check_segmentation_learning(model, dataset, losses, cfg)
+    probs = predict_head_probabilities([model], dataset, batch_size=cfg.batch_size, bf16=cfg.bf16, device=cfg.device)
+    y = np.asarray(targets, dtype=np.int64).reshape(len(dataset), len(stage.heads))
+    heads = {}
+    for h, (head, p) in enumerate(zip(stage.heads, probs)):
+        known = y[:, h] >= 0
+        pred = p.argmax(1)[known]
+        true = y[known, h]
+        heads[head.name] = {"n_known": int(known.sum()), "predicted_classes": sorted({head.class_names[int(k)] for k in pred}),
+                            "train_accuracy": float((pred == true).mean()) if known.any() else None}
+        if len(set(true.tolist())) > 1 and len(set(pred.tolist())) == 1:
+            out["reasons"].append(f"head {head.name} predicts {head.class_names[int(pred[0])]} for all "
+                                  f"{int(known.sum())} training cases with a known label")
+    out["heads"] = heads
+    out["learned"] = not out["reasons"]
+    return out
+
+
+__all__ = ["REGIONS", "SEG_CLASSES", "check_multitask_learning", "check_segmentation_learning", "dice", "predict_label_maps", "region_masks",
            "segmentation_loss"]

@@ -275,6 +275,35 @@ def segmentation_loss(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return loss(logits.float(), seg.unsqueeze(1).long())
 
 
+def multitask_loss(seg_logits: torch.Tensor, head_logits: Sequence[torch.Tensor], seg: torch.Tensor,
+                   head_targets: torch.Tensor, head_weights: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+    """The multi-task loss (Ren et al.): :func:`segmentation_loss` plus, per classification head, the cross-entropy
+    over the cases of the batch whose label is known (a head without one adds 0, with a gradient path).
+
+    Args:
+        seg_logits: ``(B, 4, *S)``.
+        head_logits: per head ``(B, K_h)``.
+        seg: ``(B, *S)`` contract labels.
+        head_targets: ``(B, H)`` int64 class per head, -1 = unknown (masked).
+        head_weights: per head optional ``(K_h,)`` class weights.
+
+    Returns:
+        Scalar loss.
+    """
+    if head_targets.ndim != 2 or head_targets.shape != (seg.shape[0], len(head_logits)):
+        raise ValueError(f"head targets must be (B, {len(head_logits)}), found {tuple(head_targets.shape)}")
+    loss = segmentation_loss(seg_logits, seg)
+    for h, logits in enumerate(head_logits):
+        t = head_targets[:, h]
+        known = t >= 0
+        if not known.any():
+            loss = loss + logits.sum() * 0.0
+            continue
+        w = head_weights[h] if h < len(head_weights) else None
+        loss = loss + F.cross_entropy(logits.float()[known], t[known], weight=w)
+    return loss
+
+
 def poly_lr(base_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
     """nnU-Net's polynomial decay ``base_lr * (1 - epoch / total) ** exponent``."""
     return base_lr * (1.0 - min(epoch, total_epochs) / max(total_epochs, 1)) ** exponent
@@ -356,6 +385,7 @@ def train_model(
     num_classes: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     segmentation: bool = False,
+    heads: Sequence[int] = (),
 ) -> TrainOutcome:
     """Train ``model`` in place on labelled cases for epochs ``[start_epoch, stop_epoch)``.
 
@@ -379,6 +409,10 @@ def train_model(
         segmentation: learn the segmentation itself (:func:`synthlearn.training.segmentation.segmentation_loss`,
             Dice + cross-entropy over every voxel; ``targets`` and class weighting unused) instead of the case
             class on the tumour voxels.
+        heads: classes of each classification head of a multi-task network (``model.forward_all`` gives the
+            segmentation logits and the heads'; :func:`multitask_loss`); ``targets`` is then one tuple per case of
+            a class per head, -1 where unknown; with ``class_weighting = "balanced"`` each head weighs its classes
+            over its known labels.
 
     Returns:
         :class:`TrainOutcome`.
@@ -413,7 +447,16 @@ def train_model(
         log.info("%s: resumed from %s at epoch %d", name, checkpoint_path, resumed_from)
     targets_t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     weights = None
-    if cfg.class_weighting == "balanced" and not segmentation:
+    head_weights: list[torch.Tensor | None] = [None] * len(heads)
+    if heads:
+        if targets_t.ndim != 2 or targets_t.shape[1] != len(heads):
+            raise ValueError(f"{name}: a multi-task network needs one target per head ({len(heads)}) per case, found "
+                             f"targets of shape {tuple(targets_t.shape)}")
+        if cfg.class_weighting == "balanced":
+            for h, k in enumerate(heads):
+                known = targets_t[:, h][targets_t[:, h] >= 0]
+                head_weights[h] = class_weights_for(known.tolist(), k).to(device) if len(known) else None
+    elif cfg.class_weighting == "balanced" and not segmentation:
         k = num_classes or int(targets_t.max()) + 1
         weights = class_weights_for(targets, k).to(device)
     use_bf16 = cfg.bf16
@@ -450,8 +493,13 @@ def train_model(
             images, seg = images.to(device, non_blocking=True), seg.to(device, non_blocking=True)
             batch_targets = targets_t[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(images)
-            if segmentation:
+                if heads:
+                    logits, head_logits = model.forward_all(images)
+                else:
+                    logits = model(images)
+            if heads:
+                loss = multitask_loss(logits, head_logits, seg, batch_targets, head_weights)
+            elif segmentation:
                 loss = segmentation_loss(logits, seg)
             else:
                 loss = voxel_loss(logits, seg, batch_targets, weights, cfg.loss_normalisation)
@@ -521,6 +569,36 @@ def predict_probabilities(models: Sequence[nn.Module], dataset: CaseDataset, *, 
         out.append(torch.stack(probs).mean(0).double().cpu().numpy())
     k = out[0].shape[1] if out else 0
     return np.concatenate(out) if out else np.zeros((0, k))
+
+
+@torch.no_grad()
+def predict_head_probabilities(models: Sequence[nn.Module], dataset, *, batch_size: int = 2, bf16: bool = False,
+                               device: str = "auto") -> list[np.ndarray]:
+    """Per classification head of multi-task networks (``forward_all``), the ensemble's mean softmax per case.
+
+    Returns:
+        per head ``(N, K_h)`` float64 probabilities.
+    """
+    if not models:
+        raise ValueError("predict_head_probabilities needs at least one model")
+    dev = resolve_device(device)
+    for model in models:
+        model.to(dev).eval()
+    out: list[list[np.ndarray]] = []
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        images, _ = load_batch(dataset, idx)
+        images = images.to(dev)
+        summed = None
+        for model in models:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                _, head_logits = model.forward_all(images)
+            p = [torch.softmax(t.float(), dim=1) for t in head_logits]
+            summed = p if summed is None else [a + b for a, b in zip(summed, p)]
+        out.append([(t / len(models)).double().cpu().numpy() for t in summed])
+    if not out:
+        return []
+    return [np.concatenate([batch[h] for batch in out]) for h in range(len(out[0]))]
 
 
 @torch.no_grad()

@@ -1,0 +1,113 @@
+"""The multi-task glioma UNet of Ren et al. (paper 001): one encoder, a segmentation decoder and a classification
+branch with one head per marker.
+
+- Encoder: a level of two conv-norm-ReLU layers at each width of ``channels`` (paper: 16-32-64-128), max-pooled by
+  2 between levels (``len(channels) - 1`` down-samplings; paper: three).
+- Decoder: a transposed convolution (stride 2) per level, concatenated with the encoder's skip, then two
+  conv-norm-ReLU layers; a 1x1 convolution gives the segmentation logits (4 contract labels).
+- Classification branch: global average pooling of the bottleneck, a shared hidden layer (ReLU, dropout), and one
+  linear head per marker (IDH, 1p/19q, MGMT, grade...), each with its own number of classes.
+
+The blocks are MONAI's ``Convolution`` (conv + norm + activation, also transposed). GroupNorm rather than the
+paper's batch norm: a FedAvg site averages no running statistics and a batch of one trains as any other.
+
+:meth:`MultiTaskUNet.forward` returns the segmentation logits only, so every segmentation tool (label maps, Dice
+checks) applies unchanged; :meth:`MultiTaskUNet.forward_all` adds the heads' logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _conv(spatial_dims: int, cin: int, cout: int, groups: int, *, kernel: int = 3, strides: int = 1,
+          transposed: bool = False) -> nn.Module:
+    from monai.networks.blocks import Convolution
+
+    return Convolution(spatial_dims, cin, cout, strides=strides, kernel_size=kernel, act="RELU",
+                       norm=("GROUP", {"num_groups": min(groups, cout)}), is_transposed=transposed,
+                       padding=None if not transposed else 0, output_padding=0 if transposed else None)
+
+
+class MultiTaskUNet(nn.Module):
+    """Segmentation UNet with a classification branch from its bottleneck (Ren et al.).
+
+    Args:
+        spatial_dims: 3 (volumes) or 2 (a 2D study).
+        in_channels: input sequences.
+        seg_classes: segmentation labels (4: background, necrosis / core, oedema, enhancing).
+        head_classes: classes of each classification head, in head order (e.g. ``(2, 2, 2, 3)`` for IDH, 1p/19q,
+            MGMT, grade); empty = segmentation only.
+        channels: width per encoder level; spatial sizes must be divisible by ``2 ** (len(channels) - 1)``.
+        norm_num_groups: GroupNorm groups (capped at a layer's width).
+        hidden: width of the classification branch's shared layer.
+        dropout: dropout before the heads.
+
+    Shapes:
+        input ``(B, in_channels, *S)`` -> segmentation logits ``(B, seg_classes, *S)`` and, from
+        :meth:`forward_all`, a list of ``(B, head_classes[h])`` logits.
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 4, seg_classes: int = 4,
+                 head_classes: Sequence[int] = (), channels: Sequence[int] = (16, 32, 64, 128),
+                 norm_num_groups: int = 8, hidden: int = 64, dropout: float = 0.0):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, found {spatial_dims}")
+        if len(channels) < 2 or any(c < 1 for c in channels):
+            raise ValueError(f"channels must give at least two positive widths, found {channels}")
+        if in_channels < 1 or seg_classes < 2 or any(int(k) < 2 for k in head_classes):
+            raise ValueError(f"need in_channels >= 1, seg_classes >= 2 and heads of >= 2 classes; found "
+                             f"{in_channels}, {seg_classes}, {list(head_classes)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), found {dropout}")
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+        self.head_classes = tuple(int(k) for k in head_classes)
+        g = norm_num_groups
+        self.encoder = nn.ModuleList()
+        prev = in_channels
+        for width in channels:
+            self.encoder.append(nn.Sequential(_conv(spatial_dims, prev, width, g), _conv(spatial_dims, width, width, g)))
+            prev = width
+        self.pool = (nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d)(2)
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for width in reversed(channels[:-1]):
+            self.upsample.append(_conv(spatial_dims, prev, width, g, kernel=2, strides=2, transposed=True))
+            self.decoder.append(nn.Sequential(_conv(spatial_dims, 2 * width, width, g), _conv(spatial_dims, width, width, g)))
+            prev = width
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.seg_head = conv(prev, seg_classes, kernel_size=1)
+        self.branch = nn.Sequential(nn.Linear(channels[-1], hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.heads = nn.ModuleList(nn.Linear(hidden, k) for k in self.head_classes)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(B, C, *S)`` -> (segmentation logits ``(B, seg_classes, *S)``, per head ``(B, K_h)`` logits)."""
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f"input must be {self.spatial_dims + 2}D (B, C, *spatial), but it is {x.ndim}D")
+        if any(s % self.divisor for s in x.shape[2:]):
+            raise ValueError(f"spatial sizes must be divisible by {self.divisor}, found {tuple(x.shape[2:])}")
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        features = self.branch(x.flatten(2).mean(-1))
+        for up, block, skip in zip(self.upsample, self.decoder, reversed(skips[:-1])):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.seg_head(x), [head(features) for head in self.heads]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S)`` -> segmentation logits ``(B, seg_classes, *S)``."""
+        return self.forward_all(x)[0]
+
+
+__all__ = ["MultiTaskUNet"]
