@@ -440,3 +440,23 @@ def test_multitask_segments_and_classifies_every_marker_with_unknown_labels_mask
     assert main(["study", "report", str(out)]) == 0
     assert "mgmt" in (out / "report.md").read_text()
 
+
+def test_fedkd_sends_compressed_samples_and_soft_labels_never_an_image_or_weights(tiny_study, tmp_path):
+    """The fedkd arm over Flower on the tiny phantom with the paper's network widths: its results sit beside FedAvg's
+    in the multi-task table, the bytes from sites are the compressed sets' (below FedAvg's weights of the same model),
+    and the server's history names the compressed samples of every site."""
+    config = ROOT / "configs" / "study_tiny_multitask.toml"
+    out = tmp_path / "run"
+    paper_widths = {"channels": [16, 32, 64, 128], "norm_num_groups": 8}  # Ren et al.'s network, 1.4 M weights
+    results = run_study(load_study_config(config, {"study": str(tiny_study), "arms": ["fedavg", "fedkd"],
+                                                   "model": paper_widths, "fedavg": {"backend": "inprocess"},
+                                                   "n_folds": 1}),
+                        out, progress=False)
+    kd, avg = results["arms"]["fedkd"], results["arms"]["fedavg"]
+    assert kd["rounds"] == 2 and 0.0 <= kd["test"]["combined"]["dice_wt"] <= 1.0
+    assert set(kd["heads"]) == {"idh", "codeletion_1p19q", "mgmt", "grade"}
+    assert 0 < kd["bytes_from_sites"] < avg["bytes_from_sites"]
+    model = json.loads((out / "fedkd" / "model" / "model.json").read_text())
+    compressed = model["info"]["history"][0]["compressed"]
+    assert set(compressed) == {"tcga", "utsw", "egd"}
+    assert all(n == 2 for site in compressed.values() for n in site.values())  # 1 per IDH class (one network)
