@@ -367,7 +367,16 @@ def test_a_study_of_its_own_sequences_and_label_columns_runs_evaluates_and_predi
     with pytest.raises(ValueError, match=r"arm catphishing draws the glioma study's four sequences.*\['flair', 't1'\]"):
         run_study(load_study_config(TINY, {"study": str(study), "task": "response",
                                            "arms": ["centralized", "catphishing"]}), tmp_path / "cat", progress=False)
-    assert not (tmp_path / "idh").exists() and not (tmp_path / "cat").exists()
+    with pytest.raises(ValueError, match=r"sequences \['t2'\] of the config; the study has \['flair', 't1'\]"):
+        run_study(load_study_config(TINY, {"study": str(study), "task": "response", "sequences": ["t2"]}),
+                  tmp_path / "t2", progress=False)
+    assert not (tmp_path / "idh").exists() and not (tmp_path / "cat").exists() and not (tmp_path / "t2").exists()
+    # a modality ablation: the config's sequences, a subset of the study's
+    one = run_study(load_study_config(TINY, {"study": str(study), "task": "risk", "sequences": ["t1"],
+                                             "arms": ["centralized"]}), tmp_path / "t1", progress=False)
+    assert one["class_names"] == ["low", "high"]
+    t1 = json.loads((tmp_path / "t1" / "centralized" / "model" / "model.json").read_text())["setup"]["sequences"]
+    assert t1 == ["t1"]
     out = tmp_path / "run"
     results = run_study(load_study_config(TINY, {"study": str(study), "task": "response",
                                                  "arms": ["centralized", "fedavg"]}), out, progress=False)

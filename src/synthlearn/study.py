@@ -101,6 +101,8 @@ class StudyConfig:
         train_sites, test_sites: site names that override the roles of ``study.json`` (empty = its roles),
             e.g. the paper's tumour-type experiment trains on tcga, utsw, nyu and tests on egd, uwm, ucsf,
             utswp2.
+        sequences: the input channels, a subset of the study's sequences in the order given (e.g. ``["t1",
+            "t2"]`` for a modality ablation); empty = all of the study's.
         threads: torch threads of the training process (0 = leave torch's default or SYNTHLEARN_THREADS).
             On a CPU shared with other work, 1 is much faster than 2: two OpenMP threads on two busy cores
             wait for each other (measured 10x slower steps at 32^3).
@@ -122,6 +124,7 @@ class StudyConfig:
     n_folds: int = 5
     train_sites: tuple[str, ...] = ()
     test_sites: tuple[str, ...] = ()
+    sequences: tuple[str, ...] = ()
     threads: int = 0
     description: str = ""
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -149,6 +152,8 @@ class StudyConfig:
             raise ValueError(f"seed and seeds must be >= 0, found seed = {self.seed}, seeds = {list(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must not repeat, found {list(self.seeds)}")
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ValueError(f"sequences must not repeat, found {list(self.sequences)}")
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -232,6 +237,21 @@ def resolve_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _with_sequences(study: Study, sequences: Sequence[str], where: str) -> Study:
+    """``study`` reading only ``sequences`` of every case, in that order (a study config's ``sequences``).
+
+    Raises:
+        ValueError: a sequence the study does not have (lists its sequences).
+    """
+    missing = [s for s in sequences if s not in study.sequences]
+    if missing:
+        raise ValueError(f"study {where}: sequences {list(sequences)} of the config; the study has "
+                         f"{list(study.sequences)} (not {missing})")
+    sites = tuple(dataclasses.replace(site, cases=tuple(c.with_sequences(sequences) for c in site.cases))
+                  for site in study.sites)
+    return dataclasses.replace(study, sites=sites, sequences=tuple(sequences))
+
+
 def _run_task(cfg: StudyConfig, out: Path) -> Task:
     """The task of the run in ``out``, over the label columns of its study (recorded in ``splits.json``; the glioma
     columns for a run recorded before studies had their own)."""
@@ -250,6 +270,8 @@ def _training_signature(cfg: StudyConfig, arm: str, fingerprint_sha: str,
         # a study of the default channels and labels keeps the signature it had before studies could have their own
         d.pop("sequences", None)
         d.pop("label_values", None)
+    if d.get("model", {}).get("multitask_pool") == "voxel" and d.get("task") != "multitask":
+        d["model"].pop("multitask_pool")  # a setting only the multi-task network reads: older runs stay reusable
     spec = get_arm(arm)
     if spec.config is not None:
         d[spec.config_table] = to_dict(cfg.arm_config(arm))
@@ -399,6 +421,8 @@ def _arm_block(models: dict[str, dict], arm: str, test_sites: list[str], task, c
 
 
 SEED_METRICS = ("acc", "sen", "spe", "auc")
+#: what a multi-task head keeps per seed (Ren et al. report F1 beside them)
+HEAD_METRICS = (*SEED_METRICS, "f1")
 
 
 def _seed_metrics(task) -> tuple[str, ...]:
@@ -580,11 +604,11 @@ def _head_blocks(cfg: StudyConfig, out: Path, arm: str, task: Task, test_sites: 
                            reference if i == 0 else None, cfg.evaluate.n_bootstrap)
             if i == 0:
                 block = b
-            per_seed[str(k)] = _seed_entry(b, {}, SEED_METRICS)
+            per_seed[str(k)] = _seed_entry(b, {}, HEAD_METRICS)
             per_seed[str(k)].pop("learning", None)
         block["per_seed"] = per_seed
-        over = _over_seeds(per_seed, SEED_METRICS)
-        block["over_seeds"] = {m: over[m] for m in SEED_METRICS} | {"n_seeds": over["n_seeds"]}
+        over = _over_seeds(per_seed, HEAD_METRICS)
+        block["over_seeds"] = {m: over[m] for m in HEAD_METRICS} | {"n_seeds": over["n_seeds"]}
         out_heads[head.name] = block
     return out_heads
 
@@ -759,6 +783,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
         listing = "\n".join(f"  {p}" for p in study.problems[:20])
         raise ValueError(f"study {cfg.study} has {len(study.problems)} problem(s):\n{listing}\n"
                          f"run `synthlearn verify-data {cfg.study}` for the full report")
+    if cfg.sequences:
+        study = _with_sequences(study, cfg.sequences, cfg.study)
     try:
         base_setup = cfg.setup_for(study)
     except ValueError as exc:

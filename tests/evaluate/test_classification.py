@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from synthlearn.evaluate.classification import (
     bootstrap_auc_ci,
@@ -27,6 +27,7 @@ def test_binary_metrics_against_hand_counts_and_sklearn():
     assert m["sen"] == pytest.approx(np.mean(pred[y == 1] == 1))
     assert m["spe"] == pytest.approx(np.mean(pred[y == 0] == 0))
     assert m["auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
     lo, hi = m["auc_ci"]
     assert 0 <= lo <= m["auc"] <= hi <= 1
     assert np.array(m["confusion_matrix"]).sum() == len(y)
@@ -52,6 +53,7 @@ def test_three_classes():
     assert m["per_class_acc"] == {"gbm": 0.5, "astro": 1.0, "oligo": 0.5}
     assert m["acc"] == pytest.approx(4 / 6)
     assert m["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
     assert 0 <= m["sen"] <= 1 and 0 <= m["spe"] <= 1
 
 

@@ -91,16 +91,16 @@ def format_segmentation_summary(results: dict) -> str:
 
 
 def format_heads_summary(results: dict) -> str:
-    """A multi-task run's classification heads: per head and arm the combined ACC, SEN, SPE, AUC and the AUC over
+    """A multi-task run's classification heads: per head and arm the combined ACC, SEN, SPE, F1, AUC and the AUC over
     seeds."""
-    lines = [f"{'head':<18}{'arm':<22}{'ACC':>7}{'SEN':>7}{'SPE':>7}{'AUC':>7}{'AUC seeds':>11}{'SD':>7}"]
+    lines = [f"{'head':<18}{'arm':<22}{'ACC':>7}{'SEN':>7}{'SPE':>7}{'F1':>7}{'AUC':>7}{'AUC seeds':>11}{'SD':>7}"]
     for head in results.get("heads") or {}:
         for arm, block in results["arms"].items():
             hb = (block.get("heads") or {}).get(head) or {}
             c = (hb.get("test") or {}).get("combined", {})
             over = (hb.get("over_seeds") or {}).get("auc") or {}
             lines.append(f"{head:<18}{arm:<22}{fmt(c.get('acc'))}{fmt(c.get('sen'))}{fmt(c.get('spe'))}"
-                         f"{fmt(c.get('auc'))}{fmt(over.get('mean'), 11)}{fmt(over.get('sd'))}")
+                         f"{fmt(c.get('f1'))}{fmt(c.get('auc'))}{fmt(over.get('mean'), 11)}{fmt(over.get('sd'))}")
     return "\n".join(lines)
 
 

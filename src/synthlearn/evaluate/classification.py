@@ -114,19 +114,19 @@ def _ratio(num: float, den: float) -> float | None:
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, positive: int | None = 1,
                            class_names: Sequence[str] | None = None, n_bootstrap: int = 1000, ci: float = 0.95,
                            seed: int = 0) -> dict:
-    """ACC, SEN, SPE, AUC (+ bootstrap CI) of case probabilities.
+    """ACC, SEN, SPE, F1, AUC (+ bootstrap CI) of case probabilities.
 
     Args:
         y_true: ``(N,)`` true class per case.
         probs: ``(N, K)`` class probabilities.
-        positive: positive class for SEN/SPE/AUC of a binary task; None = macro one-vs-rest (K > 2).
+        positive: positive class for SEN/SPE/F1/AUC of a binary task; None = macro one-vs-rest (K > 2).
         class_names: names for the per-class entries (default ``"0".."K-1"``).
         n_bootstrap: bootstrap resamples for the AUC CI.
         ci: confidence level.
         seed: seed of the bootstrap generator.
 
     Returns:
-        ``{"n", "acc", "sen", "spe", "auc", "auc_ci": [lo, hi] | None, "confusion_matrix",
+        ``{"n", "acc", "sen", "spe", "f1", "auc", "auc_ci": [lo, hi] | None, "confusion_matrix",
         "class_names", "per_class_acc": {class: recall}}`` (values None where undefined).
     """
     y, p = _check(np.asarray(y_true), probs)
@@ -144,6 +144,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, positive
         pos, neg = y == positive, y != positive
         out["sen"] = _ratio(np.sum(pred[pos] == positive), pos.sum())
         out["spe"] = _ratio(np.sum(pred[neg] != positive), neg.sum())
+        tp = np.sum(pred[pos] == positive)
+        out["f1"] = _ratio(2 * tp, pos.sum() + np.sum(pred == positive))
     else:
         sens = [_ratio(cm[c, c], cm[c].sum()) for c in range(k)]
         spes = [_ratio(np.delete(np.delete(cm, c, 0), c, 1).sum(), np.delete(cm, c, 0).sum()) for c in range(k)]
@@ -151,6 +153,9 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, positive
         spes_v = [s for s in spes if s is not None]
         out["sen"] = float(np.mean(sens_v)) if sens_v else None
         out["spe"] = float(np.mean(spes_v)) if spes_v else None
+        f1s = [_ratio(2 * cm[c, c], cm[c].sum() + cm[:, c].sum()) for c in range(k)]
+        f1s_v = [f for f in f1s if f is not None]
+        out["f1"] = float(np.mean(f1s_v)) if f1s_v else None
     out["auc"] = roc_auc(y, p, positive)
     ci_pair = bootstrap_auc_ci(y, p, positive, n_bootstrap=n_bootstrap, ci=ci, rng=np.random.default_rng(seed))
     out["auc_ci"] = list(ci_pair) if ci_pair is not None else None

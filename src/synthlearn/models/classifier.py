@@ -201,6 +201,10 @@ class ClassifierConfig:
         mamba_layers: Mamba layers in that block.
         mamba_d_state: Mamba state size.
         dropout: dropout probability in the residual blocks.
+        multitask_pool: the multi-task UNet's classification branch (task ``multitask`` only): ``voxel`` (per-voxel
+            heads trained on the tumour voxels, averaged over the drawn tumour), ``tumour`` (the bottleneck's global
+            average plus every decoder level's tumour-weighted mean) or ``global`` (the bottleneck's alone, Ren et
+            al.) (:class:`synthlearn.models.multitask.MultiTaskUNet`).
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -209,6 +213,11 @@ class ClassifierConfig:
     mamba_layers: int = 1
     mamba_d_state: int = 16
     dropout: float = 0.0
+    multitask_pool: str = "voxel"
+
+    def __post_init__(self) -> None:
+        if self.multitask_pool not in ("global", "tumour", "voxel"):
+            raise ValueError(f"model.multitask_pool must be voxel, tumour or global, found {self.multitask_pool!r}")
 
 
 def build_classifier(cfg: ClassifierConfig, *, out_channels: int, in_channels: int = 4,

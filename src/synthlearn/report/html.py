@@ -220,9 +220,10 @@ def _heads_comparison(doc: _Doc, results: dict) -> None:
             hb = (arms[name].get("heads") or {}).get(head) or {}
             comb = (hb.get("test") or {}).get("combined", {})
             over = hb.get("over_seeds") or {}
-            rows.append([head, name, *(_num(comb.get(m)) for m in METRICS), _auc_cell(comb),
+            rows.append([head, name, *(_num(comb.get(m)) for m in METRICS), _num(comb.get("f1")), _auc_cell(comb),
                          _mean_sd(over.get("auc")), _num(hb.get("mcnemar_p_vs_centralized"))])
-    doc.table(["head", "arm", "ACC", "SEN", "SPE", "AUC [95% CI]", "AUC over seeds", "McNemar p vs centralized"], rows)
+    doc.table(["head", "arm", "ACC", "SEN", "SPE", "F1", "AUC [95% CI]", "AUC over seeds", "McNemar p vs centralized"],
+              rows)
     doc.p("One network segments and classifies (Ren et al.); each head is scored on the test cases whose label is "
           "known. A binary head's SEN/SPE are those of its second class (mutant, codeleted, methylated); grade's are "
           "macro averages over its classes.")

@@ -5,14 +5,17 @@ No site sends its images or its model's weights. Each round, for every network o
 
 1. The server sends the global multi-task network (:class:`synthlearn.models.multitask.MultiTaskUNet`).
 2. A site **compresses** its training cases into a few synthetic samples per class of the first head (IDH):
-   "knowledge refining" with a *compression loss* that makes the global model's response to the compressed data
-   that to its real data. We read that loss as gradient matching (Zhao et al. 2021, dataset condensation): the
-   compressed images are optimised (Adam) so that the gradient of the multi-task loss on them matches, layer by
-   layer in cosine distance, the gradient on the site's real cases of the same class. Each compressed image starts
-   from seeded Gaussian noise (never from a real case) and is paired with a synthetic tumour label map (concentric
-   spheres: necrosis in enhancing rim in oedema, at a random centre and size) that no real case contributed to.
-   The site also computes **soft labels**: the global model's mean predicted distribution, per head, over its real
-   cases of that class, and each head's distribution of known labels among them (the compressed samples' targets).
+   "knowledge refining" with a *compression loss* that makes "the output of the model when processing the compressed
+   data as close as possible to its performance when processing the original data, such as the extracted features
+   or the predicted classification probability" (the paper). We read it as distribution matching (Zhao & Bilen 2023)
+   under the global model: the compressed images are optimised (Adam) so that their mean embedding (the bottleneck's
+   global average and, for voxel heads, the heads' trunk averaged over the tumour) equals that of the site's real
+   cases of the class, their mean predicted distribution per head equals the real cases' (KL), and the model draws
+   their label map on them (segmentation loss). Each compressed image starts from seeded Gaussian noise (never from
+   a real case) and is paired with a synthetic tumour label map (concentric spheres: necrosis in an enhancing rim
+   in oedema, at a random centre and size) that no real case contributed to. The site also computes **soft
+   labels**: the global model's mean predicted distribution, per head, over its real cases of that class, and each
+   head's distribution of known labels among them (the compressed samples' targets).
 3. The site returns only the compressed samples, their synthetic label maps, the targets and the soft labels
    (:func:`compress_site`; ``bytes_from_sites`` is summed from those messages).
 4. The server trains the global model on every site's compressed samples with the multi-task loss (segmentation on
@@ -49,7 +52,11 @@ from synthlearn.tasks.model import init_model
 from synthlearn.tasks.setup import TrainingSetup, model_names, split_name
 from synthlearn.training.learning_check import summarise_checks
 from synthlearn.training.seeding import derive_seed, torch_generator
-from synthlearn.training.trainer import load_batch, make_optimizer, multitask_loss, segmentation_loss
+from synthlearn.training.trainer import (
+    load_batch,
+    make_optimizer,
+    segmentation_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class FedKDConfig:
     Attributes:
         rounds: communication rounds.
         per_class: compressed samples per class of the first head, per site and network.
-        compress_steps: optimisation steps of the compressed samples per round.
+        compress_steps: optimisation steps of the compressed samples per round (:func:`compression_loss`).
         compress_lr: Adam learning rate of the compressed images.
         server_epochs: epochs the server trains the global model per round on the compressed samples.
         server_lr: the server's learning rate (AdamW; the study's ``train.lr`` when 0).
@@ -139,17 +146,58 @@ def _head_terms(head_logits: Sequence[torch.Tensor], targets: Sequence[torch.Ten
     return total
 
 
-def _grad_distance(real: Sequence[torch.Tensor | None], syn: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Layer-wise gradient distance of dataset condensation (Zhao et al. 2021): for every weight tensor of two or more
-    dimensions, the sum over its output channels of ``1 - cos(g_real, g_syn)`` (biases and norm scales left out)."""
-    total = None
-    for gr, gs in zip(real, syn):
-        if gr is None or gs is None or gr.ndim < 2:
-            continue
-        a, b = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
-        d = (1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8)).sum()
-        total = d if total is None else total + d
-    return total if total is not None else torch.zeros(())
+def _soft_loss(net: torch.nn.Module, x: torch.Tensor, seg: torch.Tensor, targets: Sequence[torch.Tensor]
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The multi-task loss of samples with label maps ``seg`` and per head target distributions ``(B, K_h)``, and per
+    head the samples' ``(B, K_h)`` class log-probabilities. A network with voxel heads is scored as it trains: its
+    heads' voxel log-probabilities averaged over each map's tumour (what :func:`multitask_voxel_loss` does with hard
+    labels; the map gives the tumour, so the loss is smooth in the images); others through ``forward_all``."""
+    if getattr(net, "voxel_heads", False):
+        seg_logits, voxels = net.forward_voxels(x)
+        tumour = (seg > 0).unsqueeze(1).float()
+        n = tumour.flatten(1).sum(1).clamp_min(1.0)
+        log_cases = [(F.log_softmax(v.float(), 1) * tumour).flatten(2).sum(-1) / n[:, None] for v in voxels]
+        terms = seg_logits.new_zeros(()).float()
+        for lp, q in zip(log_cases, targets):
+            known = q.sum(1) > 0
+            if known.any():
+                terms = terms - (q[known] * lp[known]).sum(1).mean()
+        return segmentation_loss(seg_logits, seg) + terms / max(len(voxels), 1), log_cases
+    seg_logits, heads = net.forward_all(x)
+    return segmentation_loss(seg_logits, seg) + _head_terms(heads, targets), [F.log_softmax(h.float(), 1) for h in heads]
+
+
+def _embed(net: torch.nn.Module, x: torch.Tensor, seg: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """What the compression matches: ``(B, D)`` embeddings (the bottleneck's global average, and for voxel heads their
+    trunk's features averaged over the tumour of ``seg``), the segmentation logits, and per head ``(B, K_h)`` class
+    log-probabilities (voxel heads: averaged over the tumour of ``seg``)."""
+    pooled: list[torch.Tensor] = []
+    seg_logits, feats = net._decode(x, pooled=pooled)
+    emb = [pooled[0]]
+    if getattr(net, "voxel_heads", False):
+        tumour = (seg > 0).unsqueeze(1).float()
+        n = tumour.flatten(1).sum(1).clamp_min(1.0)[:, None]
+        trunk = net.branch(torch.cat([feats.detach(), x], dim=1))
+        emb.append((trunk * tumour).flatten(2).sum(-1) / n)
+        log_cases = [(F.log_softmax(h(trunk).float(), 1) * tumour).flatten(2).sum(-1) / n for h in net.heads]
+    else:
+        _, heads = net.forward_all(x)
+        log_cases = [F.log_softmax(h.float(), 1) for h in heads]
+    return torch.cat(emb, dim=1), seg_logits, log_cases
+
+
+def compression_loss(net: torch.nn.Module, syn: torch.Tensor, syn_seg: torch.Tensor, target_embedding: torch.Tensor,
+                     target_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The compression loss of one class's compressed samples ``syn (M, C, *S)`` with maps ``syn_seg``: the squared
+    distance between their mean embedding and the real cases' ``target_embedding (D,)``, the KL divergence from the
+    real cases' mean predicted distribution per head to theirs, and the segmentation loss of their maps."""
+    emb, seg_logits, log_cases = _embed(net, syn, syn_seg)
+    loss = ((emb.mean(0) - target_embedding) ** 2).sum() + segmentation_loss(seg_logits, syn_seg)
+    for lp, q in zip(log_cases, target_probs):
+        mean_p = lp.exp().mean(0).clamp_min(1e-8)
+        loss = loss + (q * (q.clamp_min(1e-8).log() - mean_p.log())).sum()
+    return loss
 
 
 @dataclasses.dataclass
@@ -206,7 +254,6 @@ def compress_site(net: torch.nn.Module, dataset, head_targets: Sequence[Sequence
     y = torch.as_tensor(np.asarray(head_targets, dtype=np.int64)).reshape(len(dataset), len(head_sizes))
     images, seg = load_batch(dataset, list(range(len(dataset))))
     net.eval()
-    params = [p for p in net.parameters() if p.requires_grad]
     gen = torch_generator(seed, "fedkd-compress", name)
     out_images, out_seg, out_targets, out_soft = [], [], [[] for _ in head_sizes], [[] for _ in head_sizes]
     for c in range(head_sizes[0]):
@@ -215,27 +262,22 @@ def compress_site(net: torch.nn.Module, dataset, head_targets: Sequence[Sequence
             continue
         xr, sr, yr = images[members], seg[members], y[members]
         with torch.no_grad():
-            _, head_logits = net.forward_all(xr)
-        soft = [torch.softmax(t.float(), 1).mean(0) for t in head_logits]
+            emb_real, _, log_real = _embed(net, xr, sr)
+        soft = [lp.exp().mean(0) for lp in log_real]
+        target = emb_real.mean(0)
         dists = []
         for h, k in enumerate(head_sizes):
             known = yr[:, h][yr[:, h] >= 0]
             dists.append(torch.bincount(known, minlength=k).float() / max(len(known), 1))
-        real_loss = multitask_loss(*net.forward_all(xr), sr, yr)
-        g_real = [g.detach() if g is not None else None
-                  for g in torch.autograd.grad(real_loss, params, allow_unused=True)]
         m = cfg.per_class
         syn_seg = synthetic_label_maps(m, images.shape[2:], gen)
         syn = torch.randn((m, *images.shape[1:]), generator=gen).requires_grad_(True)
         syn_targets = [d.expand(m, -1) for d in dists]
         opt = torch.optim.Adam([syn], lr=cfg.compress_lr)
         for _ in range(cfg.compress_steps):
-            seg_logits, heads = net.forward_all(syn)
-            loss = segmentation_loss(seg_logits, syn_seg) + _head_terms(heads, syn_targets)
-            g_syn = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            dist = _grad_distance(g_real, g_syn)
+            loss = compression_loss(net, syn, syn_seg, target, soft)
             opt.zero_grad(set_to_none=True)
-            dist.backward()
+            loss.backward()
             opt.step()
         out_images.append(syn.detach())
         out_seg.append(syn_seg)
@@ -271,12 +313,11 @@ def server_update(net: torch.nn.Module, sets: Sequence[CompressedSet], setup: Tr
         total, batches = 0.0, 0
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
-            seg_logits, heads = net.forward_all(images[idx])
-            loss = segmentation_loss(seg_logits, seg[idx]) + _head_terms(heads, [q[idx] for q in targets])
+            loss, log_cases = _soft_loss(net, images[idx], seg[idx], [q[idx] for q in targets])
             if cfg.distill_weight > 0:
-                kl = sum(F.kl_div(F.log_softmax(h.float() / t, 1), p[idx].clamp_min(1e-8) ** (1.0 / t)
+                kl = sum(F.kl_div(F.log_softmax(lp / t, 1), p[idx].clamp_min(1e-8) ** (1.0 / t)
                                   / (p[idx].clamp_min(1e-8) ** (1.0 / t)).sum(1, keepdim=True), reduction="batchmean")
-                         for h, p in zip(heads, soft))
+                         for lp, p in zip(log_cases, soft))
                 loss = loss + cfg.distill_weight * t * t * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -378,5 +419,5 @@ ARM = ArmSpec(name="fedkd", run=run, config=FedKDConfig, task_kinds=("multitask"
               description="sites send compressed samples and soft labels, never images or weights; the server "
                           "trains the multi-task model on them with a distillation loss (paper 001)")
 
-__all__ = ["ARM", "CompressedSet", "FedKDConfig", "FedKDProtocol", "compress_site", "server_update",
+__all__ = ["ARM", "CompressedSet", "FedKDConfig", "FedKDProtocol", "compress_site", "compression_loss", "server_update",
            "synthetic_label_maps"]

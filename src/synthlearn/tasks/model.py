@@ -55,7 +55,7 @@ def build_network(setup: TrainingSetup, stage: Stage) -> torch.nn.Module:
 
         return MultiTaskUNet(setup.preprocess.spatial_dims, len(setup.sequences), stage.num_classes, stage.head_sizes,
                              channels=setup.model.channels, norm_num_groups=setup.model.norm_num_groups,
-                             dropout=setup.model.dropout)
+                             dropout=setup.model.dropout, pool=setup.model.multitask_pool)
     return build_classifier(setup.model, out_channels=stage.num_classes, in_channels=len(setup.sequences),
                             spatial_dims=setup.preprocess.spatial_dims)
 

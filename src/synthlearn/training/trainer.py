@@ -304,6 +304,30 @@ def multitask_loss(seg_logits: torch.Tensor, head_logits: Sequence[torch.Tensor]
     return loss
 
 
+def multitask_voxel_loss(seg_logits: torch.Tensor, voxel_logits: Sequence[torch.Tensor], seg: torch.Tensor,
+                         head_targets: torch.Tensor, head_weights: Sequence[torch.Tensor | None] = (),
+                         normalisation: str = "case") -> torch.Tensor:
+    """The multi-task loss of voxel heads (``MultiTaskUNet(pool="voxel")``): :func:`segmentation_loss` plus the mean over
+    heads of :func:`voxel_loss` of each head's ``(B, K_h, *S)`` voxel logits on the true tumour voxels of the cases whose
+    label is known (a case with an unknown label contributes no voxel).
+
+    Args:
+        head_targets: ``(B, H)`` int64 class per head, -1 = unknown.
+        normalisation: as :func:`voxel_loss` (``case``: every case's tumour weighs the same).
+    """
+    if head_targets.ndim != 2 or head_targets.shape != (seg.shape[0], len(voxel_logits)):
+        raise ValueError(f"head targets must be (B, {len(voxel_logits)}), found {tuple(head_targets.shape)}")
+    heads = seg_logits.new_zeros(()).float()
+    for h, logits in enumerate(voxel_logits):
+        t = head_targets[:, h]
+        known = (t >= 0).view(-1, *([1] * (seg.ndim - 1)))
+        w = head_weights[h] if h < len(head_weights) else None
+        heads = heads + voxel_loss(logits, seg * known, t.clamp_min(0), w, normalisation)
+    # the mean over heads: their sum (four voxel losses on the same last-level features) made the segmentation
+    # collapse to "no tumour" on the phantom (docs/benchmarks.md section 24)
+    return segmentation_loss(seg_logits, seg) + heads / max(len(voxel_logits), 1)
+
+
 def poly_lr(base_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
     """nnU-Net's polynomial decay ``base_lr * (1 - epoch / total) ** exponent``."""
     return base_lr * (1.0 - min(epoch, total_epochs) / max(total_epochs, 1)) ** exponent
@@ -410,7 +434,8 @@ def train_model(
             Dice + cross-entropy over every voxel; ``targets`` and class weighting unused) instead of the case
             class on the tumour voxels.
         heads: classes of each classification head of a multi-task network (``model.forward_all`` gives the
-            segmentation logits and the heads'; :func:`multitask_loss`); ``targets`` is then one tuple per case of
+            segmentation logits and the heads', :func:`multitask_loss`; a network with ``voxel_heads`` trains its
+            heads' voxel logits, :func:`multitask_voxel_loss`); ``targets`` is then one tuple per case of
             a class per head, -1 where unknown; with ``class_weighting = "balanced"`` each head weighs its classes
             over its known labels.
 
@@ -493,11 +518,16 @@ def train_model(
             images, seg = images.to(device, non_blocking=True), seg.to(device, non_blocking=True)
             batch_targets = targets_t[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if heads:
+                if heads and getattr(model, "voxel_heads", False):
+                    logits, head_logits = model.forward_voxels(images)
+                elif heads:
                     logits, head_logits = model.forward_all(images)
                 else:
                     logits = model(images)
-            if heads:
+            if heads and getattr(model, "voxel_heads", False):
+                loss = multitask_voxel_loss(logits, head_logits, seg, batch_targets, head_weights,
+                                            cfg.loss_normalisation)
+            elif heads:
                 loss = multitask_loss(logits, head_logits, seg, batch_targets, head_weights)
             elif segmentation:
                 loss = segmentation_loss(logits, seg)
