@@ -437,7 +437,7 @@ def test_multitask_segments_and_classifies_every_marker_with_unknown_labels_mask
             comb = hb["test"]["combined"]
             assert comb["n"] == block["test"]["combined"]["n"] and 0.0 <= comb["acc"] <= 1.0, (arm, head)
             assert hb["over_seeds"]["n_seeds"] == 2 and set(hb["per_seed"]) == {"0", "1"}
-        assert (out / arm / "predictions-grade.csv").is_file()
+        assert (out / arm / "predictions-grade.csv").is_file() and (out / arm / "figures" / "gradcam.png").is_file()
     assert "mcnemar_p_vs_centralized" in results["arms"]["fedavg"]["heads"]["idh"]  # paired with centralized's head
     from synthlearn.models.multitask import MultiTaskUNet
     from synthlearn.tasks.model import TaskModel

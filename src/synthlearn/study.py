@@ -399,6 +399,22 @@ def _write_overlay(test_cases: Sequence[CaseRecord], dataset, label_maps: np.nda
     plot_segmentation_overlay(items, path, title=title, sequences=test_cases[0].sequences)
 
 
+def _write_gradcam(test_cases: Sequence[CaseRecord], dataset, model: TaskModel, path: Path, title: str,
+                   max_cases: int = 4) -> None:
+    """A grid of test cases (rows): t1c, then the Grad-CAM map of every head of the model's first fold."""
+    from synthlearn.evaluate.gradcam import head_gradcam
+    from synthlearn.report.grid import plot_gradcam
+
+    n = min(max_cases, len(test_cases))
+    images = np.stack([dataset.arrays(i)[0] for i in range(n)])
+    stage = model.task.stages[0]
+    net = model.networks[f"{stage.name}/fold-0"]
+    maps = {head.name: head_gradcam(net, images, h) for h, head in enumerate(stage.heads)}
+    items = [(f"{test_cases[i].site}/{test_cases[i].case_id}", images[i], dataset.arrays(i)[1],
+              {h: m[i] for h, m in maps.items()}) for i in range(n)]
+    plot_gradcam(items, path, title=title, sequences=test_cases[0].sequences)
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def seed_dir(out: str | Path, arm: str, seed_index: int, seed: int) -> Path:
     """The folder of ``arm`` trained with the run's ``seed_index``-th seed: ``out/<arm>`` for the primary seed,
@@ -746,6 +762,13 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
                                f"{arm}{'' if label == arm else ':' + label}: truth | prediction")
             except Exception as exc:  # noqa: BLE001 - a figure must never lose the results
                 log.warning("segmentation overlay not written: %s: %s", type(exc).__name__, exc)
+            if task.is_multitask:
+                try:
+                    _write_gradcam(test_cases, cache.dataset(test_cases), output.models[label],
+                                   arm_dir / "figures" / "gradcam.png",
+                                   f"{arm}{'' if label == arm else ':' + label}: Grad-CAM of every head (fold 0)")
+                except Exception as exc:  # noqa: BLE001 - a figure must never lose the results
+                    log.warning("Grad-CAM figure not written: %s: %s", type(exc).__name__, exc)
     else:
         rows = predict_test_cases(output.models, test_cases, cache, progress=progress)
         atomic_write_text(arm_dir / "predictions.csv", _predictions_csv(rows, task.class_names))

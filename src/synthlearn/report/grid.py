@@ -207,3 +207,59 @@ def plot_segmentation_overlay(items: Sequence[tuple[str, np.ndarray, np.ndarray,
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_gradcam(items: Sequence[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray]]], out: str | Path,
+                 title: str | None = None, sequences: Sequence[str] = SEQUENCES) -> Path:
+    """Cases (rows) at the slice of largest true tumour: t1c (or the first sequence) with the true tumour outlined,
+    then one Grad-CAM map per classification head overlaid.
+
+    Args:
+        items: ``(row title, image (C, *S), truth (*S), {head: map (*S) in [0, 1]})`` per case (2D or 3D).
+        out: PNG to write.
+        title: figure title.
+        sequences: the images' channels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not items:
+        raise ValueError("no cases to draw")
+    heads = list(items[0][3])
+    shown = "t1c" if "t1c" in sequences else sequences[0]
+    n = len(items)
+    fig, axes = plt.subplots(n, 1 + len(heads), figsize=(2.3 * (1 + len(heads)), 2.4 * n + 0.6), squeeze=False)
+    for r, (label, image, truth, maps) in enumerate(items):
+        if truth.ndim == 2:  # a 2D study
+            image, truth = image[..., None], truth[..., None]
+            maps = {h: m[..., None] for h, m in maps.items()}
+        z = largest_tumour_slice(truth, image)
+        back = image[list(sequences).index(shown)][:, :, z]
+        lo, hi = np.percentile(back, [0.5, 99.5]) if back.size else (0.0, 1.0)
+        for c, head in enumerate([None, *heads]):
+            ax = axes[r, c]
+            ax.imshow(np.rot90(back)[:, ::-1], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                      interpolation="nearest")
+            if head is not None:
+                ax.imshow(np.rot90(maps[head][:, :, z])[:, ::-1], cmap="jet", vmin=0, vmax=1, alpha=0.45,
+                          interpolation="bilinear")
+            mask = truth[:, :, z] > 0
+            if mask.any() and not mask.all():
+                ax.contour(np.rot90(mask.astype(float))[:, ::-1], levels=[0.5], colors="white", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(shown if head is None else f"Grad-CAM {head}", fontsize=9)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.text(0.5, 0.005, "white: true tumour outline; colour: Grad-CAM of each head's predicted class (0-1)",
+             ha="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97 if title else 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
