@@ -86,8 +86,9 @@ class StudyConfig:
     Attributes:
         study: the study folder (relative paths are relative to the working directory); the CLI's
             ``--study`` overrides it.
-        task: ``idh``, ``tumor_type``, ``segmentation`` or any label column of the study (``study.json``'s
-            ``labels``; :func:`synthlearn.tasks.get_task`), checked against the study when the run opens it.
+        task: ``idh``, ``tumor_type``, ``segmentation``, ``multitask`` (segmentation + one head per label column,
+            Ren et al.) or any label column of the study (``study.json``'s ``labels``; :func:`synthlearn.tasks.get_task`),
+            checked against the study when the run opens it.
         arms: arms to run, in order (``centralized`` first: the others are tested against it).
         seed: run seed (every arm uses it the same way), when ``seeds`` is empty.
         seeds: task-model seeds: every arm's task model is trained once per seed, with the same splits, data and
@@ -177,7 +178,6 @@ class StudyConfig:
         return TrainingSetup(task=self.task, n_folds=self.n_folds, seed=self.run_seeds[0], preprocess=self.preprocess,
                              model=self.model, train=self.train, sequences=study.sequences,
                              label_values={} if study.labels == GLIOMA_LABELS else dict(study.labels.columns))
-
 
     def arm_config(self, name: str) -> Any:
         """The settings of arm ``name``: those read from its table, else its defaults (None without settings)."""
