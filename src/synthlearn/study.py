@@ -87,8 +87,8 @@ class StudyConfig:
         study: the study folder (relative paths are relative to the working directory); the CLI's
             ``--study`` overrides it.
         task: ``idh``, ``tumor_type``, ``segmentation``, ``multitask`` (segmentation + one head per label column,
-            Ren et al.) or any label column of the study (``study.json``'s ``labels``; :func:`synthlearn.tasks.get_task`),
-            checked against the study when the run opens it.
+            Ren et al.) or any label column of the study (``study.json``'s ``labels``;
+            :func:`synthlearn.tasks.get_task`), checked against the study when the run opens it.
         arms: arms to run, in order (``centralized`` first: the others are tested against it).
         seed: run seed (every arm uses it the same way), when ``seeds`` is empty.
         seeds: task-model seeds: every arm's task model is trained once per seed, with the same splits, data and

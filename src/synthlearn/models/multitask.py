@@ -100,19 +100,22 @@ class MultiTaskUNet(nn.Module):
         self.encoder = nn.ModuleList()
         prev = in_channels
         for width in channels:
-            self.encoder.append(nn.Sequential(_conv(spatial_dims, prev, width, g), _conv(spatial_dims, width, width, g)))
+            self.encoder.append(nn.Sequential(_conv(spatial_dims, prev, width, g),
+                                              _conv(spatial_dims, width, width, g)))
             prev = width
         self.pool = (nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d)(2)
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for width in reversed(channels[:-1]):
             self.upsample.append(_conv(spatial_dims, prev, width, g, kernel=2, strides=2, transposed=True))
-            self.decoder.append(nn.Sequential(_conv(spatial_dims, 2 * width, width, g), _conv(spatial_dims, width, width, g)))
+            self.decoder.append(nn.Sequential(_conv(spatial_dims, 2 * width, width, g),
+                                              _conv(spatial_dims, width, width, g)))
             prev = width
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.seg_head = conv(prev, seg_classes, kernel_size=1)
         if pool == "voxel":  # a trunk of their own on the input and the last decoder level, a 1x1 conv per head
-            self.branch = nn.Sequential(_conv(spatial_dims, prev + in_channels, prev, g), _conv(spatial_dims, prev, prev, g))
+            self.branch = nn.Sequential(_conv(spatial_dims, prev + in_channels, prev, g),
+                                        _conv(spatial_dims, prev, prev, g))
             self.heads = nn.ModuleList(nn.Sequential(nn.Dropout(dropout), conv(prev, k, kernel_size=1))
                                        for k in self.head_classes)
         else:

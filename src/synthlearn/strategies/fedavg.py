@@ -231,19 +231,19 @@ def state_nbytes(states: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
 ServerProgress = FederationState
 
 
-class FedAvgProtocol(RoundProtocol):
-    """FedAvg as a round protocol: the server sends every network's global weights; a site trains them
-    ``local_epochs`` on its own cases (:func:`site_update`) and returns its weights, its training cases per network
-    and its losses; the server averages each network with its own case counts (:func:`aggregate`).
+class TaskModelProtocol(RoundProtocol):
+    """A round protocol whose server state is the task model's networks (one state dict per ``<stage>/fold-<k>``),
+    initialised as every arm initialises them; FedAvg and FedKD are such protocols.
 
     Args:
         setup: the shared task-model training setup.
-        cfg: rounds, local epochs, timeouts, threads.
+        cfg: the arm's settings (``rounds``, ``start_timeout_s``, ``round_timeout_s``, ``threads_per_site``,
+            ``parallel_sites`` and the arm's own).
         cache: preprocessed cases to share with the caller when the sites run in this process (never pickled into a
             site's process: there each site keeps its own between rounds).
     """
 
-    def __init__(self, setup: TrainingSetup, cfg: FedAvgConfig, cache: DatasetCache | None = None):
+    def __init__(self, setup: TrainingSetup, cfg: Any, cache: DatasetCache | None = None):
         self.setup = setup
         self.cfg = cfg
         self.cache = cache
@@ -259,10 +259,20 @@ class FedAvgProtocol(RoundProtocol):
     def initial_state(self) -> dict[str, StateDict]:
         return initial_states(self.setup)
 
+    def site_cache(self, memory: dict[str, Any]) -> DatasetCache:
+        """The preprocessed cases of the site this process plays (the caller's cache when in process)."""
+        return self.cache or memory.setdefault("cache", DatasetCache(self.setup.preprocess))
+
+
+class FedAvgProtocol(TaskModelProtocol):
+    """FedAvg as a round protocol: the server sends every network's global weights; a site trains them
+    ``local_epochs`` on its own cases (:func:`site_update`) and returns its weights, its training cases per network
+    and its losses; the server averages each network with its own case counts (:func:`aggregate`)."""
+
     def site_round(self, site: SiteRecord, rnd: int, arrays, config, *, state_dir: Path,
                    memory: dict[str, Any]) -> tuple[dict[str, StateDict], dict[str, Any]]:
-        cache = self.cache or memory.setdefault("cache", DatasetCache(self.setup.preprocess))
-        upd = site_update(arrays, site.cases, self.setup, self.cfg, rnd, state_dir=state_dir, cache=cache)
+        upd = site_update(arrays, site.cases, self.setup, self.cfg, rnd, state_dir=state_dir,
+                          cache=self.site_cache(memory))
         metrics: dict[str, Any] = {"num-examples": int(sum(upd.num_examples.values()))}
         for name, n in upd.num_examples.items():
             metrics[f"n{KEY_SEP}{name}"] = int(n)

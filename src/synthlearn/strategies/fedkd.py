@@ -42,11 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from synthlearn.data.contract import SiteRecord
-from synthlearn.protocol import RoundProtocol, SiteReply, run_protocol_inprocess
+from synthlearn.protocol import SiteReply, run_protocol_inprocess
 from synthlearn.strategies.base import ArmContext, ArmOutput
-from synthlearn.strategies.fedavg import federated_learning_check, initial_states, task_model_from_states
+from synthlearn.strategies.fedavg import TaskModelProtocol, federated_learning_check, task_model_from_states
 from synthlearn.strategies.registry import ArmSpec
-from synthlearn.tasks.cache import DatasetCache
 from synthlearn.tasks.folds import stage_data
 from synthlearn.tasks.model import init_model
 from synthlearn.tasks.setup import TrainingSetup, model_names, split_name
@@ -135,7 +134,8 @@ def synthetic_label_maps(n: int, shape: Sequence[int], generator: torch.Generato
 
 
 def _head_terms(head_logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of each head against target distributions ``(B, K_h)`` (rows of zeros: no known label, left out)."""
+    """Cross-entropy of each head against target distributions ``(B, K_h)`` (rows of zeros, no known label: left
+    out)."""
     total = head_logits[0].new_zeros(()) if head_logits else torch.zeros(())
     for logits, q in zip(head_logits, targets):
         known = q.sum(1) > 0
@@ -164,7 +164,8 @@ def _soft_loss(net: torch.nn.Module, x: torch.Tensor, seg: torch.Tensor, targets
                 terms = terms - (q[known] * lp[known]).sum(1).mean()
         return segmentation_loss(seg_logits, seg) + terms / max(len(voxels), 1), log_cases
     seg_logits, heads = net.forward_all(x)
-    return segmentation_loss(seg_logits, seg) + _head_terms(heads, targets), [F.log_softmax(h.float(), 1) for h in heads]
+    log_cases = [F.log_softmax(h.float(), 1) for h in heads]
+    return segmentation_loss(seg_logits, seg) + _head_terms(heads, targets), log_cases
 
 
 def _embed(net: torch.nn.Module, x: torch.Tensor, seg: torch.Tensor
@@ -324,7 +325,8 @@ def server_update(net: torch.nn.Module, sets: Sequence[CompressedSet], setup: Tr
             optimizer.step()
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"fedkd {name}: server loss became {value} in round {rnd}; lower fedkd.server_lr")
+                raise FloatingPointError(f"fedkd {name}: server loss became {value} in round {rnd}; "
+                                         "lower fedkd.server_lr")
             total += value
             batches += 1
         losses.append(total / max(batches, 1))
@@ -332,30 +334,14 @@ def server_update(net: torch.nn.Module, sets: Sequence[CompressedSet], setup: Tr
     return losses
 
 
-class FedKDProtocol(RoundProtocol):
+class FedKDProtocol(TaskModelProtocol):
     """FedKD as a round protocol: the server sends every network's global weights; a site returns, per network, its
     compressed set (:func:`compress_site`); the server trains each network on the sites' sets
     (:func:`server_update`). What a site returns is checked on arrival (names and shapes)."""
 
-    def __init__(self, setup: TrainingSetup, cfg: FedKDConfig, cache: DatasetCache | None = None):
-        self.setup = setup
-        self.cfg = cfg
-        self.cache = cache
-        self.rounds = cfg.rounds
-        self.start_timeout_s = cfg.start_timeout_s
-        self.round_timeout_s = cfg.round_timeout_s
-        self.threads_per_site = cfg.threads_per_site
-        self.parallel_sites = cfg.parallel_sites
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "cache": None}
-
-    def initial_state(self) -> dict[str, StateDict]:
-        return initial_states(self.setup)
-
     def site_round(self, site: SiteRecord, rnd: int, arrays, config, *, state_dir: Path,
                    memory: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        cache = self.cache or memory.setdefault("cache", DatasetCache(self.setup.preprocess))
+        cache = self.site_cache(memory)
         data = stage_data(site.cases, self.setup)
         out: dict[str, dict[str, torch.Tensor]] = {}
         metrics: dict[str, Any] = {}
@@ -419,5 +405,5 @@ ARM = ArmSpec(name="fedkd", run=run, config=FedKDConfig, task_kinds=("multitask"
               description="sites send compressed samples and soft labels, never images or weights; the server "
                           "trains the multi-task model on them with a distillation loss (paper 001)")
 
-__all__ = ["ARM", "CompressedSet", "FedKDConfig", "FedKDProtocol", "compress_site", "compression_loss", "server_update",
-           "synthetic_label_maps"]
+__all__ = ["ARM", "CompressedSet", "FedKDConfig", "FedKDProtocol", "compress_site", "compression_loss",
+           "server_update", "synthetic_label_maps"]
