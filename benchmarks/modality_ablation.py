@@ -51,13 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--figure", type=Path, default=None, help="PNG of AUC per head and Dice per sequence set")
     args = ap.parse_args(argv)
+    from synthlearn.study import load_study_config
+
+    task = load_study_config(args.config).task  # a missing or malformed config is refused here, before any training
+    if task != "multitask":
+        raise SystemExit(f"{args.config}: expected a multi-task study config (task = \"multitask\"), found task = "
+                         f"{task!r}")
     rows = {}
     for seqs in SETS:
         name = "+".join(seqs)
         run = _run(args.config, args.study, seqs, args.seeds, args.out / name)
         block = run["results"]["arms"]["centralized"]
-        if run["results"].get("task_kind") != "multitask":
-            raise SystemExit(f"{args.config}: not a multi-task config (task_kind {run['results'].get('task_kind')})")
         per_head = {h: _stat([e["test"]["combined"]["auc"] for e in hb["per_seed"].values()
                               if e["test"]["combined"]["auc"] is not None])
                     for h, hb in block["heads"].items()}
