@@ -107,6 +107,13 @@ class RoundProtocol(abc.ABC):
         round_timeout_s: seconds the server waits for a round's replies.
         threads_per_site: torch threads of each site's process.
         parallel_sites: sites computing at the same time (0 = as many as the CPU cores allow).
+        per_site_messages: the server sends each site its own message (:meth:`site_message`; e.g. AsynDGAN's
+            generated images for that site's masks) instead of one message to all (:meth:`server_message`).
+        tolerate_missing: a round whose replies do not all arrive within ``round_timeout_s`` goes on with those
+            that did (at least one; the history entry names the missing sites) instead of failing.
+        checkpoint_every: the server saves its state every this many rounds (and after the last): protocols with
+            many cheap rounds (AsynDGAN: one per generator step) save less often; a resume repeats at most this
+            many rounds.
     """
 
     rounds: int = 1
@@ -114,6 +121,9 @@ class RoundProtocol(abc.ABC):
     round_timeout_s: float = 3600.0
     threads_per_site: int = 1
     parallel_sites: int = 0
+    per_site_messages: bool = False
+    tolerate_missing: bool = False
+    checkpoint_every: int = 1
 
     @abc.abstractmethod
     def initial_state(self) -> Arrays:
@@ -122,6 +132,22 @@ class RoundProtocol(abc.ABC):
     def server_message(self, rnd: int, state: Arrays) -> tuple[Arrays, Scalars]:
         """What the server sends every site in round ``rnd`` (1-based): by default its whole state."""
         return state, {}
+
+    def site_message(self, rnd: int, state: Arrays, site: str) -> tuple[Arrays, Scalars]:
+        """What the server sends site ``site`` in round ``rnd`` when :attr:`per_site_messages` is set. The runners
+        ask for every site's message of a round before sending any, so all are made from the same state."""
+        raise NotImplementedError(f"{type(self).__name__} sets per_site_messages but defines no site_message")
+
+    def messages(self, rnd: int, state: Arrays, sites: Sequence[str]) -> dict[str, tuple[Arrays, Scalars]]:
+        """Every site's message of round ``rnd`` (the same object for all unless :attr:`per_site_messages`)."""
+        if self.per_site_messages:
+            return {site: self.site_message(rnd, state, site) for site in sites}
+        message = self.server_message(rnd, state)
+        return {site: message for site in sites}
+
+    def should_checkpoint(self, rnd: int) -> bool:
+        """Whether the server saves its state after round ``rnd``."""
+        return rnd == self.rounds or rnd % max(1, int(self.checkpoint_every)) == 0
 
     @abc.abstractmethod
     def site_round(self, site: SiteRecord, rnd: int, arrays: Arrays, config: Scalars, *, state_dir: Path,
@@ -155,9 +181,10 @@ def run_protocol_inprocess(protocol: RoundProtocol, sites: Sequence[SiteRecord],
     memories: dict[str, dict[str, Any]] = {}
     for rnd in range(state.round + 1, protocol.rounds + 1):
         t0 = time.perf_counter()
-        arrays, config = protocol.server_message(rnd, state.states)
+        messages = protocol.messages(rnd, state.states, [s.name for s in sites])
         replies = []
         for site in sites:
+            arrays, config = messages[site.name]
             state.bytes_to_sites += arrays_nbytes(arrays)
             out, metrics = protocol.site_round(site, rnd, arrays, dict(config), state_dir=work_dir / "sites" / site.name,
                                                memory=memories.setdefault(site.name, {}))
@@ -166,7 +193,8 @@ def run_protocol_inprocess(protocol: RoundProtocol, sites: Sequence[SiteRecord],
         state.states, entry = protocol.aggregate(rnd, state.states, replies)
         state.round = rnd
         state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0, **entry})
-        state.save(checkpoint)
+        if protocol.should_checkpoint(rnd):
+            state.save(checkpoint)
         if on_round is not None:
             on_round(rnd, time.perf_counter() - t0)
     return state

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 ROUND_KEY = "round"
 #: the site's name in its reply's config record
 SITE_KEY = "site"
+#: round 0 of a federation whose server sends each site its own message: every site only names itself
+HELLO_ROUND = 0
 
 _SITE_MEMORY: dict[tuple[str, str], dict[str, Any]] = {}  # per site process: what a site keeps between rounds
 
@@ -65,6 +67,10 @@ class SiteApp:
         site = self.sites[int(context.node_config["partition-id"])]
         config = dict(msg.content[CONFIG_KEY])
         rnd = int(config.pop(ROUND_KEY))
+        if rnd == HELLO_ROUND:  # which site this node plays, so that the server can address it
+            content = RecordDict({ARRAYS_KEY: states_to_record({}), METRICS_KEY: MetricRecord({}),
+                                  CONFIG_KEY: ConfigRecord({SITE_KEY: site.name})})
+            return Message(content=content, reply_to=msg)
         arrays = record_to_states(msg.content[ARRAYS_KEY])
         memory = _SITE_MEMORY.setdefault((self.token, site.name), {})
         t0 = time.perf_counter()
@@ -109,19 +115,40 @@ def wait_for_sites(grid, num_sites: int, timeout_s: float) -> list[int]:
         time.sleep(0.2)
 
 
-def check_replies(replies: Sequence[Any], num_sites: int, rnd: int, timeout_s: float) -> None:
-    """Refuse a round with missing or failed replies (a study must not silently lose a site).
+def check_replies(replies: Sequence[Any], num_sites: int, rnd: int, timeout_s: float, *,
+                  tolerate_missing: bool = False) -> list[Any]:
+    """The good replies of a round. Missing or failed ones stop the study (it must not silently lose a site), unless
+    ``tolerate_missing`` (a protocol that goes on with the sites that answered; at least one must).
 
     Raises:
         FederationError: naming the failures and the timeout.
     """
     failed = [m for m in replies if m.has_error()]
+    good = [m for m in replies if not m.has_error()]
+    if tolerate_missing and good:
+        return good
     if failed or len(replies) < num_sites:
         reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
         raise FederationError(
             f"round {rnd}: {len(replies) - len(failed)} of {num_sites} sites replied (round timeout {timeout_s:g} s)"
             + (f"; failures: {reasons}" if reasons else "")
             + ". A site that stalls or crashes stops the study rather than biasing it.")
+    return good
+
+
+def identify_sites(grid, nodes: Sequence[int], timeout_s: float) -> dict[int, str]:
+    """Node id -> site name, asked of every node (round :data:`HELLO_ROUND`), for protocols that address sites.
+
+    Raises:
+        FederationError: a node did not answer within ``timeout_s``.
+    """
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    content = RecordDict({ARRAYS_KEY: states_to_record({}), CONFIG_KEY: ConfigRecord({ROUND_KEY: HELLO_ROUND})})
+    messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
+    replies = check_replies(list(grid.send_and_receive(messages, timeout=timeout_s)), len(nodes), HELLO_ROUND,
+                            timeout_s)
+    return {int(m.metadata.src_node_id): str(m.content[CONFIG_KEY][SITE_KEY]) for m in replies}
 
 
 def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names: list[str], checkpoint: Path,
@@ -130,14 +157,30 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     nodes = wait_for_sites(grid, len(site_names), protocol.start_timeout_s)
+    node_site = identify_sites(grid, nodes, protocol.start_timeout_s) if protocol.per_site_messages else {}
     for rnd in range(state.round + 1, protocol.rounds + 1):
         t0 = time.perf_counter()
-        arrays, config = protocol.server_message(rnd, state.states)
-        content = RecordDict({ARRAYS_KEY: states_to_record(arrays), CONFIG_KEY: ConfigRecord({**config, ROUND_KEY: rnd})})
-        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
-        state.bytes_to_sites += message_nbytes(messages[0]) * len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=protocol.round_timeout_s))
-        check_replies(replies, len(nodes), rnd, protocol.round_timeout_s)
+        if protocol.per_site_messages:
+            by_site = protocol.messages(rnd, state.states, [node_site[node] for node in nodes])
+            contents = {node: by_site[node_site[node]] for node in nodes}
+        else:
+            one = protocol.server_message(rnd, state.states)
+            contents = {node: one for node in nodes}
+        records: dict[int, tuple[Any, int]] = {}  # one record (and its size) for a message shared by every site
+        messages = []
+        for node, (arrays, config) in contents.items():
+            key = id(arrays)
+            if key not in records:
+                content = RecordDict({ARRAYS_KEY: states_to_record(arrays),
+                                      CONFIG_KEY: ConfigRecord({**config, ROUND_KEY: rnd})})
+                message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                records[key] = (content, message_nbytes(message))
+            else:
+                message = Message(content=records[key][0], message_type=MessageType.TRAIN, dst_node_id=node)
+            messages.append(message)
+            state.bytes_to_sites += records[key][1]
+        replies = check_replies(list(grid.send_and_receive(messages, timeout=protocol.round_timeout_s)), len(nodes),
+                                rnd, protocol.round_timeout_s, tolerate_missing=protocol.tolerate_missing)
         parsed = []
         for m in replies:
             state.bytes_from_sites += message_nbytes(m)
@@ -148,9 +191,15 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
             parsed.append(SiteReply(site, record_to_states(m.content[ARRAYS_KEY]), {**metrics, **text}))
         parsed.sort(key=lambda r: site_names.index(r.site))
         state.states, entry = protocol.aggregate(rnd, state.states, parsed)
+        missing = [s for s in site_names if s not in {r.site for r in parsed}]
+        if missing:
+            log.warning("round %d: no reply from %s within %g s; the round went on without", rnd, ", ".join(missing),
+                        protocol.round_timeout_s)
+            entry = {**entry, "missing_sites": missing}
         state.round = rnd
         state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0, **entry})
-        state.save(checkpoint)
+        if protocol.should_checkpoint(rnd):
+            state.save(checkpoint)
         if bar is not None:
             bar.update(1)
         log.info("round %d/%d aggregated (%.1f s)", rnd, protocol.rounds, time.perf_counter() - t0)
@@ -171,5 +220,5 @@ def make_server_app(protocol: RoundProtocol, state: FederationState, site_names:
     return app
 
 
-__all__ = ["ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "make_client_app", "make_server_app", "run_rounds",
-           "wait_for_sites"]
+__all__ = ["HELLO_ROUND", "ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "identify_sites", "make_client_app",
+           "make_server_app", "run_rounds", "wait_for_sites"]

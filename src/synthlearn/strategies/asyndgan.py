@@ -1,0 +1,676 @@
+"""The ``asyndgan`` arm: one generator at the server learning from a discriminator at each site (AsynDGAN, paper
+003, Algorithm 1), then the task model trained on the generator's images only.
+
+What crosses the site boundary, per :class:`AsynDGANProtocol` round:
+
+- round 1, **the conditioning disclosure**: each site sends the masks its images will be generated for (the
+  segmentation map and brain outline of every case, plus its label values when the generator is conditioned on
+  them). These are patient-derived data; the report says so (``disclosure`` in the arm's results);
+- every later round is one generator step: the server generates images for ``batch_size`` of each site's masks and
+  sends each site its own batch (generated images and which of its masks they are for); the site updates its
+  discriminator on (real, generated) pairs (:func:`discriminator_step`) and returns **only** the gradient of its
+  adversarial loss with respect to the generated images (:func:`adversarial_feedback`), of the batch's shape,
+  optionally clipped and noised per sample at the site (GS-WGAN); the server averages the sites' gradients,
+  back-propagates them through the generator and steps it. No L1 or perceptual term against the real images is
+  computed (the reference code's leak: PRIVACY.md) and neither network ever leaves where it lives.
+
+A site that does not answer within ``round_timeout_s`` is left out of that step (the round goes on with the others;
+the history names it). Afterwards the server generates ``samples_per_mask`` images for every shared mask
+(:func:`sample_synthetic`), writes them as a study of the data contract (``synthetic/``) and trains the same task
+model as every other arm on them.
+
+Intensities: a site maps its preprocessed (z-scored) images to the generator's ``[-1, 1]`` by dividing by
+``intensity_scale`` and clipping; the server maps generated images back and sets everything outside the brain
+outline to 0 (the contract's skull-stripped background).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synthlearn.data.contract import SEG_VALUES, CaseRecord, Labels, SiteRecord
+from synthlearn.models.gan import NormName, PatchDiscriminator, ResnetGenerator, sampling_mode
+from synthlearn.protocol import (
+    Arrays,
+    FederationError,
+    FederationState,
+    RoundProtocol,
+    SiteReply,
+    run_protocol_inprocess,
+)
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import ArmSpec
+from synthlearn.tasks.cache import DatasetCache
+from synthlearn.tasks.setup import TrainingSetup
+from synthlearn.training.checkpoint import load_checkpoint, save_checkpoint
+from synthlearn.training.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+#: tumour regions of the conditioning (one channel per non-zero segmentation value)
+TUMOUR_VALUES: tuple[int, ...] = tuple(v for v in SEG_VALUES if v)
+
+
+@dataclasses.dataclass(frozen=True)
+class AsynDGANConfig:
+    """AsynDGAN settings (the ``[asyndgan]`` table of a study config).
+
+    Attributes:
+        iterations: generator steps (rounds after the conditioning disclosure).
+        batch_size: masks per site per step (paper: 3 on BraTS).
+        generator_features, generator_blocks, generator_norm, dropout, generator_edge_kernel:
+            :class:`ResnetGenerator` (paper: 64, 9, batch, 0.5, 7).
+        discriminator_features, discriminator_layers, discriminator_norm: :class:`PatchDiscriminator` (paper: 64,
+            3, batch).
+        lr, beta1, beta2: Adam for both networks (paper: 2e-4, 0.5, 0.999).
+        gan_loss: ``vanilla`` (the paper's cross entropy; the generator's non-saturating form) or ``lsgan``.
+        feedback_clip: per-sample L2 bound of the gradient a site returns (0 = none).
+        feedback_noise: standard deviation of the Gaussian noise a site adds to each returned gradient, in units
+            of ``feedback_clip`` (GS-WGAN; needs ``feedback_clip``).
+        condition_on_labels: the generator also sees the case's label values (one constant channel per value of
+            every label column; needed for a classification task: the server labels synthetic cases with them).
+        intensity_scale: z-score units that map to 1 in the generator's range.
+        samples_per_mask: synthetic images generated per shared mask.
+        backend: ``flower`` (the real message path) or ``inprocess`` (the same rounds as function calls).
+        start_timeout_s, round_timeout_s: seconds to wait for sites to connect / for a step's replies (a site
+            later than that is left out of the step).
+        threads_per_site, parallel_sites: as for FedAvg.
+        checkpoint_every: the server and the sites save their networks every this many steps.
+        task_epochs: epochs of the task model on the synthetic cases (None = the study's).
+    """
+
+    iterations: int = 300
+    batch_size: int = 2
+    generator_features: int = 16
+    generator_blocks: int = 3
+    generator_norm: NormName = "batch"
+    dropout: float = 0.5
+    generator_edge_kernel: int = 7
+    discriminator_features: int = 16
+    discriminator_layers: int = 2
+    discriminator_norm: NormName = "batch"
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    gan_loss: Literal["vanilla", "lsgan"] = "vanilla"
+    feedback_clip: float = 0.0
+    feedback_noise: float = 0.0
+    condition_on_labels: bool = True
+    intensity_scale: float = 3.0
+    samples_per_mask: int = 1
+    backend: Literal["flower", "inprocess"] = "flower"
+    start_timeout_s: float = 120.0
+    round_timeout_s: float = 60.0
+    threads_per_site: int = 1
+    parallel_sites: int = 0
+    checkpoint_every: int = 50
+    task_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = {"iterations": self.iterations, "batch_size": self.batch_size, "samples_per_mask":
+                    self.samples_per_mask, "generator_features": self.generator_features, "discriminator_features":
+                    self.discriminator_features, "discriminator_layers": self.discriminator_layers,
+                    "threads_per_site": self.threads_per_site, "checkpoint_every": self.checkpoint_every}
+        for key, value in positive.items():
+            if int(value) < 1:
+                raise ValueError(f"asyndgan.{key} must be >= 1, found {value}")
+        if self.generator_blocks < 0:
+            raise ValueError(f"asyndgan.generator_blocks must be >= 0, found {self.generator_blocks}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"asyndgan.dropout must be in [0, 1), found {self.dropout}")
+        for key in ("lr", "intensity_scale", "start_timeout_s", "round_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"asyndgan.{key} must be > 0, found {getattr(self, key)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"asyndgan.beta1 and beta2 must be in [0, 1), found {self.beta1}, {self.beta2}")
+        if self.gan_loss not in ("vanilla", "lsgan"):
+            raise ValueError(f"asyndgan.gan_loss must be vanilla or lsgan, found {self.gan_loss!r}")
+        if self.feedback_clip < 0 or self.feedback_noise < 0:
+            raise ValueError("asyndgan.feedback_clip and feedback_noise must be >= 0")
+        if self.feedback_noise > 0 and self.feedback_clip == 0:
+            raise ValueError("asyndgan.feedback_noise needs feedback_clip > 0 (the noise is in units of the clip)")
+        if self.backend not in ("flower", "inprocess"):
+            raise ValueError(f"asyndgan.backend must be flower or inprocess, found {self.backend!r}")
+        if self.task_epochs is not None and self.task_epochs < 1:
+            raise ValueError(f"asyndgan.task_epochs must be >= 1, found {self.task_epochs}")
+
+
+# --------------------------------------------------------------------------------------------------- conditioning
+def label_sizes(setup: TrainingSetup, cfg: AsynDGANConfig) -> tuple[int, ...]:
+    """Values per label column the generator is conditioned on (empty without ``condition_on_labels``)."""
+    return tuple(len(values) for _, values in label_columns(setup)) if cfg.condition_on_labels else ()
+
+
+def label_columns(setup: TrainingSetup) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The study's label columns and values (the glioma defaults when it has none of its own)."""
+    from synthlearn.data.contract import LABEL_VALUES
+
+    schema = setup.labels
+    return schema.columns if schema is not None else tuple(LABEL_VALUES.items())
+
+
+def condition_channels(sizes: Sequence[int]) -> int:
+    """Channels of the generator's input: brain outline, one per tumour region, one per label value."""
+    return 1 + len(TUMOUR_VALUES) + int(sum(sizes))
+
+
+def make_condition(seg: torch.Tensor, brain: torch.Tensor, codes: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The generator's (and discriminators') conditioning maps.
+
+    Args:
+        seg: ``(B, *S)`` segmentation in contract values.
+        brain: ``(B, *S)`` brain outline (0/1).
+        codes: ``(B, L)`` index of each label column's value (-1 = unknown: its channels stay 0).
+        sizes: values per label column (``L`` entries; empty = no label channels).
+
+    Returns:
+        ``(B, condition_channels(sizes), *S)`` float in {0, 1}.
+    """
+    maps = [brain.float().unsqueeze(1)] + [(seg == v).float().unsqueeze(1) for v in TUMOUR_VALUES]
+    ones = torch.ones_like(maps[0])
+    for col, size in enumerate(sizes):
+        for value in range(size):
+            hit = (codes[:, col] == value).float().view(-1, *([1] * (maps[0].ndim - 1)))
+            maps.append(ones * hit)
+    return torch.cat(maps, dim=1)
+
+
+@dataclasses.dataclass
+class SiteData:
+    """One site's cases as the GAN sees them.
+
+    Attributes:
+        images: ``(N, C, *S)`` float32 in ``[-1, 1]``.
+        seg: ``(N, *S)`` uint8 segmentation.
+        brain: ``(N, *S)`` uint8 brain outline.
+        codes: ``(N, L)`` int16 label value indices (-1 unknown).
+    """
+
+    images: torch.Tensor
+    seg: torch.Tensor
+    brain: torch.Tensor
+    codes: torch.Tensor
+
+
+def load_site_data(cases: Sequence[CaseRecord], setup: TrainingSetup, cfg: AsynDGANConfig,
+                   cache: DatasetCache) -> SiteData:
+    """A site's preprocessed cases in the generator's range, with their masks and label codes.
+
+    Raises:
+        ValueError: a case has no segmentation (the generator draws images for masks), or the site has no case.
+    """
+    if not cases:
+        raise ValueError("asyndgan: the site has no training case")
+    view = cache.dataset(list(cases))
+    columns = label_columns(setup)
+    images, segs, brains, codes = [], [], [], []
+    for i, case in enumerate(cases):
+        x, seg = view.arrays(i)
+        if seg is None:
+            raise ValueError(f"asyndgan: case {case.site}/{case.case_id} has no segmentation; the generator draws "
+                             "images for masks, so every training case needs seg.nii.gz")
+        images.append(np.clip(np.asarray(x, np.float32) / cfg.intensity_scale, -1.0, 1.0))
+        segs.append(np.asarray(seg, np.uint8))
+        brains.append(np.any(np.asarray(x) != 0, axis=0).astype(np.uint8))
+        row = []
+        for column, values in columns:
+            value = case.labels.get(column) if case.labels is not None else None
+            row.append(values.index(value) if value in values else -1)
+        codes.append(row)
+    return SiteData(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(segs)),
+                    torch.from_numpy(np.stack(brains)), torch.tensor(codes, dtype=torch.int16).reshape(len(cases), -1))
+
+
+# -------------------------------------------------------------------------------------------------------- networks
+def build_generator(setup: TrainingSetup, cfg: AsynDGANConfig) -> ResnetGenerator:
+    dims = len(setup.preprocess.shape)
+    return ResnetGenerator(dims, condition_channels(label_sizes(setup, cfg)), len(setup.sequences),
+                           features=cfg.generator_features, n_blocks=cfg.generator_blocks, norm=cfg.generator_norm,
+                           dropout=cfg.dropout, edge_kernel=cfg.generator_edge_kernel)
+
+
+def build_discriminator(setup: TrainingSetup, cfg: AsynDGANConfig) -> PatchDiscriminator:
+    dims = len(setup.preprocess.shape)
+    return PatchDiscriminator(dims, condition_channels(label_sizes(setup, cfg)) + len(setup.sequences),
+                              features=cfg.discriminator_features, n_layers=cfg.discriminator_layers,
+                              norm=cfg.discriminator_norm)
+
+
+def _adam(params, cfg: AsynDGANConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# ---------------------------------------------------------------------------------------------------- the losses
+def gan_loss(logits: torch.Tensor, real: bool, kind: str = "vanilla") -> torch.Tensor:
+    """The adversarial loss of patch logits against "real" (1) or "fake" (0): binary cross entropy (``vanilla``)
+    or least squares (``lsgan``), averaged over patches and batch."""
+    target = torch.full_like(logits, 1.0 if real else 0.0)
+    if kind == "lsgan":
+        return F.mse_loss(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def _pair(condition: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor:
+    return images if condition is None else torch.cat([condition, images], dim=1)
+
+
+def discriminator_step(disc: torch.nn.Module, optimizer: torch.optim.Optimizer, condition: torch.Tensor | None,
+                       real: torch.Tensor, fake: torch.Tensor, kind: str = "vanilla") -> dict[str, float]:
+    """One update of a site's discriminator on real and generated pairs (Algorithm 1's D-update).
+
+    Args:
+        condition: ``(B, K, *S)`` conditioning maps (None: an unconditional GAN).
+        real, fake: ``(B, C, *S)``.
+
+    Returns:
+        ``loss_d`` and the mean probability the discriminator gives real and generated pairs before the update.
+    """
+    disc.train()
+    optimizer.zero_grad(set_to_none=True)
+    on_real, on_fake = disc(_pair(condition, real)), disc(_pair(condition, fake.detach()))
+    loss = 0.5 * (gan_loss(on_real, True, kind) + gan_loss(on_fake, False, kind))
+    loss.backward()
+    optimizer.step()
+    prob = (lambda t: float(torch.sigmoid(t).mean())) if kind == "vanilla" else (lambda t: float(t.mean()))
+    return {"loss_d": float(loss.detach()), "d_real": prob(on_real.detach()), "d_fake": prob(on_fake.detach())}
+
+
+def adversarial_feedback(disc: torch.nn.Module, condition: torch.Tensor | None, fake: torch.Tensor,
+                         kind: str = "vanilla", *, clip: float = 0.0, noise: float = 0.0,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """What a site returns: the gradient of the generator's adversarial loss against this site's discriminator
+    with respect to the generated images (and that loss). It reads the real images only through the
+    discriminator's weights.
+
+    Args:
+        fake: ``(B, C, *S)`` generated images as received.
+        clip: per-sample L2 bound (0 = none); noise: Gaussian noise std in units of ``clip`` (GS-WGAN).
+
+    Returns:
+        ``(grad, loss_g)``: ``grad`` of ``fake``'s shape.
+    """
+    x = fake.detach().clone().requires_grad_(True)
+    loss = gan_loss(disc(_pair(condition, x)), True, kind)
+    (grad,) = torch.autograd.grad(loss, x)
+    if clip > 0:
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        grad = grad * (clip / norms).clamp(max=1.0).view(-1, *([1] * (grad.ndim - 1)))
+        if noise > 0:
+            grad = grad + torch.randn(grad.shape, generator=generator) * (noise * clip)
+    return grad.detach(), float(loss.detach())
+
+
+# ---------------------------------------------------------------------------------------------------- the protocol
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": torch.as_tensor(v) for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, flat: Mapping[str, torch.Tensor]) -> None:
+    if not flat:
+        return
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        i, _, name = key.partition(".")
+        state.setdefault(int(i), {})[name] = value.clone()
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+class AsynDGANProtocol(RoundProtocol):
+    """AsynDGAN as a round protocol (module docstring): round 1 gathers each site's masks, each later round is one
+    generator step from the sites' discriminator feedback.
+
+    The server's state (checkpointed every ``checkpoint_every`` rounds): ``generator``, ``optimizer`` and one
+    ``masks/<site>`` group per site (``seg``, ``brain``, ``codes``). The generator and its optimizer live in this
+    object between rounds on the server; each site's discriminator lives in its process and its private folder.
+    """
+
+    per_site_messages = True
+    tolerate_missing = True
+
+    def __init__(self, setup: TrainingSetup, cfg: AsynDGANConfig, cache: DatasetCache | None = None):
+        self.setup = setup
+        self.cfg = cfg
+        self.cache = cache
+        self.rounds = cfg.iterations + 1
+        self.start_timeout_s = cfg.start_timeout_s
+        self.round_timeout_s = cfg.round_timeout_s
+        self.threads_per_site = cfg.threads_per_site
+        self.parallel_sites = cfg.parallel_sites
+        self.checkpoint_every = cfg.checkpoint_every
+        self.sizes = label_sizes(setup, cfg)
+        self._live: tuple[ResnetGenerator, torch.optim.Adam] | None = None
+        self._pending: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # what is pickled into the sites: settings only
+        return {**self.__dict__, "cache": None, "_live": None, "_pending": {}}
+
+    # ------------------------------------------------------------------------------------------------- server side
+    def initial_state(self) -> Arrays:
+        torch.manual_seed(derive_seed(self.setup.seed, "asyndgan", "generator"))
+        gen = build_generator(self.setup, self.cfg)
+        return {"generator": {k: v.detach().clone() for k, v in gen.state_dict().items()}, "optimizer": {}}
+
+    def generator(self, state: Arrays) -> tuple[ResnetGenerator, torch.optim.Adam]:
+        """The live generator and optimizer (built from ``state`` after a resume)."""
+        if self._live is None:
+            gen = build_generator(self.setup, self.cfg)
+            gen.load_state_dict(state["generator"])
+            opt = _adam(gen.parameters(), self.cfg)
+            _restore_optimizer(opt, state.get("optimizer", {}))
+            self._live = (gen, opt)
+        return self._live
+
+    def site_message(self, rnd: int, state: Arrays, site: str) -> tuple[Arrays, dict[str, Any]]:
+        if rnd == 1:
+            return {}, {"phase": "masks"}
+        masks = state.get(f"masks/{site}")
+        if masks is None:
+            raise FederationError(f"asyndgan: no masks of site {site} at the server (round 1 did not reach it)")
+        n = int(masks["seg"].shape[0])
+        rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "batch", rnd, site))
+        m = self.cfg.batch_size
+        index = torch.randperm(n, generator=rng)[:m] if n >= m else torch.randint(n, (m,), generator=rng)
+        gen, _ = self.generator(state)
+        gen.train()
+        cond = make_condition(masks["seg"][index].long(), masks["brain"][index], masks["codes"][index].long(),
+                              self.sizes)
+        fake = gen(cond)
+        self._pending[site] = (fake, rnd)
+        return {"fake": {"images": fake.detach()}, "batch": {"index": index.to(torch.int32)}}, {"phase": "step"}
+
+    def aggregate(self, rnd: int, state: Arrays, replies: Sequence[SiteReply]) -> tuple[Arrays, dict[str, Any]]:
+        if rnd == 1:
+            new = dict(state)
+            counts = {}
+            for r in replies:
+                new[f"masks/{r.site}"] = self._check_masks(r)
+                counts[r.site] = int(new[f"masks/{r.site}"]["seg"].shape[0])
+            return new, {"masks": counts}
+        gen, opt = self.generator(state)
+        opt.zero_grad(set_to_none=True)
+        used = []
+        for r in replies:
+            pending = self._pending.get(r.site)
+            grad = r.arrays.get("feedback", {}).get("grad")
+            if pending is None or pending[1] != rnd or grad is None:
+                continue
+            fake = pending[0]
+            if tuple(grad.shape) != tuple(fake.shape) or not torch.isfinite(grad).all():
+                raise FederationError(f"asyndgan round {rnd}: site {r.site} returned a gradient of shape "
+                                      f"{tuple(grad.shape)} (expected {tuple(fake.shape)}) or with non-finite values")
+            used.append((fake, grad.to(fake.dtype)))
+        if not used:
+            raise FederationError(f"asyndgan round {rnd}: no site returned feedback")
+        surrogate = sum((fake * grad).sum() for fake, grad in used) / len(used)
+        surrogate.backward()  # d/dG of the mean over sites of each site's adversarial loss
+        opt.step()
+        self._pending.clear()
+        new = dict(state)
+        new["generator"] = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+        new["optimizer"] = _flatten_optimizer(opt)
+        entry = {key: {r.site: float(r.metrics[key]) for r in replies if key in r.metrics}
+                 for key in ("loss_d", "loss_g", "d_real", "d_fake")}
+        return new, entry
+
+    def _check_masks(self, reply: SiteReply) -> dict[str, torch.Tensor]:
+        masks = reply.arrays.get("masks") or {}
+        shape = tuple(int(s) for s in self.setup.preprocess.shape)
+        seg, brain, codes = masks.get("seg"), masks.get("brain"), masks.get("codes")
+        if seg is None or brain is None or codes is None:
+            raise FederationError(f"asyndgan: site {reply.site}'s masks lack seg, brain or codes "
+                                  f"(found {sorted(masks)})")
+        if tuple(seg.shape[1:]) != shape or seg.shape != brain.shape or codes.shape[0] != seg.shape[0]:
+            raise FederationError(f"asyndgan: site {reply.site}'s masks have shapes seg {tuple(seg.shape)}, brain "
+                                  f"{tuple(brain.shape)}, codes {tuple(codes.shape)}; expected (N, {shape})")
+        bad = set(torch.unique(seg).tolist()) - set(SEG_VALUES)
+        if bad:
+            raise FederationError(f"asyndgan: site {reply.site}'s masks hold values {sorted(bad)} outside {SEG_VALUES}")
+        return {"seg": seg.to(torch.uint8), "brain": brain.to(torch.uint8), "codes": codes.to(torch.int16)}
+
+    # --------------------------------------------------------------------------------------------------- site side
+    def site_round(self, site: SiteRecord, rnd: int, arrays, config, *, state_dir: Path,
+                   memory: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        data = memory.get("data")
+        if data is None:
+            cache = self.cache or memory.setdefault("cache", DatasetCache(self.setup.preprocess))
+            data = memory["data"] = load_site_data(site.cases, self.setup, self.cfg, cache)
+        if config.get("phase") == "masks":
+            return {"masks": {"seg": data.seg, "brain": data.brain, "codes": data.codes}}, {"n": len(data.seg)}
+        fake = arrays.get("fake", {}).get("images")
+        index = arrays.get("batch", {}).get("index")
+        if fake is None or index is None:
+            raise ValueError(f"asyndgan round {rnd}: the server's message lacks fake images or the batch index")
+        index = index.long()
+        n = len(data.seg)
+        expected = (len(index), len(self.setup.sequences), *data.seg.shape[1:])
+        if tuple(fake.shape) != expected or (index < 0).any() or (index >= n).any():
+            raise ValueError(f"asyndgan round {rnd}: fake images of shape {tuple(fake.shape)} for indices "
+                             f"{index.tolist()} (expected {expected}, indices below {n})")
+        disc, opt = self._discriminator(site.name, rnd, state_dir, memory)
+        cond = make_condition(data.seg[index].long(), data.brain[index], data.codes[index].long(), self.sizes)
+        stats = discriminator_step(disc, opt, cond, data.images[index], fake.float(), self.cfg.gan_loss)
+        rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "noise", rnd, site.name))
+        grad, loss_g = adversarial_feedback(disc, cond, fake.float(), self.cfg.gan_loss, clip=self.cfg.feedback_clip,
+                                            noise=self.cfg.feedback_noise, generator=rng)
+        memory["round"] = rnd
+        if self.should_checkpoint(rnd):
+            save_checkpoint(Path(state_dir) / "discriminator.pt",
+                            {"round": rnd, "network": disc.state_dict(), "optimizer": opt.state_dict()})
+        return {"feedback": {"grad": grad}}, {**stats, "loss_g": loss_g}
+
+    def _discriminator(self, site: str, rnd: int, state_dir: Path, memory: dict[str, Any]
+                       ) -> tuple[PatchDiscriminator, torch.optim.Adam]:
+        if "disc" not in memory:
+            torch.manual_seed(derive_seed(self.setup.seed, "asyndgan", "discriminator", site))
+            disc = build_discriminator(self.setup, self.cfg)
+            opt = _adam(disc.parameters(), self.cfg)
+            path = Path(state_dir) / "discriminator.pt"
+            if rnd > 2 and path.is_file():  # a resumed federation, or this site moved to a new process
+                saved = load_checkpoint(path, restore_rng=False)
+                disc.load_state_dict(saved["network"])
+                opt.load_state_dict(saved["optimizer"])
+                if int(saved["round"]) != rnd - 1:
+                    log.warning("asyndgan site %s: discriminator of round %s resumed in round %d", site,
+                                saved["round"], rnd)
+            memory["disc"] = (disc, opt)
+        return memory["disc"]
+
+
+# --------------------------------------------------------------------------------------------------- synthesis
+@torch.no_grad()
+def sample_synthetic(gen: ResnetGenerator, masks: Mapping[str, torch.Tensor], sizes: Sequence[int],
+                     intensity_scale: float, samples_per_mask: int = 1, *, seed: int = 0,
+                     batch_size: int = 4) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Generated cases for every mask (``samples_per_mask`` each, dropout as noise).
+
+    Returns:
+        ``(images (C, *S) float32 in z-score units, background 0; seg (*S) uint8; codes (L,))`` per sample.
+    """
+    sampling_mode(gen)
+    torch.manual_seed(seed)
+    out = []
+    n = int(masks["seg"].shape[0])
+    for _ in range(samples_per_mask):
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            cond = make_condition(masks["seg"][idx].long(), masks["brain"][idx], masks["codes"][idx].long(), sizes)
+            images = gen(cond) * intensity_scale * masks["brain"][idx].unsqueeze(1).float()
+            for j, i in enumerate(idx.tolist()):
+                out.append((images[j].numpy().astype(np.float32), masks["seg"][i].numpy().astype(np.uint8),
+                            masks["codes"][i].numpy()))
+    return out
+
+
+def write_synthetic_study(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], setup: TrainingSetup,
+                          folder: str | Path) -> list[CaseRecord]:
+    """Write generated cases as a one-site study of the data contract (``folder/synthetic``, ``study.json`` with
+    the study's sequences and label columns); case ids carry no site name. Returns its cases."""
+    from synthlearn.data.contract import LabelSchema
+    from synthlearn.data.io import write_case, write_labels_csv
+    from synthlearn.data.layouts import open_study, write_study_json
+
+    folder = Path(folder)
+    columns = label_columns(setup)
+    spacing = setup.preprocess.spacing or (1.0,) * len(setup.preprocess.shape)
+    affine = np.diag([*[float(s) for s in spacing], *([1.0] * (4 - len(spacing)))])
+    rows = []
+    for k, (images, seg, codes) in enumerate(samples):
+        case_id = f"case-{k:05d}"
+        write_case(folder / "synthetic", case_id, images, seg, affine, setup.sequences)
+        rows.append((case_id, Labels({col: (values[int(c)] if 0 <= int(c) < len(values) else None)
+                                      for (col, values), c in zip(columns, list(codes) + [-1] * len(columns))})))
+    names = tuple(col for col, _ in columns)
+    write_labels_csv(folder / "synthetic" / "labels.csv", rows, names)
+    write_study_json(folder, {"synthetic": "train"}, sequences=setup.sequences, labels=LabelSchema(columns))
+    return list(open_study(folder).sites[0].cases)
+
+
+# --------------------------------------------------------------------------------------------------------- the arm
+def run(ctx: ArmContext) -> ArmOutput:
+    """The AsynDGAN arm: the federation (Flower, or in process), synthesis, the task model on synthetic cases."""
+    from synthlearn.tasks.model import train_task_model
+
+    cfg: AsynDGANConfig = ctx.arm_config
+    protocol = AsynDGANProtocol(ctx.setup, cfg)
+    t0 = time.perf_counter()
+    if cfg.backend == "flower":
+        if ctx.federate is None:
+            raise ValueError("asyndgan.backend = 'flower' needs the study runner's Flower runner (ctx.federate); run "
+                             "the arm through `synthlearn study run`, or set asyndgan.backend = 'inprocess'")
+        final: FederationState = ctx.federate(protocol, ctx.train_sites, ctx.arm_dir, progress=ctx.progress)
+    else:
+        protocol.cache = ctx.cache
+        final = run_protocol_inprocess(protocol, ctx.train_sites, ctx.arm_dir)
+    federation_wall = time.perf_counter() - t0
+    gen = build_generator(ctx.setup, cfg)
+    gen.load_state_dict(final.states["generator"])
+    save_checkpoint(ctx.arm_dir / "generator.pt", {"network": gen.state_dict(), "iterations": cfg.iterations})
+    t0 = time.perf_counter()
+    samples = []
+    for site in ctx.train_sites:
+        masks = final.states.get(f"masks/{site.name}")
+        if masks is not None:
+            samples += sample_synthetic(gen, masks, protocol.sizes, cfg.intensity_scale, cfg.samples_per_mask,
+                                        seed=derive_seed(ctx.setup.seed, "asyndgan", "sample", site.name))
+    cases = write_synthetic_study(samples, ctx.setup, ctx.arm_dir / "synthetic")
+    synthesis_wall = time.perf_counter() - t0
+    setup = ctx.setup
+    if cfg.task_epochs is not None:
+        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, epochs=cfg.task_epochs))
+    t0 = time.perf_counter()
+    model = train_task_model(cases, setup, ctx.arm_dir, cache=ctx.cache, progress=ctx.progress, label="asyndgan")
+    model.info.update(synthetic_training_cases=len(cases), trained_on="synthetic cases only")
+    model.save(ctx.arm_dir / "model")
+    steps = [h for h in final.history if h["round"] > 1]
+    missing = {}
+    for h in steps:
+        for s in h.get("missing_sites", []):
+            missing[s] = missing.get(s, 0) + 1
+    plot_training(final.history, ctx.arm_dir / "figures" / "asyndgan_losses.png")
+    plot_samples(samples, ctx.arm_dir / "figures" / "asyndgan_samples.png", ctx.setup.sequences)
+    mask_bytes = {s: int(sum(t.numel() * t.element_size() for t in final.states[f"masks/{s}"].values()))
+                  for s in (site.name for site in ctx.train_sites) if f"masks/{s}" in final.states}
+    extra = {
+        "bytes_to_sites": final.bytes_to_sites,
+        "backend": cfg.backend,
+        "iterations": cfg.iterations,
+        "synthetic_cases": len(cases),
+        "disclosure": {
+            "what": "each site's segmentation masks and brain outlines" + (" and label values"
+                                                                           if protocol.sizes else "")
+            + " (round 1), so that the server can generate images for them; the rest of the traffic is generated "
+            "images to the sites and adversarial gradients back",
+            "mask_payload_bytes": mask_bytes,
+        },
+        "steps_without_site": missing,
+        "final_losses": {key: steps[-1].get(key, {}) for key in ("loss_d", "loss_g", "d_real", "d_fake")}
+        if steps else {},
+        "stage_wall_s": {"federation": federation_wall, "synthesis": synthesis_wall},
+    }
+    return ArmOutput(models={ctx.name: model}, bytes_from_sites=final.bytes_from_sites, rounds=final.round,
+                     extra=extra)
+
+
+def plot_training(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """The sites' discriminator and generator losses per step (one line per site, smoothed)."""
+    steps = [h for h in history if h.get("round", 0) > 1 and h.get("loss_d")]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sites = sorted({s for h in steps for s in h["loss_d"]})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, title in ((axes[0], "loss_d", "discriminator loss (site)"), (axes[1], "loss_g", "generator loss "
+                                                                                                 "(per site's D)")):
+        for s in sites:
+            xs = [h["round"] - 1 for h in steps if s in h.get(key, {})]
+            ys = np.array([h[key][s] for h in steps if s in h.get(key, {})])
+            if len(ys) >= 10:
+                k = max(1, len(ys) // 25)
+                ys = np.convolve(ys, np.ones(k) / k, mode="same")
+            ax.plot(xs, ys, label=s, lw=1)
+        ax.set_xlabel("generator step")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path,
+                 sequences: Sequence[str], n: int = 6) -> Path | None:
+    """A grid of generated cases (central slice of each sequence and the mask they were drawn for)."""
+    if not samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picks = samples[:: max(1, len(samples) // n)][:n]
+    cols = len(sequences) + 1
+    fig, axes = plt.subplots(len(picks), cols, figsize=(1.6 * cols, 1.6 * len(picks)), squeeze=False)
+    for r, (images, seg, _) in enumerate(picks):
+        if images.ndim == 4:
+            z = int(np.argmax((seg > 0).sum(axis=(0, 1)))) if seg.any() else images.shape[-1] // 2
+            images, seg = images[..., z], seg[..., z]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow((images[c] if c < len(sequences) else seg).T, cmap="gray" if c < len(sequences) else "viridis",
+                      origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(sequences[c] if c < len(sequences) else "mask", fontsize=8)
+    fig.suptitle("AsynDGAN: generated images for shared masks", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig,
+              task_kinds=("classification", "segmentation", "multitask"), spatial_dims=(2, 3),
+              description="one generator at the server, a discriminator per site; adversarial gradients leave the "
+              "sites every step, the server trains on generated images (paper 003)")
+
+__all__ = ["ARM", "AsynDGANConfig", "AsynDGANProtocol", "SiteData", "adversarial_feedback", "build_discriminator",
+           "build_generator", "condition_channels", "discriminator_step", "gan_loss", "label_sizes", "load_site_data",
+           "make_condition", "plot_samples", "plot_training", "run", "sample_synthetic", "write_synthetic_study"]

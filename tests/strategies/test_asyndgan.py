@@ -1,0 +1,166 @@
+"""AsynDGAN (paper 003): the networks, what a site returns (only the adversarial gradient), the generator step at
+the server, a site that stalls past the timeout, and the synthetic study it writes."""
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from synthlearn.data.layouts import open_study
+from synthlearn.data.preprocess import PreprocessConfig
+from synthlearn.models.classifier import ClassifierConfig
+from synthlearn.models.gan import PatchDiscriminator, ResnetGenerator, receptive_field, sampling_mode
+from synthlearn.protocol import run_protocol_inprocess
+from synthlearn.strategies.asyndgan import (
+    AsynDGANConfig,
+    AsynDGANProtocol,
+    adversarial_feedback,
+    condition_channels,
+    make_condition,
+    sample_synthetic,
+    write_synthetic_study,
+)
+from synthlearn.tasks.setup import TrainingSetup
+from synthlearn.training.trainer import TrainConfig
+
+SETUP_2D = TrainingSetup(task="segmentation", n_folds=1, seed=0, preprocess=PreprocessConfig(shape=(32, 32)),
+                         model=ClassifierConfig(channels=(8, 8, 16), norm_num_groups=4, mamba=False),
+                         train=TrainConfig(epochs=1, batch_size=2))
+CFG = AsynDGANConfig(iterations=3, batch_size=2, generator_features=8, generator_blocks=1, discriminator_features=8,
+                     backend="inprocess", checkpoint_every=1)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (32, 32)), (3, (16, 16, 16))])
+def test_the_generator_maps_masks_to_images_and_its_dropout_is_the_noise(dims, shape):
+    gen = ResnetGenerator(dims, 5, 4, features=8, n_blocks=2)
+    cond = torch.rand(2, 5, *shape)
+    out = gen(cond)
+    assert out.shape == (2, 4, *shape) and out.abs().max() <= 1.0
+    sampling_mode(gen)
+    with torch.no_grad():
+        assert not torch.equal(gen(cond), gen(cond))  # dropout on when sampling: two draws differ
+    disc = PatchDiscriminator(dims, 9, features=8, n_layers=2)
+    assert disc(torch.cat([cond, out], 1)).shape[:2] == (2, 1)
+    assert receptive_field(3) == 70  # the paper's 70x70 PatchGAN
+    with pytest.raises(ValueError, match="multiples of 4"):
+        gen(torch.rand(1, 5, *(s + 2 for s in shape)))
+
+
+def test_conditioning_has_the_brain_each_tumour_region_and_each_label_value():
+    seg = torch.tensor([[[0, 1], [2, 3]]])
+    brain = torch.ones(1, 2, 2)
+    cond = make_condition(seg, brain, torch.tensor([[1, -1]]), (2, 3))
+    assert cond.shape == (1, condition_channels((2, 3)), 2, 2) == (1, 9, 2, 2)
+    assert cond[0, 1, 0, 1] == 1 and cond[0, 2, 1, 0] == 1 and cond[0, 3, 1, 1] == 1
+    assert cond[0, 4].sum() == 0 and cond[0, 5].sum() == 4 and cond[0, 6:].sum() == 0  # value 1 of column 0; unknown
+
+
+def _site(study, name=None):
+    sites = open_study(study).sites_with_role("train")
+    return next(s for s in sites if name is None or s.name == name)
+
+
+def _reply(protocol, site, rnd, fake, index, state_dir, data=None):
+    arrays = {"fake": {"images": fake}, "batch": {"index": index}}
+    memory = {} if data is None else {"data": data}
+    return protocol.site_round(site, rnd, arrays, {"phase": "step"}, state_dir=state_dir, memory=memory)
+
+
+def test_a_site_returns_only_the_gradient_on_the_generated_batch_never_its_images(tiny_study_2d, tmp_path):
+    """The reply is one tensor of the generated batch's shape. With the discriminator frozen (a vanishing learning
+    rate) it is the same whatever the site's real images are (same masks, other images): nothing of them reaches the
+    reply except through the discriminator's weights; with a real learning rate the discriminator's update does."""
+    from synthlearn.strategies.asyndgan import load_site_data
+    from synthlearn.tasks.cache import DatasetCache
+
+    site = _site(tiny_study_2d)
+    real = load_site_data(site.cases, SETUP_2D, CFG, DatasetCache(SETUP_2D.preprocess))
+    other = dataclasses.replace(real, images=torch.rand_like(real.images) * 2 - 1)  # the same masks, other images
+    fake = torch.rand(2, 4, 32, 32) * 2 - 1
+    index = torch.tensor([0, 1], dtype=torch.int32)
+    frozen = dataclasses.replace(CFG, lr=1e-12)
+    a, metrics = _reply(AsynDGANProtocol(SETUP_2D, frozen), site, 2, fake, index, tmp_path / "a", real)
+    b, _ = _reply(AsynDGANProtocol(SETUP_2D, frozen), site, 2, fake, index, tmp_path / "b", other)
+    assert set(a) == {"feedback"} and set(a["feedback"]) == {"grad"}
+    assert a["feedback"]["grad"].shape == fake.shape and torch.isfinite(a["feedback"]["grad"]).all()
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert torch.allclose(a["feedback"]["grad"], b["feedback"]["grad"], rtol=1e-4, atol=1e-9)
+    c, _ = _reply(AsynDGANProtocol(SETUP_2D, CFG), site, 2, fake, index, tmp_path / "c", real)
+    d, _ = _reply(AsynDGANProtocol(SETUP_2D, CFG), site, 2, fake, index, tmp_path / "d", other)
+    assert not torch.allclose(c["feedback"]["grad"], d["feedback"]["grad"], rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="fake images of shape"):
+        _reply(AsynDGANProtocol(SETUP_2D, CFG), site, 2, fake[:, :2], index, tmp_path / "e")
+
+
+def test_clipped_noised_feedback_is_bounded_per_sample():
+    disc = PatchDiscriminator(2, 4, features=8, n_layers=1)
+    fake = torch.randn(3, 4, 16, 16) * 10
+    grad, _ = adversarial_feedback(disc, None, fake, clip=1e-4)
+    assert grad.flatten(1).norm(dim=1).max() <= 1e-4 * (1 + 1e-5)
+    noisy, _ = adversarial_feedback(disc, None, fake, clip=1e-4, noise=1.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(grad, noisy)
+
+
+def test_the_generator_learns_from_the_sites_feedback_and_the_synthetic_study_is_valid(tiny_study_2d, tmp_path):
+    sites = list(open_study(tiny_study_2d).sites_with_role("train"))
+    protocol = AsynDGANProtocol(SETUP_2D, CFG)
+    initial = protocol.initial_state()
+    state = run_protocol_inprocess(protocol, sites, tmp_path / "fed")
+    assert state.round == CFG.iterations + 1
+    assert {f"masks/{s.name}" for s in sites} <= set(state.states)
+    moved = [not torch.equal(initial["generator"][k], state.states["generator"][k]) for k in initial["generator"]]
+    assert any(moved)  # the generator stepped on the sites' gradients
+    steps = state.history[1:]
+    assert all(set(h["loss_d"]) == {s.name for s in sites} for h in steps)
+    fake_bytes = CFG.batch_size * 4 * 32 * 32 * 4
+    masks = sum(t.numel() * t.element_size() for s in sites for t in state.states[f"masks/{s.name}"].values())
+    assert state.bytes_from_sites == masks + CFG.iterations * len(sites) * fake_bytes  # gradients + round 1's masks
+    gen = protocol.generator(state.states)[0]
+    samples = sample_synthetic(gen, state.states[f"masks/{sites[0].name}"], protocol.sizes, CFG.intensity_scale, 2)
+    n = len(sites[0].cases)
+    assert len(samples) == 2 * n
+    images, seg, codes = samples[0]
+    assert images.shape == (4, 32, 32) and (images[:, seg == 0] != 0).any()
+    brain = state.states[f"masks/{sites[0].name}"]["brain"][0].numpy().astype(bool)
+    assert (images[:, ~brain] == 0).all()  # background exactly 0, as the contract's skull-stripped cases
+    cases = write_synthetic_study(samples, SETUP_2D, tmp_path / "syn")
+    assert len(cases) == 2 * n and all(c.site == "synthetic" and sites[0].name not in c.case_id for c in cases)
+    from synthlearn.data.verify import verify_study
+
+    report = verify_study(tmp_path / "syn")
+    assert report.ok, report
+    first = next(c for c in cases if c.case_id == "case-00000")
+    assert first.labels.get("idh") == sites[0].cases[0].labels.get("idh")  # the label the mask came with
+
+
+class _Stalling(AsynDGANProtocol):
+    """One site answers its first generator step only after the round's timeout."""
+
+    def site_round(self, site, rnd, arrays, config, *, state_dir, memory):
+        if site.name == self.slow and rnd == 2:
+            time.sleep(self.round_timeout_s + 2)
+        return super().site_round(site, rnd, arrays, config, state_dir=state_dir, memory=memory)
+
+
+def test_a_site_that_stalls_is_left_out_of_the_step_at_the_timeout(tiny_study_2d, tmp_path):
+    from synthlearn.federated.simulation import run_protocol_simulation
+
+    sites = list(open_study(tiny_study_2d).sites_with_role("train"))
+    protocol = _Stalling(SETUP_2D, dataclasses.replace(CFG, iterations=2, round_timeout_s=4.0, backend="flower"))
+    protocol.slow = sites[1].name
+    t0 = time.monotonic()
+    state = run_protocol_simulation(protocol, sites, tmp_path / "fed", progress=False)
+    assert state.round == 3
+    assert state.history[1]["missing_sites"] == [sites[1].name]  # step 1 went on without it
+    assert set(state.history[1]["loss_d"]) == {sites[0].name, sites[2].name}
+    assert time.monotonic() - t0 < 120
+
+
+def test_config_checks():
+    for bad in ({"iterations": 0}, {"feedback_noise": 1.0}, {"gan_loss": "wgan"}, {"dropout": 1.0},
+                {"round_timeout_s": 0}):
+        with pytest.raises(ValueError, match="asyndgan"):
+            AsynDGANConfig(**bad)
+    assert np.isclose(AsynDGANConfig().lr, 2e-4)  # the paper's Adam
