@@ -469,3 +469,33 @@ def test_fedkd_sends_compressed_samples_and_soft_labels_never_an_image_or_weight
     compressed = model["info"]["history"][0]["compressed"]
     assert set(compressed) == {"tcga", "utsw", "egd"}
     assert all(n == 2 for site in compressed.values() for n in site.values())  # 1 per IDH class (one network)
+
+
+def test_asyndgan_and_its_pooled_baseline_run_on_2d_slices_and_on_3d_idh(tiny_study, tiny_study_2d, tmp_path):
+    """AsynDGAN over Flower on the tiny 2D slices (segmentation) beside its pooled Syn-All baseline, and in process on
+    the 3D volumes for IDH (the generator conditioned on the label values it labels its cases with): results, bytes,
+    the mask disclosure, figures, and synthetic sets that pass verify-data."""
+    config = ROOT / "configs" / "study_tiny_segmentation.toml"
+    small = {"iterations": 3, "generator_features": 8, "generator_blocks": 1, "generator_edge_kernel": 3,
+             "discriminator_features": 8, "checkpoint_every": 2}
+    out = tmp_path / "seg2d"
+    results = run_study(load_study_config(config, {
+        "study": str(tiny_study_2d), "preprocess": {"shape": [32, 32]}, "n_folds": 1,
+        "arms": ["asyndgan_pooled", "asyndgan"], "asyndgan": small}), out, progress=False)
+    gan, pooled = results["arms"]["asyndgan"], results["arms"]["asyndgan_pooled"]
+    assert gan["rounds"] == 4 and gan["backend"] == "flower" and gan["discriminators"] == ["tcga", "utsw", "egd"]
+    assert pooled["bytes_from_sites"] == 0 and pooled["discriminators"] == ["pooled"]
+    masks = sum(gan["disclosure"]["mask_payload_bytes"].values())
+    assert gan["bytes_from_sites"] > masks + 3 * 3 * 2 * 4 * 32 * 32 * 4  # the masks, then 3 steps x 3 gradients
+    assert gan["synthetic_cases"] == 18 and "masks" in gan["disclosure"]["what"]
+    assert 0.0 <= gan["test"]["combined"]["dice_wt"] <= 1.0 and 0.0 <= gan["test"]["combined"]["spe_wt"] <= 1.0
+    for name in ("asyndgan_losses.png", "asyndgan_samples.png"):
+        assert (out / "asyndgan" / "figures" / name).is_file()
+    assert main(["verify-data", str(out / "asyndgan" / "synthetic"), "-q"]) == 0
+    idh = run_study(load_study_config(TINY, {"study": str(tiny_study), "arms": ["asyndgan"], "n_folds": 1,
+                                             "model": {"mamba": False},
+                                             "asyndgan": {**small, "backend": "inprocess"}}),
+                    tmp_path / "idh3d", progress=False)
+    assert 0.0 <= idh["arms"]["asyndgan"]["test"]["combined"]["auc"] <= 1.0
+    labels = (tmp_path / "idh3d" / "asyndgan" / "synthetic" / "synthetic" / "labels.csv").read_text()
+    assert "wildtype" in labels and "mutant" in labels

@@ -15,7 +15,7 @@ The ``local`` arm trains one model per training site: its block holds the mean o
 
 A segmentation task (``task = "segmentation"``) adds ``"task_kind": "segmentation"``, ``"regions"`` and
 ``"metrics_grid"``; its site entries hold ``dice_wt``, ``dice_tc``, ``dice_et``, ``dice_mean``, ``hd95_wt``,
-``hd95_tc``, ``hd95_et`` (mm) and ``n`` (:mod:`synthlearn.evaluate.segmentation`), its arms
+``hd95_tc``, ``hd95_et`` (mm), ``sen_wt``, ``spe_wt`` and ``n`` (:mod:`synthlearn.evaluate.segmentation`), its arms
 ``wilcoxon_p_vs_centralized`` instead of McNemar's p, and ``predictions.csv`` holds one row of those per model and
 test case.
 
@@ -211,9 +211,12 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
             raise ConfigError("arm_configs is not a config key; give each arm's settings in its own table, e.g. "
                               "[fedavg]")
         tables = {}
-        for name, spec in all_arms().items():
-            if spec.config is not None and spec.config_table in data:
-                tables[name] = data.pop(spec.config_table)
+        arms = {name: spec for name, spec in all_arms().items() if spec.config is not None}
+        for name, spec in arms.items():  # several arms may read one table (asyndgan and asyndgan_pooled)
+            if spec.config_table in data:
+                tables[name] = data[spec.config_table]
+        for table in {spec.config_table for spec in arms.values()}:
+            data.pop(table, None)
         cfg = from_dict(StudyConfig, data)
         configs = {}
         for name, table in tables.items():
@@ -384,7 +387,8 @@ def read_segmentation_rows(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             out.setdefault(row["model"], []).append(
-                {"site": row["site"], "case_id": row["case_id"], **{m: float(row[m]) for m in CASE_METRICS}})
+                {"site": row["site"], "case_id": row["case_id"],
+                 **{m: float(row[m]) for m in CASE_METRICS if row.get(m) not in (None, "")}})  # older: no sen/spe
     return out
 
 

@@ -22,7 +22,7 @@ def _case():
 def test_a_perfect_prediction_and_a_shifted_one():
     truth = _case()
     perfect = case_scores(truth, truth, (1.0, 1.0, 1.0))
-    assert perfect == {k: (1.0 if k.startswith("dice") else 0.0) for k in CASE_METRICS}
+    assert perfect == {k: (1.0 if k.startswith(("dice", "sen", "spe")) else 0.0) for k in CASE_METRICS}
     shifted = np.zeros_like(truth)
     shifted[5:11, 4:10, 4:10] = 2  # the whole tumour one voxel along x, its core and enhancing part missed
     s = case_scores(shifted, truth, (2.0, 2.0, 2.0))
@@ -31,6 +31,8 @@ def test_a_perfect_prediction_and_a_shifted_one():
     diagonal = np.sqrt(3 * (16 * 2.0) ** 2)
     assert s["dice_tc"] == s["dice_et"] == 0.0  # present in the truth only: Dice 0, HD95 the grid's diagonal
     assert s["hd95_tc"] == s["hd95_et"] == pytest.approx(diagonal)
+    assert s["sen_wt"] == pytest.approx(180 / 216)  # 36 true voxels missed
+    assert s["spe_wt"] == pytest.approx(1 - 36 / (16 ** 3 - 216))  # 36 background voxels marked tumour
 
 
 def test_regions_absent_from_both_score_one_and_zero():

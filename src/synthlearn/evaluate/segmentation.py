@@ -7,8 +7,10 @@ scores Dice 1 and HD95 0; absent from only one of them, Dice 0 and HD95 the grid
 distance possible on it), so that a missed or invented region is penalised rather than dropped.
 
 A per-case row is ``{"model", "site", "case_id", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc",
-"hd95_et"}``; a block (one model) is ``{"test": {SITE | "combined": {"dice_wt", ..., "dice_mean", "hd95_wt", ...,
-"n"}}, "wilcoxon_p_vs_<reference>"}``: the means over the cases, ``dice_mean`` the mean of the three regions'.
+"hd95_et", "sen_wt", "spe_wt"}``; a block (one model) is ``{"test": {SITE | "combined": {"dice_wt", ...,
+"dice_mean", "hd95_wt", ..., "sen_wt", "spe_wt", "n"}}, "wilcoxon_p_vs_<reference>"}``: the means over the cases,
+``dice_mean`` the mean of the three regions'. ``sen_wt`` / ``spe_wt`` are the whole tumour's voxel sensitivity
+(recall; 1 when the case has no tumour) and specificity over the whole grid (AsynDGAN's Table 2 reports both).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import numpy as np
 from synthlearn.training.segmentation import REGIONS
 
 #: the per-case metrics, in column order
-CASE_METRICS = tuple(f"{m}_{r.lower()}" for m in ("dice", "hd95") for r in REGIONS)
+CASE_METRICS = (*(f"{m}_{r.lower()}" for m in ("dice", "hd95") for r in REGIONS), "sen_wt", "spe_wt")
 #: the metrics of a block's site entry (``n`` aside)
-BLOCK_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et")
+BLOCK_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et", "sen_wt", "spe_wt")
 
 
 def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
@@ -36,7 +38,7 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -
         spacing: voxel size in mm along each axis of the grid.
 
     Returns:
-        ``{"dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et"}`` (HD95 in mm).
+        ``{"dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "sen_wt", "spe_wt"}`` (HD95 in mm).
     """
     import torch
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -67,6 +69,11 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -
             out[f"hd95_{key}"] = float(hd[0, 0])
         else:
             out[f"hd95_{key}"] = diagonal
+    wt_p, wt_t = np.isin(pred, REGIONS["WT"]), np.isin(truth, REGIONS["WT"])
+    tp, fn = int((wt_p & wt_t).sum()), int((~wt_p & wt_t).sum())
+    tn, fp = int((~wt_p & ~wt_t).sum()), int((wt_p & ~wt_t).sum())
+    out["sen_wt"] = tp / (tp + fn) if tp + fn else 1.0
+    out["spe_wt"] = tn / (tn + fp) if tn + fp else 1.0
     return {k: out[k] for k in CASE_METRICS}
 
 

@@ -309,6 +309,22 @@ def adversarial_feedback(disc: torch.nn.Module, condition: torch.Tensor | None, 
     return grad.detach(), float(loss.detach())
 
 
+def generator_step(optimizer: torch.optim.Optimizer, feedback: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Algorithm 1's G-update at the server: back-propagate each site's returned gradient through the generated
+    images it was computed on and step with the mean over the sites (``d/dG (1/N) sum_j loss(D_j)``).
+
+    Args:
+        feedback: per answering site, ``(fake, grad)``: the generated batch still attached to the generator's graph
+            and the gradient the site returned for it (same shape).
+    """
+    if not feedback:
+        raise ValueError("no site feedback to step the generator with")
+    optimizer.zero_grad(set_to_none=True)
+    surrogate = sum((fake * grad.to(fake.dtype)).sum() for fake, grad in feedback) / len(feedback)
+    surrogate.backward()
+    optimizer.step()
+
+
 # ---------------------------------------------------------------------------------------------------- the protocol
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return {f"{i}.{k}": torch.as_tensor(v) for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
@@ -396,7 +412,6 @@ class AsynDGANProtocol(RoundProtocol):
                 counts[r.site] = int(new[f"masks/{r.site}"]["seg"].shape[0])
             return new, {"masks": counts}
         gen, opt = self.generator(state)
-        opt.zero_grad(set_to_none=True)
         used = []
         for r in replies:
             pending = self._pending.get(r.site)
@@ -410,9 +425,7 @@ class AsynDGANProtocol(RoundProtocol):
             used.append((fake, grad.to(fake.dtype)))
         if not used:
             raise FederationError(f"asyndgan round {rnd}: no site returned feedback")
-        surrogate = sum((fake * grad).sum() for fake, grad in used) / len(used)
-        surrogate.backward()  # d/dG of the mean over sites of each site's adversarial loss
-        opt.step()
+        generator_step(opt, used)
         self._pending.clear()
         new = dict(state)
         new["generator"] = {k: v.detach().clone() for k, v in gen.state_dict().items()}
@@ -537,26 +550,32 @@ def write_synthetic_study(samples: Sequence[tuple[np.ndarray, np.ndarray, np.nda
 # --------------------------------------------------------------------------------------------------------- the arm
 def run(ctx: ArmContext) -> ArmOutput:
     """The AsynDGAN arm: the federation (Flower, or in process), synthesis, the task model on synthetic cases."""
+    return run_on_sites(ctx, ctx.train_sites, ctx.arm_config.backend)
+
+
+def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str) -> ArmOutput:
+    """:func:`run` with a discriminator for each of ``sites`` (the training sites; one pooled site for the
+    ``asyndgan_pooled`` baseline)."""
     from synthlearn.tasks.model import train_task_model
 
     cfg: AsynDGANConfig = ctx.arm_config
     protocol = AsynDGANProtocol(ctx.setup, cfg)
     t0 = time.perf_counter()
-    if cfg.backend == "flower":
+    if backend == "flower":
         if ctx.federate is None:
             raise ValueError("asyndgan.backend = 'flower' needs the study runner's Flower runner (ctx.federate); run "
                              "the arm through `synthlearn study run`, or set asyndgan.backend = 'inprocess'")
-        final: FederationState = ctx.federate(protocol, ctx.train_sites, ctx.arm_dir, progress=ctx.progress)
+        final: FederationState = ctx.federate(protocol, sites, ctx.arm_dir, progress=ctx.progress)
     else:
         protocol.cache = ctx.cache
-        final = run_protocol_inprocess(protocol, ctx.train_sites, ctx.arm_dir)
+        final = run_protocol_inprocess(protocol, sites, ctx.arm_dir)
     federation_wall = time.perf_counter() - t0
     gen = build_generator(ctx.setup, cfg)
     gen.load_state_dict(final.states["generator"])
     save_checkpoint(ctx.arm_dir / "generator.pt", {"network": gen.state_dict(), "iterations": cfg.iterations})
     t0 = time.perf_counter()
     samples = []
-    for site in ctx.train_sites:
+    for site in sites:
         masks = final.states.get(f"masks/{site.name}")
         if masks is not None:
             samples += sample_synthetic(gen, masks, protocol.sizes, cfg.intensity_scale, cfg.samples_per_mask,
@@ -578,11 +597,12 @@ def run(ctx: ArmContext) -> ArmOutput:
     plot_training(final.history, ctx.arm_dir / "figures" / "asyndgan_losses.png")
     plot_samples(samples, ctx.arm_dir / "figures" / "asyndgan_samples.png", ctx.setup.sequences)
     mask_bytes = {s: int(sum(t.numel() * t.element_size() for t in final.states[f"masks/{s}"].values()))
-                  for s in (site.name for site in ctx.train_sites) if f"masks/{s}" in final.states}
+                  for s in (site.name for site in sites) if f"masks/{s}" in final.states}
     extra = {
         "bytes_to_sites": final.bytes_to_sites,
-        "backend": cfg.backend,
+        "backend": backend,
         "iterations": cfg.iterations,
+        "discriminators": [site.name for site in sites],
         "synthetic_cases": len(cases),
         "disclosure": {
             "what": "each site's segmentation masks and brain outlines" + (" and label values"
@@ -672,5 +692,5 @@ ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig,
               "sites every step, the server trains on generated images (paper 003)")
 
 __all__ = ["ARM", "AsynDGANConfig", "AsynDGANProtocol", "SiteData", "adversarial_feedback", "build_discriminator",
-           "build_generator", "condition_channels", "discriminator_step", "gan_loss", "label_sizes", "load_site_data",
-           "make_condition", "plot_samples", "plot_training", "run", "sample_synthetic", "write_synthetic_study"]
+           "build_generator", "condition_channels", "discriminator_step", "gan_loss", "generator_step", "label_sizes", "load_site_data",
+           "make_condition", "plot_samples", "plot_training", "run", "run_on_sites", "sample_synthetic", "write_synthetic_study"]

@@ -1,0 +1,31 @@
+"""The ``asyndgan_pooled`` arm: AsynDGAN's "Syn-All" baseline (paper 003, Table 2): the same generator and
+discriminator trained on the training sites' cases pooled in one place (one discriminator, no federation), then
+the task model on its generated images. It bounds what the federated ``asyndgan`` arm can reach; like
+``centralized`` it needs the raw data in one place. Settings: the ``[asyndgan]`` table (the two arms differ only
+in the discriminators)."""
+
+from __future__ import annotations
+
+from synthlearn.data.contract import SiteRecord
+from synthlearn.strategies.asyndgan import AsynDGANConfig, run_on_sites
+from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.registry import ArmSpec
+
+#: the one "site" holding every training case
+POOLED = "pooled"
+
+
+def run(ctx: ArmContext) -> ArmOutput:
+    """AsynDGAN with one discriminator on the pooled training cases (in process: nothing crosses a boundary)."""
+    pooled = SiteRecord(name=POOLED, role="train", cases=ctx.train_cases)
+    out = run_on_sites(ctx, [pooled], "inprocess")
+    out.extra["note"] = "a centralized baseline: the raw cases were pooled, so no bytes crossed a site boundary"
+    return ArmOutput(models=out.models, bytes_from_sites=0, rounds=0, extra=out.extra)
+
+
+ARM = ArmSpec(name="asyndgan_pooled", run=run, config=AsynDGANConfig, table="asyndgan",
+              task_kinds=("classification", "segmentation", "multitask"), spatial_dims=(2, 3),
+              description="AsynDGAN's Syn-All: the same GAN with one discriminator on the pooled cases (centralized "
+              "baseline, paper 003)")
+
+__all__ = ["ARM", "POOLED", "run"]
