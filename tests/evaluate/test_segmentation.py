@@ -22,7 +22,7 @@ def _case():
 def test_a_perfect_prediction_and_a_shifted_one():
     truth = _case()
     perfect = case_scores(truth, truth, (1.0, 1.0, 1.0))
-    assert perfect == {k: (1.0 if k.startswith(("dice", "sen", "spe")) else 0.0) for k in CASE_METRICS}
+    assert perfect == {k: (1.0 if k.startswith(("dice", "sen", "spe", "aji")) else 0.0) for k in CASE_METRICS}
     shifted = np.zeros_like(truth)
     shifted[5:11, 4:10, 4:10] = 2  # the whole tumour one voxel along x, its core and enhancing part missed
     s = case_scores(shifted, truth, (2.0, 2.0, 2.0))
@@ -64,3 +64,19 @@ def test_blocks_average_cases_per_site_and_combined():
     assert segmentation_block(ref, ["a", "b"], reference=ref)["wilcoxon_p_vs_centralized"] is None
     mean = mean_segmentation_block({"x": block, "y": segmentation_block(ref, ["a", "b"])})
     assert mean["test"]["combined"]["dice_wt"] == pytest.approx((0.5 + (0.5 + 0.6 + 0.95) / 3) / 2)
+
+
+def test_aggregated_jaccard_matches_instances_and_charges_the_unmatched():
+    from synthlearn.evaluate.segmentation import aggregated_jaccard
+
+    truth = np.zeros((20, 20), bool)
+    truth[2:6, 2:6] = truth[10:14, 10:14] = True  # two nuclei of 16 pixels
+    assert aggregated_jaccard(truth, truth) == 1.0 and aggregated_jaccard(truth & False, truth & False) == 1.0
+    pred = truth.copy()
+    pred[10:14, 10:14] = False  # one nucleus missed
+    assert aggregated_jaccard(pred, truth) == pytest.approx(16 / 32)
+    pred[16:18, 16:18] = True  # and a false one of 4 pixels, never matched: it only adds to the denominator
+    assert aggregated_jaccard(pred, truth) == pytest.approx(16 / 36)
+    merged = truth.copy()
+    merged[2:14, 5:11] = True  # one blob over both: the second true nucleus matches it too
+    assert 0 < aggregated_jaccard(merged, truth) < 0.5

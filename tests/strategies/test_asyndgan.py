@@ -121,7 +121,7 @@ def test_the_generator_learns_from_the_sites_feedback_and_the_synthetic_study_is
     samples = sample_synthetic(gen, state.states[f"masks/{sites[0].name}"], protocol.sizes, CFG.intensity_scale, 2)
     n = len(sites[0].cases)
     assert len(samples) == 2 * n
-    images, seg, codes = samples[0]
+    images, seg, _codes = samples[0]
     assert images.shape == (4, 32, 32) and (images[:, seg == 0] != 0).any()
     brain = state.states[f"masks/{sites[0].name}"]["brain"][0].numpy().astype(bool)
     assert (images[:, ~brain] == 0).all()  # background exactly 0, as the contract's skull-stripped cases

@@ -50,7 +50,10 @@ def check_output(path: str | Path, kind: str, option: str = "--out") -> Path:
     if kind == "file" and path.is_dir():
         raise OutputPathError(f"{option} {path}: expected a file to write, found an existing folder (give a file "
                               f"name inside it, e.g. {path / 'picture.png'})")
-    existing = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if kind == "file" and path.is_file():  # a file to overwrite: its folder must be writable
+        existing = path.parent
+    else:
+        existing = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     if not existing.is_dir():
         raise OutputPathError(f"{option} {path}: {existing} is a file, so nothing can be written below it")
     if not os.access(existing, os.W_OK | os.X_OK):

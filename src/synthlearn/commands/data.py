@@ -38,9 +38,17 @@ def cmd_make_phantoms(args: argparse.Namespace) -> int:
     import torch
 
     from synthlearn.data.phantom import make_phantom_study
+    from synthlearn.data.phantom.nuclei import NUCLEI_PRESETS, make_nuclei_study
 
     check_output(args.out, "folder")
     torch.set_num_threads(1)  # generation is fastest single-threaded (2 threads oversubscribe, ENVIRONMENT.md)
+    if args.preset in NUCLEI_PRESETS:
+        if args.shape is not None or args.replace:
+            raise ValueError(f"--preset {args.preset}: --shape and --replace apply to the glioma phantom only")
+        out = make_nuclei_study(args.out, args.preset, cases_per_site=args.cases_per_site, seed=args.seed,
+                                progress=not args.quiet)
+        print(f"nuclei phantom study written to {out}")
+        return 0
     out = make_phantom_study(args.out, preset=args.preset, cases_per_site=args.cases_per_site, shape=args.shape,
                              seed=args.seed, progress=not args.quiet, replace=args.replace)
     print(f"phantom study written to {out}")
@@ -66,13 +74,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_verify)
 
-    p = sub.add_parser("make-phantoms", help="write the offline multi-site glioma phantom study",
-                       description="Write the offline multi-site glioma phantom (PHANTOM.md) in the data contract.")
+    p = sub.add_parser("make-phantoms", help="write an offline multi-site phantom study (glioma MRI, or nuclei)",
+                       description="Write the offline multi-site glioma phantom (PHANTOM.md) in the data contract, or "
+                                   "(--preset nuclei) the four-organ H&E nuclei phantom of AsynDGAN's nuclei task.")
     p.add_argument("--out", type=Path, required=True,
                    help="output study folder: new or empty (an unfinished study with the same arguments resumes)")
-    p.add_argument("--preset", default="paper", choices=("paper", "tiny", "slices2d", "tiny-slices2d"),
+    p.add_argument("--preset", default="paper",
+                   choices=("paper", "tiny", "slices2d", "tiny-slices2d", "nuclei", "tiny-nuclei"),
                    help="paper: the 8 CATphishing sites at 64^3; tiny: 3 train + 2 test sites at 32^3; slices2d, "
-                        "tiny-slices2d: the same as 2D studies (each case's axial slice through its largest tumour)")
+                        "tiny-slices2d: the same as 2D studies (each case's axial slice through its largest tumour); "
+                        "nuclei, tiny-nuclei: four organs' H&E tiles (64x64 / 32x32) with nuclei masks, one training "
+                        "and one test site per organ")
     p.add_argument("--cases-per-site", type=int, default=None, help="cases per site (default: the preset's)")
     p.add_argument("--shape", type=_shape, default=None, help="N or XxYxZ, e.g. 64 or 128x192x192")
     p.add_argument("--seed", type=int, default=0)

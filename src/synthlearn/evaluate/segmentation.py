@@ -10,7 +10,9 @@ A per-case row is ``{"model", "site", "case_id", "dice_wt", "dice_tc", "dice_et"
 "hd95_et", "sen_wt", "spe_wt"}``; a block (one model) is ``{"test": {SITE | "combined": {"dice_wt", ...,
 "dice_mean", "hd95_wt", ..., "sen_wt", "spe_wt", "n"}}, "wilcoxon_p_vs_<reference>"}``: the means over the cases,
 ``dice_mean`` the mean of the three regions'. ``sen_wt`` / ``spe_wt`` are the whole tumour's voxel sensitivity
-(recall; 1 when the case has no tumour) and specificity over the whole grid (AsynDGAN's Table 2 reports both).
+(recall; 1 when the case has no tumour) and specificity over the whole grid (AsynDGAN's Table 2 reports both);
+``aji_wt`` the Aggregated Jaccard Index of the whole region's connected components (:func:`aggregated_jaccard`;
+AsynDGAN's nuclei Table 3; for one tumour it is close to the Jaccard index).
 """
 
 from __future__ import annotations
@@ -24,9 +26,40 @@ import numpy as np
 from synthlearn.training.segmentation import REGIONS
 
 #: the per-case metrics, in column order
-CASE_METRICS = (*(f"{m}_{r.lower()}" for m in ("dice", "hd95") for r in REGIONS), "sen_wt", "spe_wt")
+CASE_METRICS = (*(f"{m}_{r.lower()}" for m in ("dice", "hd95") for r in REGIONS), "sen_wt", "spe_wt", "aji_wt")
 #: the metrics of a block's site entry (``n`` aside)
-BLOCK_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et", "sen_wt", "spe_wt")
+BLOCK_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et", "sen_wt", "spe_wt",
+                 "aji_wt")
+
+
+def aggregated_jaccard(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017; paper 003 eq. 8) of two binary masks whose connected components
+    are the instances: every true instance ``G_i`` is matched to the predicted instance of highest Jaccard with it
+    (``S(G_i)``; none when nothing overlaps), ``AJI = sum |G_i & S(G_i)| / (sum |G_i | S(G_i)| + sum of the
+    never-matched predicted instances' areas)``. 1 when both masks are empty."""
+    from scipy import ndimage
+
+    g, n_g = ndimage.label(np.asarray(truth, bool))
+    p, n_p = ndimage.label(np.asarray(pred, bool))
+    if n_g == 0 and n_p == 0:
+        return 1.0
+    inter = np.bincount(g.ravel() * (n_p + 1) + p.ravel(), minlength=(n_g + 1) * (n_p + 1)).reshape(n_g + 1, n_p + 1)
+    area_g, area_p = inter.sum(1), inter.sum(0)
+    num = den = 0.0
+    used = np.zeros(n_p + 1, bool)
+    for i in range(1, n_g + 1):
+        overlap = inter[i, 1:]
+        union = area_g[i] + area_p[1:] - overlap
+        jac = np.where(union > 0, overlap / np.maximum(union, 1), 0.0)
+        j = int(np.argmax(jac)) + 1 if n_p else 0
+        if n_p and overlap[j - 1] > 0:
+            num += overlap[j - 1]
+            den += union[j - 1]
+            used[j] = True
+        else:
+            den += area_g[i]
+    den += area_p[1:][~used[1:]].sum()
+    return float(num / den) if den > 0 else 1.0
 
 
 def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
@@ -38,7 +71,8 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -
         spacing: voxel size in mm along each axis of the grid.
 
     Returns:
-        ``{"dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "sen_wt", "spe_wt"}`` (HD95 in mm).
+        ``{"dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "sen_wt", "spe_wt", "aji_wt"}`` (HD95
+        in mm).
     """
     import torch
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -74,6 +108,7 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -
     tn, fp = int((~wt_p & ~wt_t).sum()), int((wt_p & ~wt_t).sum())
     out["sen_wt"] = tp / (tp + fn) if tp + fn else 1.0
     out["spe_wt"] = tn / (tn + fp) if tn + fp else 1.0
+    out["aji_wt"] = aggregated_jaccard(wt_p, wt_t)
     return {k: out[k] for k in CASE_METRICS}
 
 
@@ -139,4 +174,4 @@ def mean_segmentation_block(blocks: Mapping[str, Mapping[str, Any]], reference_n
     return {"test": test, f"wilcoxon_p_vs_{reference_name}": None, "summary": "mean over site models"}
 
 
-__all__ = ["BLOCK_METRICS", "CASE_METRICS", "case_scores", "mean_segmentation_block", "segmentation_block"]
+__all__ = ["BLOCK_METRICS", "CASE_METRICS", "aggregated_jaccard", "case_scores", "mean_segmentation_block", "segmentation_block"]

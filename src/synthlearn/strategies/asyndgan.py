@@ -15,7 +15,8 @@ What crosses the site boundary, per :class:`AsynDGANProtocol` round:
   computed (the reference code's leak: PRIVACY.md) and neither network ever leaves where it lives.
 
 A site that does not answer within ``round_timeout_s`` is left out of that step (the round goes on with the others;
-the history names it). Afterwards the server generates ``samples_per_mask`` images for every shared mask
+the history names it). A further task-model seed of a multi-seed study reuses the primary seed's generator and
+draws its own synthetic set. Afterwards the server generates ``samples_per_mask`` images for every shared mask
 (:func:`sample_synthetic`), writes them as a study of the data contract (``synthetic/``) and trains the same task
 model as every other arm on them.
 
@@ -561,7 +562,10 @@ def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str) -> 
     cfg: AsynDGANConfig = ctx.arm_config
     protocol = AsynDGANProtocol(ctx.setup, cfg)
     t0 = time.perf_counter()
-    if backend == "flower":
+    reused = _primary_state(ctx, protocol)
+    if reused is not None:  # a further task-model seed: the generator is the primary seed's, the draw is new
+        final = reused
+    elif backend == "flower":
         if ctx.federate is None:
             raise ValueError("asyndgan.backend = 'flower' needs the study runner's Flower runner (ctx.federate); run "
                              "the arm through `synthlearn study run`, or set asyndgan.backend = 'inprocess'")
@@ -620,6 +624,18 @@ def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str) -> 
                      extra=extra)
 
 
+def _primary_state(ctx: ArmContext, protocol: AsynDGANProtocol) -> FederationState | None:
+    """The primary seed's finished federation, for a further seed of a multi-seed study (None otherwise)."""
+    if ctx.primary_dir is None:
+        return None
+    path = Path(ctx.primary_dir) / "server" / "global.pt"
+    state = FederationState.load_or_start(path, dict)
+    if state.round != protocol.rounds:
+        raise ValueError(f"asyndgan: the primary seed's federation at {path} stopped at round {state.round} of "
+                         f"{protocol.rounds}; run the primary seed to the end first")
+    return state
+
+
 def plot_training(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
     """The sites' discriminator and generator losses per step (one line per site, smoothed)."""
     steps = [h for h in history if h.get("round", 0) > 1 and h.get("loss_d")]
@@ -634,8 +650,8 @@ def plot_training(history: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     sites = sorted({s for h in steps for s in h["loss_d"]})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, title in ((axes[0], "loss_d", "discriminator loss (site)"), (axes[1], "loss_g", "generator loss "
-                                                                                                 "(per site's D)")):
+    panels = ((axes[0], "loss_d", "discriminator loss (site)"), (axes[1], "loss_g", "generator loss (per site's D)"))
+    for ax, key, title in panels:
         for s in sites:
             xs = [h["round"] - 1 for h in steps if s in h.get(key, {})]
             ys = np.array([h[key][s] for h in steps if s in h.get(key, {})])
