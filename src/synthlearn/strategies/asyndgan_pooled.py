@@ -16,8 +16,13 @@ POOLED = "pooled"
 
 
 def run(ctx: ArmContext) -> ArmOutput:
-    """AsynDGAN with one discriminator on the pooled training cases (in process: nothing crosses a boundary)."""
+    """AsynDGAN with one discriminator on the pooled training cases (in process: nothing crosses a boundary). Each
+    generator step sees as many images as AsynDGAN's (``batch_size`` x the number of training sites)."""
+    import dataclasses
+
     pooled = SiteRecord(name=POOLED, role="train", cases=ctx.train_cases)
+    cfg = ctx.arm_config
+    ctx = dataclasses.replace(ctx, arm_config=dataclasses.replace(cfg, batch_size=cfg.batch_size * len(ctx.train_sites)))
     out = run_on_sites(ctx, [pooled], "inprocess")
     out.extra["note"] = "a centralized baseline: the raw cases were pooled, so no bytes crossed a site boundary"
     return ArmOutput(models=out.models, bytes_from_sites=0, rounds=0, extra=out.extra)
