@@ -15,6 +15,7 @@ from synthlearn.audits.privacy import (
     normalize_for_ssim,
     ssim_3d,
     ssim_matrix,
+    stratified_holdout,
     tpr_at_fpr,
 )
 
@@ -65,6 +66,32 @@ def test_normalize_for_ssim_windows_each_sequence():
     assert out.min() == 0.0 and out.max() == 1.0
     np.testing.assert_allclose(out, scaled, atol=1e-5)  # a scale change per sequence disappears
     assert (out[:, case.images[0] == 0] == 0).all()
+
+
+def test_grid_windowing_sees_a_case_with_its_background_moved_as_the_case():
+    """A case changed by 0.1 SD everywhere, background included (what a few optimisation steps do to a compressed
+    sample started from it): the brain rule now finds a brain everywhere and windows it differently, the grid rule
+    windows both alike."""
+    rng = np.random.default_rng(3)
+    case = _smooth_case(rng, size=24).images
+    moved = case + rng.uniform(-0.1, 0.1, case.shape).astype(np.float32) * case[case != 0].std()
+    grid = normalize_for_ssim(moved, "grid")
+    assert grid.min() == 0.0 and grid.max() == 1.0
+    np.testing.assert_allclose(grid, normalize_for_ssim(moved + 7.0, "grid"), atol=1e-5)  # a shift disappears
+    assert ssim_3d(normalize_for_ssim(case, "grid"), grid) > 0.9 > ssim_3d(normalize_for_ssim(case),
+                                                                           normalize_for_ssim(moved))
+    with pytest.raises(ValueError, match="region"):
+        normalize_for_ssim(case, "mask")
+    cases = [_smooth_case(rng) for _ in range(2)]
+    with pytest.raises(ValueError, match="ssim_region"):
+        audit_site(cases, cases, cases, ssim_region="mask")
+
+
+def test_stratified_holdout_checks_its_fraction(tiny_study):
+    site = open_study(tiny_study).sites[0]
+    assert stratified_holdout(site, 0.0, lambda case: None, seed=0) == (sorted(c.case_id for c in site.cases), [])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        stratified_holdout(site, 1.0, lambda case: None, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ attack metrics

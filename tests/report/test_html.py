@@ -76,3 +76,27 @@ def test_privacy_table_flags_a_membership_attack_above_chance(tmp_path):
     assert "0.740 [0.580, 0.900] (ABOVE chance" in egd
     assert "ABOVE" not in tcga and "0.450 [0.300, 0.600] |" in tcga
     assert "| 0.607 (tcga 0.644, utsw 0.570); excess 0.133 [-0.020, 0.300] |" in egd and "| not run |" in tcga
+
+
+def test_an_arm_without_generators_shows_its_privacy_audit_as_a_table(tmp_path):
+    """fedkd's audit of its compressed samples has catphishing's per-site shape: the same table, its own controls."""
+    audited = {"n_train": 39, "n_holdout": 9, "n_synthetic": 32, "ssim_region": "grid",
+               "membership": {"auc": 0.52, "ci_low": 0.31, "ci_high": 0.72, "tpr_at_1pct_fpr": 0.0,
+                              "above_chance": False, "underpowered": True},
+               "negative_control": {"auc": 0.5, "ci_low": 0.3, "ci_high": 0.7}, "negative_control_ok": True,
+               "positive_control": {"auc": 1.0, "ci_low": 1.0, "ci_high": 1.0}, "positive_control_caught": True,
+               "positive_control_generator": {"auc": 0.97, "ci_low": 0.9, "ci_high": 1.0,
+                                              "memorised_case_ids": ["tcga/a", "tcga/b"]},
+               "positive_control_generator_caught": True, "copy_rate": {"rate": 0.0}}
+    results = _results()
+    results["arms"]["fedkd"] = {"test": {"combined": results["arms"]["centralized"]["test"]["combined"]},
+                                "bytes_from_sites": 1000, "rounds": 4, "wall_s": 5.0,
+                                "privacy": {"tcga": audited, "egd": {"skipped": "needs >= 2 held-out cases"}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    md = write_report(tmp_path)[1].read_text()
+    section = md[md.index("Privacy audit (fedkd)"):].splitlines()
+    assert any("positive control (compression started from members)" in line for line in section)
+    tcga = next(line for line in section if line.startswith("| tcga |"))
+    assert "| 39 / 9 / 32 | 0.520 [0.310, 0.720] |" in tcga and "0.970 [0.900, 1.000] (caught; 2 cases)" in tcga
+    assert any(line.startswith("| egd | skipped: needs >= 2 held-out cases") for line in section)
+    assert "Privacy audit: " not in md  # not also flattened into the generic tables

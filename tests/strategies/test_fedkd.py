@@ -1,4 +1,7 @@
-"""FedKD (Ren et al.): synthetic label maps, compression by matching, what a site sends, the server step."""
+"""FedKD (Ren et al.): synthetic label maps, compression by matching, what a site sends, the server step, and the
+privacy audit of the compressed samples (held-out cases, what the server keeps, the controls)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -8,13 +11,19 @@ from synthlearn.data.layouts import open_study
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.models.classifier import ClassifierConfig
 from synthlearn.protocol import SiteReply, run_protocol_inprocess
+from synthlearn.strategies.base import ArmContext
 from synthlearn.strategies.fedkd import (
     CompressedSet,
     FedKDConfig,
     FedKDProtocol,
     _embed,
+    audit_compressed,
+    audit_split,
     compress_site,
     compression_loss,
+    keep_received,
+    load_received,
+    run,
     server_update,
     synthetic_label_maps,
 )
@@ -109,6 +118,96 @@ def test_fedkd_rounds_in_process_count_the_compressed_bytes(tiny_study, tmp_path
 
 
 def test_fedkd_config_checks():
-    for bad in ({"rounds": 0}, {"per_class": 0}, {"compress_lr": 0.0}, {"temperature": 0.0}, {"backend": "x"}):
+    for bad in ({"rounds": 0}, {"per_class": 0}, {"compress_lr": 0.0}, {"temperature": 0.0}, {"backend": "x"},
+                {"audit_holdout": 1.0}, {"audit_holdout": -0.1}, {"keep_compressed": "first"}):
         with pytest.raises(ValueError, match="fedkd"):
             FedKDConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------- privacy audit
+def test_a_site_never_compresses_its_audit_holdout(tiny_study, tmp_path):
+    site = open_study(tiny_study).sites[0]
+    members, holdout = audit_split(site, 0.5, SETUP)
+    assert holdout and set(members).isdisjoint(holdout) and sorted(members + holdout) == sorted(c.case_id for c in site.cases)
+    assert audit_split(site, 0.5, SETUP) == (members, holdout)  # the site and the arm draw the same split
+    idh = {c.case_id: c.labels.get("idh") for c in site.cases}
+    for cls in set(idh.values()):  # stratified: each class gives floor(fraction * n) cases
+        n = sum(v == cls for v in idh.values())
+        assert sum(idh[i] == cls for i in holdout) == n // 2
+    protocol = FedKDProtocol(SETUP, FedKDConfig(per_class=1, compress_steps=0, audit_holdout=0.5),
+                             DatasetCache(SETUP.preprocess))
+    out, metrics = protocol.site_round(site, 1, protocol.initial_state(), {}, state_dir=tmp_path, memory={})
+    assert metrics == {"n::multitask/fold-0": len(members)}
+    # the server keeps what arrived, round by round (or the last round only)
+    keep_received(tmp_path / "received", site.name, 1, out)
+    keep_received(tmp_path / "received", site.name, 2, out)
+    kept = load_received(tmp_path / "received", site.name)
+    assert set(kept) == {1, 2} and torch.equal(kept[2]["multitask/fold-0"]["images"], out["multitask/fold-0"]["images"])
+    keep_received(tmp_path / "received", site.name, 3, out, keep="last")
+    assert set(load_received(tmp_path / "received", site.name)) == {3}
+
+
+def test_the_compression_control_starts_from_the_real_cases_it_is_given(tiny_study):
+    _, sd, ds = _site(tiny_study)
+    net = init_model(SETUP, "multitask/fold-0")
+    real, seg = load_batch(ds, list(range(len(ds))))
+    args = {"seed": 0, "name": "multitask/fold-0"}
+    comp = compress_site(net, ds, list(sd.targets), sd.stage.head_sizes, FedKDConfig(compress_steps=0),
+                         start_from=[1, 0], **args)
+    order = sorted([1, 0], key=lambda i: sd.targets[i][0])  # grouped by the first head's class
+    assert torch.equal(comp.images, real[order]) and torch.equal(comp.seg, seg[order])
+    with pytest.raises(ValueError, match="start_from"):
+        compress_site(net, ds, list(sd.targets), sd.stage.head_sizes, FedKDConfig(), start_from=[len(ds)], **args)
+
+
+def test_a_copying_compressed_set_is_caught_and_a_random_one_is_not(tiny_study):
+    """The audit on 4 members and 2 held-out cases of a tiny site: a "compressed set" that is the members' own
+    images (what a compression that copied would send) reads membership AUC 1 and copy rate 1; one of noise reads
+    neither; the noisy-copies positive control is caught and the negative control at chance in both."""
+    _, _, ds = _site(tiny_study)
+    real, seg = load_batch(ds, list(range(len(ds))))
+    members, holdout = (real[:4], seg[:4]), (real[4:], seg[4:])
+    ids = [f"m{i}" for i in range(4)]
+    copying = audit_compressed(members, holdout, members, member_ids=ids, n_bootstrap=200,
+                               control=(real[:2] + 0.05 * torch.randn_like(real[:2]), seg[:2], [0, 1]))
+    noise = torch.randn((4, *real.shape[1:]), generator=torch.Generator().manual_seed(0))
+    random = audit_compressed(members, holdout, (noise, synthetic_label_maps(4, real.shape[2:],
+                                                                             torch.Generator().manual_seed(0))),
+                              member_ids=ids, n_bootstrap=200)
+    assert copying["membership"]["auc"] == 1.0 and copying["membership"]["above_chance"]
+    assert copying["copy_rate"]["rate"] == 1.0 and copying["copy_rate"]["closest"][0]["train"] in ids
+    assert copying["positive_control_generator_caught"]
+    assert copying["positive_control_generator"]["memorised_case_ids"] == ["m0", "m1"]
+    assert random["copy_rate"]["rate"] == 0.0 and not random["membership"]["above_chance"]
+    for result in (copying, random):
+        assert result["ssim_region"] == "grid" and result["n_train"] == 4 and result["n_holdout"] == 2
+        assert result["positive_control_caught"] and result["negative_control_ok"]
+        assert set(result["positive_control"]["memorised_case_ids"]) <= set(ids)
+
+
+def test_the_fedkd_arm_audits_the_compressed_samples_the_server_kept(tiny_study, tmp_path):
+    """The arm in process on the tiny phantom (half of each site held out): per site the audit of every round's
+    compressed samples, with both positive controls caught, the reference control on the other sites' samples,
+    and the split and the samples kept in the arm folder."""
+    sites = tuple(open_study(tiny_study).sites_with_role("train"))
+    cfg = FedKDConfig(rounds=2, per_class=1, compress_steps=2, server_epochs=1, backend="inprocess",
+                      audit_holdout=0.5)
+    arm_dir = tmp_path / "fedkd"
+    out = run(ArmContext("fedkd", SETUP, sites, arm_dir, cfg, DatasetCache(SETUP.preprocess), progress=False))
+    privacy = json.loads(json.dumps(out.extra["privacy"]))  # JSON-ready
+    assert set(privacy) == {s.name for s in sites} and out.extra["audit_holdout"] == 0.5
+    for site in sites:
+        p = privacy[site.name]
+        split = json.loads((arm_dir / "holdout" / f"{site.name}.json").read_text())
+        assert p["n_holdout"] == len(split["holdout"]) >= 2 and p["n_train"] == len(split["members"])
+        assert p["rounds"] == [1, 2] and sorted(f.name for f in (arm_dir / "received" / site.name).iterdir()) == [
+            "round-001.safetensors", "round-002.safetensors"]
+        assert p["n_synthetic"] == p["n_compressed"] == 2 * len({t[0] for t in stage_data(site.cases, SETUP)
+                                                                 ["multitask"].targets})
+        assert 0.0 <= p["membership"]["auc"] <= 1.0 and 0.0 <= p["copy_rate"]["rate"] <= 1.0
+        assert isinstance(p["negative_control_ok"], bool)
+        assert p["positive_control_caught"] and p["positive_control_generator_caught"]
+        memorised = {i.split("/")[-1] for i in p["positive_control_generator"]["memorised_case_ids"]}
+        assert memorised and memorised <= set(split["members"])
+        assert set(p["reference_control"]["by_generator"]) == {s.name for s in sites} - {site.name}
+        assert (tmp_path / p["montage"]).is_file()

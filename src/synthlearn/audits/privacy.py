@@ -29,7 +29,8 @@ distribution; a case's score is its best SSIM to any synthetic case; the paper r
 
 SSIM, exactly: the 3D SSIM of Wang et al. (2004) with an isotropic Gaussian window (sigma 1.5 voxels,
 truncated at 3.5 sigma, i.e. 11^3), K1 = 0.01, K2 = 0.03, on volumes scaled to [0, 1] (each sequence
-windowed to its brain's 0.5-99.5th percentiles, background 0), averaged over the four sequences and the
+windowed to its brain's 0.5-99.5th percentiles, background 0; for synthetic images without a zero
+background, ``ssim_region = "grid"``: the whole grid's), averaged over the four sequences and the
 voxels at least 5 voxels from the border. This equals ``skimage.metrics.structural_similarity(x, y,
 channel_axis=0, data_range=1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` (checked
 in the tests); it is computed here in torch with the per-case statistics cached, so a case against many
@@ -48,14 +49,15 @@ SSIM statistics (32^3: 0.5 MB + 1.2 MB per case).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu, rankdata
 
-from synthlearn.data.contract import SEQUENCES, CaseRecord
+from synthlearn.data.contract import SEQUENCES, CaseRecord, SiteRecord
 from synthlearn.data.io import CaseArrays
 from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.audits.quality import mid_tumour_slice
@@ -80,11 +82,15 @@ SSIM_METHOD = ("3D SSIM (Wang et al. 2004), Gaussian window sigma 1.5 (11^3), K1
 # SSIM
 
 
-def normalize_for_ssim(images: np.ndarray) -> np.ndarray:
-    """Window each sequence of ``(C, X, Y, Z)`` images to [0, 1] by its brain's 0.5-99.5th percentiles.
+def normalize_for_ssim(images: np.ndarray, region: Literal["brain", "grid"] = "brain") -> np.ndarray:
+    """Window each sequence of ``(C, X, Y, Z)`` images to [0, 1] by its 0.5-99.5th percentiles.
 
-    The brain is where any sequence is non-zero; outside it stays 0. Makes raw, z-scored and synthetic
-    intensities comparable with one ``data_range = 1``.
+    ``region = "brain"``: the percentiles of the brain, where any sequence is non-zero; outside it stays 0.
+    Makes raw, z-scored and synthetic intensities comparable with one ``data_range = 1``. ``"grid"``: the
+    percentiles of the whole grid, every voxel windowed (nothing is background): for images that have no
+    zero background, such as FedKD's compressed samples, optimised from noise, whose every voxel the brain
+    rule would count as brain (the windowing of a real case changed by 0.1 SD would then differ from its
+    own, and its SSIM to it fall from 1 to ~0.5).
 
     Returns:
         ``(C, X, Y, Z)`` float32 in [0, 1].
@@ -92,7 +98,12 @@ def normalize_for_ssim(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be (C, X, Y, Z), found shape {images.shape}")
-    brain = np.any(images != 0, axis=0)
+    if region == "brain":
+        brain = np.any(images != 0, axis=0)
+    elif region == "grid":
+        brain = np.ones(images.shape[1:], dtype=bool)
+    else:
+        raise ValueError(f"region must be 'brain' or 'grid', found {region!r}")
     out = np.zeros_like(images)
     if not brain.any():
         return out
@@ -280,6 +291,44 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, n
 
 
 # --------------------------------------------------------------------------------------------------------
+# members and non-members
+
+
+def stratified_holdout(site: SiteRecord, fraction: float, stratum: Callable[[CaseRecord], str | None],
+                       seed: int) -> tuple[list[str], list[str]]:
+    """Split a site's cases into members (what the site's generator or compression uses) and held-out
+    non-members (what it never sees: the membership audit's non-members and the copy rate's reference).
+
+    Within each stratum (``stratum(case)``, e.g. the case's IDH class; None or "" form an ``unknown``
+    stratum), cases sorted by id are shuffled with ``numpy_generator(seed, "privacy-holdout", site,
+    stratum)`` and the first ``floor(fraction * n)`` held out, so the split is stratified and reproducible
+    (a stratum of fewer than ``1 / fraction`` cases keeps all of them).
+
+    Args:
+        site: the site.
+        fraction: share held out, in [0, 1).
+        stratum: ``CaseRecord -> str | None``.
+        seed: the split's seed.
+
+    Returns:
+        ``(member_ids, holdout_ids)``, both sorted.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), found {fraction}")
+    groups: dict[str, list[str]] = {}
+    for case in site.cases:
+        groups.setdefault(stratum(case) or "unknown", []).append(case.case_id)
+    members, holdout = [], []
+    for cls, ids in sorted(groups.items()):
+        ids = sorted(ids)
+        order = numpy_generator(seed, "privacy-holdout", site.name, cls).permutation(len(ids))
+        k = int(np.floor(fraction * len(ids)))
+        holdout += [ids[i] for i in order[:k]]
+        members += [ids[i] for i in order[k:]]
+    return sorted(members), sorted(holdout)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the positive control and the copy rate
 
 
@@ -434,8 +483,8 @@ def _load(cases: Sequence[Case], role: str, preprocess: PreprocessConfig | None)
     return arrays, ids
 
 
-def _normalised(arrays: Sequence[CaseArrays]) -> list[CaseArrays]:
-    return [CaseArrays(images=normalize_for_ssim(a.images), seg=a.seg, affine=a.affine) for a in arrays]
+def _normalised(arrays: Sequence[CaseArrays], region: Literal["brain", "grid"] = "brain") -> list[CaseArrays]:
+    return [CaseArrays(images=normalize_for_ssim(a.images, region), seg=a.seg, affine=a.affine) for a in arrays]
 
 
 def audit_site(
@@ -457,6 +506,7 @@ def audit_site(
     control_synthetic: Sequence[Case] | None = None,
     control_case_ids: Sequence[str] | None = None,
     reference_synthetic: Mapping[str, Sequence[Case]] | None = None,
+    ssim_region: Literal["brain", "grid"] = "brain",
     progress: bool = False,
 ) -> dict:
     """The privacy audit of one site's synthetic data (PRIVACY.md P2 + P3 with both controls).
@@ -484,12 +534,15 @@ def audit_site(
             scored against each set; an AUC away from 0.5 there comes from the split (members and non-members
             differ in how typical they are), not from this generator, and the membership AUC is read against it.
             None or empty: not run.
+        ssim_region: the windowing of every case before SSIM (:func:`normalize_for_ssim`): ``brain`` (synthetic
+            cases with a zero background, as a generator's) or ``grid`` (synthetic images without one, as FedKD's
+            compressed samples).
         progress: show progress bars.
 
     Returns:
         A JSON-ready dict::
 
-            {"method": str, "n_train", "n_holdout", "n_synthetic", "shape": [C, X, Y, Z],
+            {"method": str, "ssim_region": str, "n_train", "n_holdout", "n_synthetic", "shape": [C, X, Y, Z],
              "membership": attack_metrics(...) + {"above_chance": CI low > 0.5,
                  "underpowered": fewer than 250 members or non-members (PRIVACY.md P1),
                  "certifies_auc_below_0_55": not underpowered and CI high < 0.55},
@@ -515,6 +568,9 @@ def audit_site(
                          f"{len(train_cases)}, {len(holdout_cases)}, {len(synthetic_cases)}")
     if int(montage_k) < 1:
         raise ValueError(f"montage_k must be >= 1, found {montage_k}")
+    if ssim_region not in ("brain", "grid"):
+        raise ValueError(f"ssim_region must be 'brain' or 'grid', found {ssim_region!r}")
+    normalised = lambda arrays: _normalised(arrays, ssim_region)
     if (control_synthetic is None) != (control_case_ids is None):
         raise ValueError("control_synthetic and control_case_ids go together: the generator positive control needs "
                          "its samples and the ids of the cases it memorised")
@@ -538,7 +594,7 @@ def audit_site(
             if a.images.shape != shape:
                 raise ValueError(f"{role} case {cid}: images of shape {a.images.shape}, expected {shape} (the "
                                  f"first training case's); pass preprocess= to bring all cases to one shape")
-    train_n, holdout_n, synthetic_n = _normalised(train), _normalised(holdout), _normalised(synthetic)
+    train_n, holdout_n, synthetic_n = normalised(train), normalised(holdout), normalised(synthetic)
     stack = lambda arrs: np.stack([a.images for a in arrs])  # noqa: E731
     v_train, v_hold, v_syn = SSIMVolumes(stack(train_n)), SSIMVolumes(stack(holdout_n)), SSIMVolumes(stack(synthetic_n))
 
@@ -557,7 +613,7 @@ def audit_site(
     if references:
         by_generator, ref_scores = {}, []
         for name, (arrays, _) in references.items():
-            v_ref = SSIMVolumes(stack(_normalised(arrays)))
+            v_ref = SSIMVolumes(stack(normalised(arrays)))
             m_ref = ssim_matrix(v_train, v_ref, progress=progress, desc=f"SSIM train x reference {name}").max(axis=1)
             h_ref = ssim_matrix(v_hold, v_ref, progress=progress, desc=f"SSIM holdout x reference {name}").max(axis=1)
             by_generator[name] = attack_metrics(m_ref, h_ref, n_bootstrap=n_bootstrap,
@@ -600,9 +656,9 @@ def audit_site(
     if not 1 <= n_pc <= len(train):
         raise ValueError(f"positive_n_cases must be in [1, {len(train)}], found {positive_n_cases}")
     pc_idx = np.sort(rng.choice(len(train), size=n_pc, replace=False))
-    memorised = _normalised(make_memorising_set([train[i] for i in pc_idx], copies_per_case=positive_copies_per_case,
-                                                noise_std=positive_noise_std,
-                                                intensity_jitter=positive_intensity_jitter, rng=rng))
+    memorised = normalised(make_memorising_set([train[i] for i in pc_idx], copies_per_case=positive_copies_per_case,
+                                               noise_std=positive_noise_std,
+                                               intensity_jitter=positive_intensity_jitter, rng=rng))
     v_mem = SSIMVolumes(stack(memorised))
     s_tm = ssim_matrix(v_train, v_mem, progress=progress, desc="SSIM train x control")
     s_hm = ssim_matrix(v_hold, v_mem, progress=progress, desc="SSIM holdout x control")
@@ -627,7 +683,7 @@ def audit_site(
             raise ValueError(f"control_case_ids: expected ids of training cases, found {missing[:5]} not among them "
                              f"(training cases: {train_ids[:5]}...)")
         gc_idx = np.array(sorted({index[c] for c in control_case_ids}))
-        v_ctl = SSIMVolumes(stack(_normalised(control)))
+        v_ctl = SSIMVolumes(stack(normalised(control)))
         s_tc = ssim_matrix(v_train, v_ctl, progress=progress, desc="SSIM train x generator control")
         s_hc = ssim_matrix(v_hold, v_ctl, progress=progress, desc="SSIM holdout x generator control")
         generator_control = attack_metrics(s_tc[gc_idx].max(axis=1), s_hc.max(axis=1), n_bootstrap=n_bootstrap,
@@ -659,7 +715,9 @@ def audit_site(
     if generator_control is not None and not generator_control["caught"]:
         log.warning("privacy audit: the generator positive control was NOT caught (AUC %.3f)", generator_control["auc"])
     result = {
-        "method": SSIM_METHOD,
+        "method": SSIM_METHOD if ssim_region == "brain" else SSIM_METHOD.replace(
+            "windowed to [0, 1] per sequence", "windowed to [0, 1] per sequence over the whole grid"),
+        "ssim_region": ssim_region,
         "n_train": len(train),
         "n_holdout": len(holdout),
         "n_synthetic": len(synthetic),

@@ -341,6 +341,74 @@ def _reference_cell(ref: dict | None) -> str:
             f"[{_num(ref.get('excess_ci_low'))}, {_num(ref.get('excess_ci_high'))}]{above}")
 
 
+#: what the privacy table of a generator arm (CATphishing) measures
+GENERATOR_PRIVACY_NOTE = (
+    "SSIM distance-based membership inference (paper 000, Supplementary Note 4: AUC 0.493): a case's "
+    "score is its best SSIM to any synthetic case; members are the cases the site's generator trained "
+    "on, non-members the site's held-out cases. The attack only counts if the negative control sits at "
+    "chance and the positive controls are caught: noisy copies of a few training cases (what a perfectly "
+    "memorising generator would emit) and the samples of the site's own generator with its decoder and "
+    "diffusion model fine-tuned on a few members only (a generator deliberately over-fitted to them; its "
+    "memorised cases against the held-out ones). The reference control attacks the same members and "
+    "non-members with the other sites' synthetic cases, from generators that never saw them: its AUC is "
+    "what the split alone gives (a few held-out cases can be less typical brains than the members), so "
+    "a membership AUC above chance points at the site's generator only by its excess over the "
+    "reference (95 % CI from a paired bootstrap). Fewer than 250 members or non-members cannot certify an "
+    "AUC bound of 0.55 (PRIVACY.md P1). Copy rate: share of synthetic cases closer to a training case "
+    "than 95 % of held-out cases are; the closest pairs are in the privacy closest figures.")
+
+#: what the privacy table of FedKD's compressed samples measures
+COMPRESSED_PRIVACY_NOTE = (
+    "The same SSIM membership inference on what each site sent (synthetic column: its compressed samples, every "
+    "round kept by the server), each volume windowed over its whole grid (compressed samples have no zero "
+    "background): members are the site's cases it compressed, non-members its held-out cases (audit_holdout), "
+    "which it never compressed. Controls: members vs members (must sit at chance), noisy copies of a few members "
+    "(must be caught), the site's compression started from a few real members instead of noise (a compression "
+    "that leaks: must be caught) and the other sites' compressed samples, which never saw these cases (the "
+    "reference control). Fewer than 250 members or non-members cannot certify an AUC bound of 0.55 (PRIVACY.md "
+    "P1). Copy rate: share of compressed samples closer to a member than 95 % of held-out cases are.")
+
+
+def _is_audit_block(priv: Any) -> bool:
+    """Whether an arm's ``privacy`` block is per site :func:`synthlearn.audits.privacy.audit_site`'s dict (or
+    ``{"skipped": why}``)."""
+    return isinstance(priv, dict) and bool(priv) and all(
+        isinstance(v, dict) and ("membership" in v or "skipped" in v) for v in priv.values())
+
+
+def _privacy_table(doc: _Doc, name: str, priv: Any, *, control: str, reference: str, note: str) -> None:
+    """The privacy audit of an arm's synthetic data, one row per site: membership inference with its controls and
+    the copy rate; ``control`` names the arm's own positive control (audit_site's ``positive_control_generator``),
+    ``reference`` what its reference control attacks with."""
+    if not isinstance(priv, dict) or not priv:
+        return
+    doc.h(2, f"Privacy audit ({name})")
+    rows = []
+    for s, v in priv.items():
+        if "skipped" in v:
+            rows.append([s, "skipped: " + str(v["skipped"])] + ["–"] * 8)
+            continue
+        mem, neg, pos, cr = v.get("membership", {}), v.get("negative_control", {}), v.get("positive_control", {}), \
+            v.get("copy_rate", {})
+        gen = v.get("positive_control_generator") or {}
+        flag = " (ABOVE chance: members closer to the synthetic cases)" if mem.get("above_chance") else ""
+        ref_cell = _reference_cell(v.get("reference_control"))
+        rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem) + flag,
+                     ref_cell,
+                     _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),
+                     f"{_ci(neg)} ({'at chance' if v.get('negative_control_ok') else 'NOT at chance'})",
+                     f"{_ci(pos)} ({'caught' if v.get('positive_control_caught') else 'NOT caught'})",
+                     ("skipped: " + str(gen["skipped"]) if "skipped" in gen else
+                      f"{_ci(gen)} ({'caught' if v.get('positive_control_generator_caught') else 'NOT caught'}; "
+                      f"{len(gen.get('memorised_case_ids', []))} cases)" if gen else "not run"),
+                     _num(cr.get("rate")), "underpowered" if mem.get("underpowered") else "–"])
+    doc.table(["site", "members / non-members / synthetic", "membership AUC [95% CI]",
+               f"reference control: AUC against {reference}", "TPR at 1% FPR",
+               "negative control (members vs members)", "positive control (memorised copies)",
+               f"positive control ({control})", "copy rate", "power"], rows)
+    doc.p(note)
+
+
 def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
     """The generator arms' own sections: what each site shipped, the synthetic data, fidelity, privacy."""
     gens = arm.get("generators") or {}
@@ -412,45 +480,8 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                   f"balanced over classes (chance {_num(rec.get('chance'))}). AUC of the conditioned class "
                   f"{_num(rec.get('auc'))} [{_num(lo_hi[0])}, {_num(lo_hi[1])}]. Samples that a model of real "
                   f"scans does not recognise cannot teach a model that works on real scans.")
-    priv = arm.get("privacy")
-    if isinstance(priv, dict) and priv:
-        doc.h(2, f"Privacy audit ({name})")
-        rows = []
-        for s, v in priv.items():
-            if "skipped" in v:
-                rows.append([s, "skipped: " + str(v["skipped"])] + ["–"] * 8)
-                continue
-            mem, neg, pos, cr = v.get("membership", {}), v.get("negative_control", {}), v.get("positive_control", {}), \
-                v.get("copy_rate", {})
-            gen = v.get("positive_control_generator") or {}
-            flag = " (ABOVE chance: members closer to the synthetic cases)" if mem.get("above_chance") else ""
-            ref_cell = _reference_cell(v.get("reference_control"))
-            rows.append([s, f"{v.get('n_train')} / {v.get('n_holdout')} / {v.get('n_synthetic')}", _ci(mem) + flag,
-                         ref_cell,
-                         _num(mem.get("tpr_at_1pct_fpr", mem.get("tpr_at_fpr"))),
-                         f"{_ci(neg)} ({'at chance' if v.get('negative_control_ok') else 'NOT at chance'})",
-                         f"{_ci(pos)} ({'caught' if v.get('positive_control_caught') else 'NOT caught'})",
-                         ("skipped: " + str(gen["skipped"]) if "skipped" in gen else
-                          f"{_ci(gen)} ({'caught' if v.get('positive_control_generator_caught') else 'NOT caught'}; "
-                          f"{len(gen.get('memorised_case_ids', []))} cases)" if gen else "not run"),
-                         _num(cr.get("rate")), "underpowered" if mem.get("underpowered") else "–"])
-        doc.table(["site", "members / non-members / synthetic", "membership AUC [95% CI]",
-                   "reference control: AUC against generators that never saw these cases", "TPR at 1% FPR",
-                   "negative control (members vs members)", "positive control (memorised copies)",
-                   "positive control (over-fitted generator)", "copy rate", "power"], rows)
-        doc.p("SSIM distance-based membership inference (paper 000, Supplementary Note 4: AUC 0.493): a case's "
-              "score is its best SSIM to any synthetic case; members are the cases the site's generator trained "
-              "on, non-members the site's held-out cases. The attack only counts if the negative control sits at "
-              "chance and the positive controls are caught: noisy copies of a few training cases (what a perfectly "
-              "memorising generator would emit) and the samples of the site's own generator with its decoder and "
-              "diffusion model fine-tuned on a few members only (a generator deliberately over-fitted to them; its "
-              "memorised cases against the held-out ones). The reference control attacks the same members and "
-              "non-members with the other sites' synthetic cases, from generators that never saw them: its AUC is "
-              "what the split alone gives (a few held-out cases can be less typical brains than the members), so "
-              "a membership AUC above chance points at the site's generator only by its excess over the "
-              "reference (95 % CI from a paired bootstrap). Fewer than 250 members or non-members cannot certify an "
-              "AUC bound of 0.55 (PRIVACY.md P1). Copy rate: share of synthetic cases closer to a training case "
-              "than 95 % of held-out cases are; the closest pairs are in the privacy closest figures.")
+    _privacy_table(doc, name, arm.get("privacy"), control="over-fitted generator",
+                   reference="generators that never saw these cases", note=GENERATOR_PRIVACY_NOTE)
 
 
 def _audits(doc: _Doc, results: dict) -> None:
@@ -459,8 +490,11 @@ def _audits(doc: _Doc, results: dict) -> None:
         if arm.get("generators") or arm.get("synthetic"):
             _synthetic_arm(doc, name, arm)
             continue
+        if _is_audit_block(arm.get("privacy")):  # an arm without generators whose data went through the audit (fedkd)
+            _privacy_table(doc, name, arm["privacy"], control="compression started from members",
+                           reference="other sites' compressed samples", note=COMPRESSED_PRIVACY_NOTE)
         for key, title in (("diversity", "Diversity filter"), ("fidelity", "Fidelity"), ("privacy", "Privacy audit")):
-            if arm.get(key):
+            if arm.get(key) and not (key == "privacy" and _is_audit_block(arm[key])):
                 doc.h(2, f"{title} ({name})")
                 _flat_table(doc, title, arm[key])
 

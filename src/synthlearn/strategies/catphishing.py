@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from synthlearn.audits.privacy import stratified_holdout
 from synthlearn.audits.recognition import recognition_audit
 from synthlearn.config import to_dict
 from synthlearn.data.contract import CaseRecord, SiteRecord
@@ -203,26 +204,15 @@ def load_generator_for_task(path: str | Path, task: str):
 
 
 def privacy_holdout(site: SiteRecord, fraction: float, label: str, seed: int) -> tuple[list[str], list[str]]:
-    """Split a site's cases into generator-training members and held-out non-members.
-
-    Within each class of ``label`` (unknown labels form their own group), cases sorted by id are shuffled
-    with ``numpy_generator(seed, "privacy-holdout", site, class)`` and the first ``floor(fraction * n)``
-    held out, so the split is stratified and reproducible.
+    """Split a site's cases into generator-training members and held-out non-members, stratified by the class
+    of ``label`` (:func:`synthlearn.audits.privacy.stratified_holdout`: within each class, unknown labels forming
+    their own group, cases sorted by id are shuffled with ``numpy_generator(seed, "privacy-holdout", site,
+    class)`` and the first ``floor(fraction * n)`` held out).
 
     Returns:
         ``(member_ids, holdout_ids)``, both sorted.
     """
-    groups: dict[str, list[str]] = {}
-    for case in site.cases:
-        groups.setdefault(case.labels.get(label) or "unknown", []).append(case.case_id)
-    members, holdout = [], []
-    for cls, ids in sorted(groups.items()):
-        ids = sorted(ids)
-        order = numpy_generator(seed, "privacy-holdout", site.name, cls).permutation(len(ids))
-        k = int(np.floor(fraction * len(ids)))
-        holdout += [ids[i] for i in order[:k]]
-        members += [ids[i] for i in order[k:]]
-    return sorted(members), sorted(holdout)
+    return stratified_holdout(site, fraction, lambda case: case.labels.get(label), seed)
 
 
 # ------------------------------------------------------------------------------------ site and server steps
