@@ -474,10 +474,11 @@ def test_fedkd_sends_compressed_samples_and_soft_labels_never_an_image_or_weight
 def test_asyndgan_and_its_pooled_baseline_run_on_2d_slices_and_on_3d_idh(tiny_study, tiny_study_2d, tmp_path):
     """AsynDGAN over Flower on the tiny 2D slices (segmentation) beside its pooled Syn-All baseline, and in process on
     the 3D volumes for IDH (the generator conditioned on the label values it labels its cases with): results, bytes,
-    the mask disclosure, figures, and synthetic sets that pass verify-data."""
+    the mask disclosure, figures, synthetic sets that pass verify-data, and the audits of them (2D privacy audit per
+    site, the pooled baseline's one audit, fidelity) in the report."""
     config = ROOT / "configs" / "study_tiny_segmentation.toml"
     small = {"iterations": 3, "generator_features": 8, "generator_blocks": 1, "generator_edge_kernel": 3,
-             "discriminator_features": 8, "checkpoint_every": 2}
+             "discriminator_features": 8, "checkpoint_every": 2, "audit_holdout": 0.5, "fidelity_n": 4}
     out = tmp_path / "seg2d"
     results = run_study(load_study_config(config, {
         "study": str(tiny_study_2d), "preprocess": {"shape": [32, 32]}, "n_folds": 1,
@@ -487,7 +488,21 @@ def test_asyndgan_and_its_pooled_baseline_run_on_2d_slices_and_on_3d_idh(tiny_st
     assert pooled["bytes_from_sites"] == 0 and pooled["discriminators"] == ["pooled"]
     masks = sum(gan["disclosure"]["mask_payload_bytes"].values())
     assert gan["bytes_from_sites"] > masks + 3 * 3 * 2 * 4 * 32 * 32 * 4  # the masks, then 3 steps x 3 gradients
-    assert gan["synthetic_cases"] == 18 and "masks" in gan["disclosure"]["what"]
+    assert gan["synthetic_cases"] == 9 and "masks" in gan["disclosure"]["what"]  # 3 of 6 cases per site held out
+    assert pooled["synthetic_cases"] == 9 and pooled["holdout_cases"] == {"pooled": 9}  # the same cases held out
+    for site in ("tcga", "utsw", "egd"):
+        audit = gan["privacy"][site]
+        assert audit["n_train"] == audit["n_holdout"] == audit["n_synthetic"] == 3 and "2D SSIM" in audit["method"]
+        assert audit["shape"] == [4, 32, 32, 1] and set(audit["reference_control"]["by_generator"]) == {
+            "tcga", "utsw", "egd"} - {site}
+    assert set(pooled["privacy"]) == {"pooled"} and "reference_control" not in pooled["privacy"]["pooled"]
+    assert pooled["privacy"]["pooled"]["n_train"] == pooled["privacy"]["pooled"]["n_holdout"] == 9
+    assert gan["fidelity"]["sequences"] == ["t1", "t1c", "t2", "flair"]
+    assert gan["fidelity"]["real_sites"] == ["tcga", "utsw", "egd"]
+    from synthlearn.report.html import write_report
+
+    md = write_report(out)[1].read_text()
+    assert "Privacy audit (asyndgan)" in md and "Privacy audit (asyndgan_pooled)" in md and "Fidelity (asyndgan)" in md
     assert 0.0 <= gan["test"]["combined"]["dice_wt"] <= 1.0 and 0.0 <= gan["test"]["combined"]["spe_wt"] <= 1.0
     for name in ("asyndgan_losses.png", "asyndgan_samples.png"):
         assert (out / "asyndgan" / "figures" / name).is_file()

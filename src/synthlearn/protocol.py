@@ -145,6 +145,11 @@ class RoundProtocol(abc.ABC):
         message = self.server_message(rnd, state)
         return {site: message for site in sites}
 
+    def timeout_for(self, rnd: int) -> float:
+        """Seconds the server waits for round ``rnd``'s replies (``round_timeout_s``; a protocol whose first round
+        is heavier, as AsynDGAN's where every site reads its cases, may say more)."""
+        return float(self.round_timeout_s)
+
     def should_checkpoint(self, rnd: int) -> bool:
         """Whether the server saves its state after round ``rnd``."""
         return rnd == self.rounds or rnd % max(1, int(self.checkpoint_every)) == 0

@@ -97,6 +97,33 @@ def test_counts_are_drawn_reproducibly(tiny_study):
         fidelity(real, synthetic, sequences=("dwi",))
 
 
+def test_a_study_of_its_own_channels_and_2d_slices():
+    """Channels named by the study (RGB tiles, one T2 slice...), 2D images as (C, X, Y, 1): each sequence is read
+    from its own channel, whatever its name."""
+    rng = np.random.default_rng(4)
+
+    def tile(smooth_green):
+        from scipy import ndimage
+
+        images = np.zeros((3, 24, 24, 1), np.float32)
+        images[:, 2:-2, 2:-2, 0] = rng.normal(3.0, 1.0, (3, 20, 20))
+        if smooth_green:  # another texture in the green channel only
+            images[1, 2:-2, 2:-2, 0] = ndimage.gaussian_filter(images[1, 2:-2, 2:-2, 0], 2.0) * 8
+        return CaseArrays(images=images, seg=None, affine=np.eye(4))
+
+    real, near, far = [tile(False) for _ in range(4)], [tile(False) for _ in range(4)], [tile(True) for _ in range(4)]
+    out = fidelity({"a": real}, {"a": real, "b": near, "c": far}, channels=("r", "g", "b"), n_real=None,
+                   n_synthetic=None)
+    assert out["sequences"] == ["r", "g", "b"] and out["matrix"]["r"][0][0] == pytest.approx(0.0, abs=1e-5)
+    g, r = [row[0] for row in out["matrix"]["g"]], [row[0] for row in out["matrix"]["r"]]
+    assert g[2] > 10 * g[1] and r[2] < 10 * r[1] + 1  # only the green channel of "c" differs: read from its own
+    only = fidelity({"a": real}, {"b": near}, channels=("r", "g", "b"), sequences=("b",), n_real=None,
+                    n_synthetic=None)
+    assert list(only["matrix"]) == ["b"]
+    with pytest.raises(ValueError, match="channels"):
+        fidelity({"a": real}, {"b": near}, channels=("r", "g", "b"), sequences=("t1",))
+
+
 # ---------------------------------------------------------------------------------- torch extractor
 
 

@@ -47,6 +47,22 @@ def test_ssim_equals_skimage_gaussian_ssim():
     assert ssim_3d(x, x) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_2d_images_as_a_singleton_last_axis_get_skimage_2d_ssim_and_a_2d_audit():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(3)
+    x = np.clip(ndimage.gaussian_filter(rng.random((2, 20, 24)), (0, 1, 1)) * 1.5 - 0.2, 0, 1).astype(np.float32)
+    y = np.clip(x + rng.normal(0, 0.08, x.shape), 0, 1).astype(np.float32)
+    ref = structural_similarity(x, y, channel_axis=0, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False)
+    assert ssim_3d(x[..., None], y[..., None]) == pytest.approx(ref, abs=1e-5)
+    cases = [CaseArrays(images=c.images[:, :, :, 8:9], seg=c.seg[:, :, 8:9], affine=np.eye(4))
+             for c in (_smooth_case(rng) for _ in range(8))]
+    out = audit_site(cases[:4], cases[4:7], cases[7:], n_bootstrap=50)
+    assert out["method"].startswith("2D SSIM") and "(11^2)" in out["method"] and out["shape"] == [4, 16, 16, 1]
+    assert out["positive_control_caught"]
+
+
 def test_ssim_matrix_is_symmetric_and_checks_shapes():
     rng = np.random.default_rng(1)
     vols = np.stack([normalize_for_ssim(_smooth_case(rng).images) for _ in range(3)])

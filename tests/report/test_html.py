@@ -100,3 +100,30 @@ def test_an_arm_without_generators_shows_its_privacy_audit_as_a_table(tmp_path):
     assert "| 39 / 9 / 32 | 0.520 [0.310, 0.720] |" in tcga and "0.970 [0.900, 1.000] (caught; 2 cases)" in tcga
     assert any(line.startswith("| egd | skipped: needs >= 2 held-out cases") for line in section)
     assert "Privacy audit: " not in md  # not also flattened into the generic tables
+
+
+def test_asyndgan_audits_get_their_own_privacy_labels_own_mask_table_and_fidelity_section(tmp_path):
+    """asyndgan's audit of its generated images: the shared privacy table with its own reference control and note,
+    the own-mask similarity beside it, and its fidelity block as the Frechet tables (not flattened)."""
+    audited = {"n_train": 6, "n_holdout": 3, "n_synthetic": 6,
+               "membership": {"auc": 0.9, "ci_low": 0.7, "ci_high": 1.0, "tpr_at_1pct_fpr": 0.5,
+                              "above_chance": True, "underpowered": True},
+               "negative_control": {"auc": 0.5, "ci_low": 0.2, "ci_high": 0.8}, "negative_control_ok": True,
+               "positive_control": {"auc": 1.0, "ci_low": 1.0, "ci_high": 1.0}, "positive_control_caught": True,
+               "copy_rate": {"rate": 0.5},
+               "own_mask": {"n": 6, "ssim_median": 0.81, "ssim_min": 0.7, "ssim_max": 0.9,
+                            "below_copy_threshold": 0.5}}
+    fid = {"extractor": {"name": "radiomics"}, "sequences": ["t2"], "real_sites": ["tcga"],
+           "synthetic_sites": ["tcga"], "n_real": {"tcga": 6}, "n_synthetic": {"tcga": 6}, "matrix": {"t2": [[12.5]]},
+           "same_site": {"tcga": {"t2": 12.5}}}
+    results = _results()
+    results["arms"]["asyndgan"] = {"test": {"combined": results["arms"]["centralized"]["test"]["combined"]},
+                                   "bytes_from_sites": 1000, "rounds": 4, "wall_s": 5.0, "synthetic_cases": 6,
+                                   "privacy": {"tcga": audited}, "fidelity": fid}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    md = write_report(tmp_path)[1].read_text()
+    section = md[md.index("Privacy audit (asyndgan)"):]
+    assert "reference control: AUC against images drawn for other sites' masks" in section
+    assert "own mask" in section and "| tcga | 6 | 0.810 [0.700, 0.900] | 0.500 |" in section
+    assert "compression" not in section.split("Generated images vs")[0]
+    assert md.count("Fidelity (asyndgan)") == 1 and "| tcga | 12.5 |" in md  # not also flattened

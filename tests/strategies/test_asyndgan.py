@@ -1,7 +1,9 @@
 """AsynDGAN (paper 003): the networks, what a site returns (only the adversarial gradient), the generator step at
-the server, a site that stalls past the timeout, and the synthetic study it writes."""
+the server, a site that stalls past the timeout, the synthetic study it writes, the audit holdout (masks never
+disclosed) and the audits of the synthetic set."""
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -17,11 +19,18 @@ from synthlearn.strategies.asyndgan import (
     AsynDGANConfig,
     AsynDGANProtocol,
     adversarial_feedback,
+    audit_split,
+    case_key,
     condition_channels,
+    load_site_data,
     make_condition,
+    own_mask_similarity,
+    run,
     sample_synthetic,
     write_synthetic_study,
 )
+from synthlearn.strategies.base import ArmContext
+from synthlearn.tasks.cache import DatasetCache
 from synthlearn.tasks.setup import TrainingSetup
 from synthlearn.training.trainer import TrainConfig
 
@@ -119,8 +128,9 @@ def test_the_generator_learns_from_the_sites_feedback_and_the_synthetic_study_is
     assert state.bytes_from_sites == masks + CFG.iterations * len(sites) * fake_bytes  # gradients + round 1's masks
     gen = protocol.generator(state.states)[0]
     samples = sample_synthetic(gen, state.states[f"masks/{sites[0].name}"], protocol.sizes, CFG.intensity_scale, 2)
-    n = len(sites[0].cases)
-    assert len(samples) == 2 * n
+    members = protocol.training_cases(sites[0])
+    n = len(members)
+    assert len(samples) == 2 * n and n < len(sites[0].cases)  # the audit holdout's masks stayed at the site
     images, seg, _codes = samples[0]
     assert images.shape == (4, 32, 32) and (images[:, seg == 0] != 0).any()
     brain = state.states[f"masks/{sites[0].name}"]["brain"][0].numpy().astype(bool)
@@ -132,7 +142,7 @@ def test_the_generator_learns_from_the_sites_feedback_and_the_synthetic_study_is
     report = verify_study(tmp_path / "syn")
     assert report.ok, report
     first = next(c for c in cases if c.case_id == "case-00000")
-    assert first.labels.get("idh") == sites[0].cases[0].labels.get("idh")  # the label the mask came with
+    assert first.labels.get("idh") == members[0].labels.get("idh")  # the label the mask came with
 
 
 class _Stalling(AsynDGANProtocol):
@@ -160,7 +170,96 @@ def test_a_site_that_stalls_is_left_out_of_the_step_at_the_timeout(tiny_study_2d
 
 def test_config_checks():
     for bad in ({"iterations": 0}, {"feedback_noise": 1.0}, {"gan_loss": "wgan"}, {"dropout": 1.0},
-                {"round_timeout_s": 0}):
+                {"round_timeout_s": 0}, {"audit_holdout": 1.0}, {"audit_holdout": -0.1}, {"fidelity_n": 1}):
         with pytest.raises(ValueError, match="asyndgan"):
             AsynDGANConfig(**bad)
     assert np.isclose(AsynDGANConfig().lr, 2e-4)  # the paper's Adam
+    assert AsynDGANConfig().audit_holdout == 0.2 and AsynDGANConfig().audit
+
+
+# ---------------------------------------------------------------------------------------------------- audits
+SETUP_3D = TrainingSetup(task="idh", n_folds=1, seed=0, preprocess=PreprocessConfig(shape=(16, 16, 16)),
+                         model=ClassifierConfig(channels=(4, 8), norm_num_groups=4, mamba=False),
+                         train=TrainConfig(epochs=1, batch_size=2))
+
+
+def test_a_site_never_discloses_its_held_out_cases_masks(tiny_study_2d, tmp_path):
+    """The split is stratified, seeded and the same wherever it is drawn; round 1 brings the server the masks of the
+    members only, exactly theirs; audit_holdout 0 holds nothing out; the pooled baseline's mapping is obeyed."""
+    sites = list(open_study(tiny_study_2d).sites_with_role("train"))
+    cfg = dataclasses.replace(CFG, iterations=1, audit_holdout=0.5)
+    members, holdout = audit_split(sites[0], 0.5, SETUP_2D)
+    assert audit_split(sites[0], 0.5, SETUP_2D) == (members, holdout) and len(holdout) >= 2
+    assert sorted(members + holdout) == sorted(case_key(c) for c in sites[0].cases)
+    protocol = AsynDGANProtocol(SETUP_2D, cfg)
+    state = run_protocol_inprocess(protocol, sites, tmp_path / "fed")
+    for site in sites:
+        held = set(audit_split(site, 0.5, SETUP_2D)[1])
+        kept = [c for c in site.cases if case_key(c) not in held]
+        assert [case_key(c) for c in protocol.training_cases(site)] == [case_key(c) for c in kept]
+        masks = state.states[f"masks/{site.name}"]
+        assert masks["seg"].shape[0] == len(site.cases) - len(held) == state.history[0]["masks"][site.name]
+        own = load_site_data(kept, SETUP_2D, cfg, DatasetCache(SETUP_2D.preprocess))
+        assert torch.equal(masks["seg"], own.seg) and torch.equal(masks["brain"], own.brain)
+    everything = AsynDGANProtocol(SETUP_2D, dataclasses.replace(cfg, audit_holdout=0.0))
+    assert everything.training_cases(sites[0]) == list(sites[0].cases)
+    pooled = AsynDGANProtocol(SETUP_2D, cfg, holdout={sites[0].name: [case_key(sites[0].cases[0])]})
+    assert pooled.training_cases(sites[0]) == list(sites[0].cases[1:])
+
+
+def test_the_arm_audits_its_synthetic_set_per_site_with_the_controls(tiny_study, tmp_path):
+    """A tiny 3D in-process run: per site the shared audit (members vs held-out, negative, positive and reference
+    controls, copy rate, own-mask similarity), the fidelity matrix, and the split recorded beside them."""
+    sites = tuple(open_study(tiny_study).sites_with_role("train"))
+    cfg = dataclasses.replace(CFG, iterations=2, audit_holdout=0.5, fidelity_n=4)
+    arm_dir = tmp_path / "asyndgan"
+    out = run(ArmContext("asyndgan", SETUP_3D, sites, arm_dir, cfg, DatasetCache(SETUP_3D.preprocess),
+                         progress=False))
+    extra = json.loads(json.dumps(out.extra))  # JSON-ready
+    privacy = extra["privacy"]
+    assert set(privacy) == {s.name for s in sites} and extra["audit_holdout"] == 0.5
+    for site in sites:
+        p = privacy[site.name]
+        split = json.loads((arm_dir / "holdout" / f"{site.name}.json").read_text())
+        assert p["n_holdout"] == len(split["holdout"]) == extra["holdout_cases"][site.name] >= 2
+        assert p["n_train"] == len(split["members"]) == p["n_synthetic"]  # one image per member's mask
+        assert set(split["members"]).isdisjoint(split["holdout"])
+        assert p["shape"] == [4, 16, 16, 16] and p["ssim_region"] == "brain" and "3D SSIM" in p["method"]
+        for key in ("membership", "negative_control", "positive_control", "copy_rate", "reference_control"):
+            assert key in p
+        assert 0.0 <= p["membership"]["auc"] <= 1.0 and p["membership"]["underpowered"]
+        assert set(p["reference_control"]["by_generator"]) == {s.name for s in sites} - {site.name}
+        assert p["positive_control_caught"]  # noisy copies of members are caught
+        assert all(i in split["members"] for i in p["positive_control"]["memorised_case_ids"])
+        assert all(pair["train"] in split["members"] for pair in p["copy_rate"]["closest"])
+        own = p["own_mask"]
+        assert own["n"] == p["n_synthetic"] and -1.0 <= own["ssim_min"] <= own["ssim_max"] <= 1.0
+        assert own["below_copy_threshold"] <= p["copy_rate"]["rate"] + 1e-9  # copies of their own source are copies
+        assert (arm_dir / "figures" / f"privacy_closest_{site.name}.png").is_file()
+    fid = extra["fidelity"]
+    assert fid["real_sites"] == fid["synthetic_sites"] == [s.name for s in sites]
+    assert fid["sequences"] == list(SETUP_3D.sequences) and len(fid["matrix"]["t1"]) == len(sites)
+    assert (arm_dir / "figures" / "fid_matrix.png").is_file()
+    off = run(ArmContext("asyndgan", SETUP_3D, sites, tmp_path / "off", dataclasses.replace(cfg, audit=False),
+                         DatasetCache(SETUP_3D.preprocess), progress=False))
+    assert "privacy" not in off.extra and "fidelity" not in off.extra
+
+
+def test_own_mask_similarity_pairs_each_image_with_the_case_of_its_mask():
+    rng = np.random.default_rng(0)
+    members = [_blob_case(rng) for _ in range(3)]
+    copies = members * 2  # samples_per_mask 2: image j was drawn for member j mod 3
+    same = own_mask_similarity(members, copies, threshold=1e-3)
+    assert same["n"] == 6 and same["ssim_min"] == pytest.approx(1.0) and same["below_copy_threshold"] == 1.0
+    shifted = own_mask_similarity(members, members[1:] + members[:1], threshold=1e-3)
+    assert shifted["ssim_max"] < 1.0 and shifted["below_copy_threshold"] == 0.0
+    with pytest.raises(ValueError, match="one per member"):
+        own_mask_similarity(members, copies[:4], threshold=0.1)
+
+
+def _blob_case(rng, size=16):
+    from synthlearn.data.io import CaseArrays
+
+    images = np.zeros((2, size, size, 1), np.float32)
+    images[:, 2:-2, 2:-2, 0] = rng.normal(3.0, 1.0, (2, size - 4, size - 4))
+    return CaseArrays(images=images, seg=None, affine=np.eye(4))

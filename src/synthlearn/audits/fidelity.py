@@ -128,8 +128,10 @@ class SequenceFeatureExtractor(Protocol):
     name: str
     standardize: bool  # z-score features with the real cases' statistics before the distance
 
-    def features(self, case: CaseArrays, sequences: Sequence[str]) -> dict[str, np.ndarray]:
-        """``sequence -> (F,)`` features of one (preprocessed) case; NaN when not computable."""
+    def features(self, case: CaseArrays, sequences: Sequence[str],
+                 channels: Sequence[str] = SEQUENCES) -> dict[str, np.ndarray]:
+        """``sequence -> (F,)`` features of one (preprocessed) case; NaN when not computable. ``channels`` names
+        the case's image channels in order (``sequences`` is a subset of them)."""
         ...
 
     def describe(self) -> dict:
@@ -155,13 +157,15 @@ class RadiomicsFeatures:
         self.settings = settings or RadiomicsSettings(feature_classes=("firstorder", "glcm"))
         self._extractor = RadiomicsExtractor(self.settings)
 
-    def features(self, case: CaseArrays, sequences: Sequence[str]) -> dict[str, np.ndarray]:
+    def features(self, case: CaseArrays, sequences: Sequence[str],
+                 channels: Sequence[str] = SEQUENCES) -> dict[str, np.ndarray]:
         mask = region_mask(case.images, case.seg, self.region)
         spacing = voxel_spacing(case.affine)
         shape = self._extractor.shape_features(mask, spacing) if self.settings.with_shape else np.zeros(0)
         out = {}
         for seq in sequences:
-            vec = self._extractor.intensity_features(case.images[SEQUENCES.index(seq)], mask, spacing, what=seq)
+            vec = self._extractor.intensity_features(case.images[list(channels).index(seq)], mask, spacing,
+                                                     what=seq)
             out[seq] = np.concatenate([shape, vec])
         return out
 
@@ -250,14 +254,15 @@ class TorchFeatures:
             net = net.eval()
         self.net = net
 
-    def features(self, case: CaseArrays, sequences: Sequence[str]) -> dict[str, np.ndarray]:
+    def features(self, case: CaseArrays, sequences: Sequence[str],
+                 channels: Sequence[str] = SEQUENCES) -> dict[str, np.ndarray]:
         import torch
         import torch.nn.functional as F
 
         out = {}
         with torch.no_grad():
             for seq in sequences:
-                x = torch.from_numpy(np.ascontiguousarray(case.images[SEQUENCES.index(seq)], dtype=np.float32))
+                x = torch.from_numpy(np.ascontiguousarray(case.images[list(channels).index(seq)], dtype=np.float32))
                 x = x[None, None].to(self.device)
                 if self.input_size is not None and tuple(x.shape[2:]) != self.input_size:
                     x = F.interpolate(x, size=self.input_size, mode="trilinear", align_corners=False)
@@ -291,10 +296,12 @@ def make_extractor(name: str = "radiomics", **kwargs) -> SequenceFeatureExtracto
 # loading and sampling cases
 
 
-def check_sequences(sequences: Sequence[str]) -> list[str]:
+def check_sequences(sequences: Sequence[str], channels: Sequence[str] = SEQUENCES) -> list[str]:
+    """``sequences`` as a list, checked to be a non-empty subset of ``channels`` (the cases' image channels)."""
     seqs = list(sequences)
-    if not seqs or any(s not in SEQUENCES for s in seqs):
-        raise ValueError(f"sequences must be a non-empty subset of {SEQUENCES}, found {seqs}")
+    if not seqs or any(s not in channels for s in seqs):
+        raise ValueError(f"sequences must be a non-empty subset of the cases' channels {tuple(channels)}, found "
+                         f"{seqs}")
     return seqs
 
 
@@ -333,7 +340,8 @@ def fidelity(
     synthetic: Mapping[str, Sequence[Case]],
     *,
     extractor: str | SequenceFeatureExtractor = "radiomics",
-    sequences: Sequence[str] = SEQUENCES,
+    sequences: Sequence[str] | None = None,
+    channels: Sequence[str] = SEQUENCES,
     n_real: int | None = 300,
     n_synthetic: int | None = 300,
     seed: int = 0,
@@ -347,7 +355,9 @@ def fidelity(
         synthetic: synthetic site name (the site whose generator made them) -> its cases.
         extractor: ``"radiomics"`` or any :class:`SequenceFeatureExtractor` instance, e.g.
             ``TorchFeatures(weights_path=...)`` (``"torch"`` by name is refused: it needs a weights path).
-        sequences: sequences to compare.
+        sequences: sequences to compare (None: every channel).
+        channels: names of the cases' image channels, in order (default the four glioma sequences; a study of
+            other sequences, e.g. one T2 slice or RGB tiles, names its own). 2D images go in as ``(C, X, Y, 1)``.
         n_real, n_synthetic: cases drawn per site without replacement (paper: 300 and 300; None = all).
         seed: seeds the draws (``derive_seed(seed, "fidelity", kind, site)``).
         preprocess: see :func:`prepare_case`.
@@ -362,7 +372,8 @@ def fidelity(
              "matrix": {seq: [[FD(synthetic A, real B) for B in real_sites] for A in synthetic_sites]},
              "same_site": {site: {seq: FD}}}   # synthetic vs real of the same site (the matrix diagonal)
     """
-    seqs = check_sequences(sequences)
+    channels = tuple(channels)
+    seqs = check_sequences(channels if sequences is None else sequences, channels)
     check_sites("real", real)
     check_sites("synthetic", synthetic)
     if isinstance(extractor, str):
@@ -382,7 +393,7 @@ def fidelity(
 
                 it = tqdm(idx, desc=f"features {kind} {site}", leave=False)
             for i in it:
-                f = extractor.features(prepare_case(cases[i], preprocess), seqs)
+                f = extractor.features(prepare_case(cases[i], preprocess), seqs, channels)
                 if any(not np.isfinite(f[s]).all() for s in seqs):
                     bad += 1
                     log.warning("fidelity: %s case %s of %s has no usable features; left out",

@@ -33,7 +33,8 @@ windowed to its brain's 0.5-99.5th percentiles, background 0; for synthetic imag
 background, ``ssim_region = "grid"``: the whole grid's), averaged over the four sequences and the
 voxels at least 5 voxels from the border. This equals ``skimage.metrics.structural_similarity(x, y,
 channel_axis=0, data_range=1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` (checked
-in the tests); it is computed here in torch with the per-case statistics cached, so a case against many
+in the tests). 2D images go in as ``(C, X, Y, 1)``: an axis of length 1 is not filtered, so they get the
+2D SSIM of the same window (11^2; skimage's 2D result, also checked); it is computed here in torch with the per-case statistics cached, so a case against many
 synthetic cases costs one filtered product per pair (MONAI's ``SSIMMetric`` recomputes everything per
 pair with a full 11^3 convolution: 0.1 s per pair at 32^3 on the project's CPU, against ~0.7 ms here).
 
@@ -77,6 +78,8 @@ CERTIFY_N = 250
 SSIM_METHOD = ("3D SSIM (Wang et al. 2004), Gaussian window sigma 1.5 (11^3), K1 0.01, K2 0.03, volumes "
                "windowed to [0, 1] per sequence, mean over sequences; equals skimage structural_similarity("
                "gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)")
+#: the same for 2D images (given as ``(C, X, Y, 1)``: the singleton axis is not filtered)
+SSIM_METHOD_2D = SSIM_METHOD.replace("3D SSIM", "2D SSIM").replace("(11^3)", "(11^2)").replace("volumes", "images")
 
 # --------------------------------------------------------------------------------------------------------
 # SSIM
@@ -117,8 +120,11 @@ def normalize_for_ssim(images: np.ndarray, region: Literal["brain", "grid"] = "b
 
 def _gaussian_matrix(n: int, sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> np.ndarray:
     """``(n - 2r, n)`` matrix of a 1D Gaussian filter with scipy's ``reflect`` boundary, rows cropped by
-    the radius ``r`` (SSIM averages only where the window fits)."""
+    the radius ``r`` (SSIM averages only where the window fits). An axis of length 1 is not filtered (``[[1]]``):
+    a 2D image given as ``(C, X, Y, 1)`` gets the 2D SSIM of its slice."""
     r = int(truncate * sigma + 0.5)
+    if n == 1:
+        return np.ones((1, 1))
     if n < 2 * r + 1:
         raise ValueError(f"SSIM needs at least {2 * r + 1} voxels along every axis, found {n}")
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
@@ -714,8 +720,9 @@ def audit_site(
         log.warning("privacy audit: the positive control was NOT caught (AUC %.3f)", positive["auc"])
     if generator_control is not None and not generator_control["caught"]:
         log.warning("privacy audit: the generator positive control was NOT caught (AUC %.3f)", generator_control["auc"])
+    method = SSIM_METHOD_2D if shape[-1] == 1 else SSIM_METHOD
     result = {
-        "method": SSIM_METHOD if ssim_region == "brain" else SSIM_METHOD.replace(
+        "method": method if ssim_region == "brain" else method.replace(
             "windowed to [0, 1] per sequence", "windowed to [0, 1] per sequence over the whole grid"),
         "ssim_region": ssim_region,
         "n_train": len(train),

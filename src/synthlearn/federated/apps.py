@@ -179,8 +179,9 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
                 message = Message(content=records[key][0], message_type=MessageType.TRAIN, dst_node_id=node)
             messages.append(message)
             state.bytes_to_sites += records[key][1]
-        replies = check_replies(list(grid.send_and_receive(messages, timeout=protocol.round_timeout_s)), len(nodes),
-                                rnd, protocol.round_timeout_s, tolerate_missing=protocol.tolerate_missing)
+        timeout = protocol.timeout_for(rnd)
+        replies = check_replies(list(grid.send_and_receive(messages, timeout=timeout)), len(nodes), rnd, timeout,
+                                tolerate_missing=protocol.tolerate_missing)
         parsed = []
         for m in replies:
             state.bytes_from_sites += message_nbytes(m)
@@ -194,7 +195,7 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
         missing = [s for s in site_names if s not in {r.site for r in parsed}]
         if missing:
             log.warning("round %d: no reply from %s within %g s; the round went on without", rnd, ", ".join(missing),
-                        protocol.round_timeout_s)
+                        timeout)
             entry = {**entry, "missing_sites": missing}
         state.round = rnd
         state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0, **entry})

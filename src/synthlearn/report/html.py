@@ -369,6 +369,41 @@ COMPRESSED_PRIVACY_NOTE = (
     "P1). Copy rate: share of compressed samples closer to a member than 95 % of held-out cases are.")
 
 
+#: what the privacy table of AsynDGAN's generated images measures
+ASYNDGAN_PRIVACY_NOTE = (
+    "The same SSIM membership inference on the images the server's generator drew for each site's disclosed masks: "
+    "members are the site's cases whose masks it disclosed and its discriminator saw, non-members its held-out "
+    "cases (audit_holdout), neither disclosed nor seen. Each generated image is drawn for one member's own mask and "
+    "shares its tumour and brain outline exactly (background 0 outside it), so membership AUC and copy rate here "
+    "first measure the mask disclosure itself (the server holds every member's mask), then the generated "
+    "intensities; own-mask SSIM in results.json (own_mask) is each image's SSIM to the member it was drawn for. "
+    "Controls: members vs members (must sit at chance), noisy copies of a few members (must be caught) and the "
+    "images drawn for the other sites' masks (reference control; not run for the pooled baseline, whose one "
+    "generator saw every member). 2D studies use the 2D SSIM (11x11 window). Fewer than 250 members or non-members "
+    "cannot certify an AUC bound of 0.55 (PRIVACY.md P1). Copy rate: share of generated images closer to a member "
+    "than 95 % of held-out cases are.")
+
+#: the privacy table's labels for an arm without generator artifacts whose data went through the shared audit:
+#: arm -> (its own positive control, what its reference control attacks with, note); others get FedKD's
+AUDITED_ARMS: dict[str, tuple[str, str, str]] = {
+    "asyndgan": ("over-fitted generator", "images drawn for other sites' masks", ASYNDGAN_PRIVACY_NOTE),
+    "asyndgan_pooled": ("over-fitted generator", "(none: one generator saw every member)", ASYNDGAN_PRIVACY_NOTE),
+}
+
+
+def _own_mask_table(doc: _Doc, name: str, priv: dict) -> None:
+    """AsynDGAN's own-mask similarity (``own_mask`` of each audited site), when the audit has it."""
+    rows = []
+    for s, v in priv.items():
+        own = v.get("own_mask")
+        if isinstance(own, dict) and "ssim_median" in own:
+            spread = f"{_num(own['ssim_median'])} [{_num(own.get('ssim_min'))}, {_num(own.get('ssim_max'))}]"
+            rows.append([s, _num(own.get("n")), spread, _num(own.get("below_copy_threshold"))])
+    if rows:
+        doc.h(3, f"Generated images vs the member each was drawn for ({name})")
+        doc.table(["site", "images", "SSIM to own mask's case, median [min, max]", "below copy threshold"], rows)
+
+
 def _is_audit_block(priv: Any) -> bool:
     """Whether an arm's ``privacy`` block is per site :func:`synthlearn.audits.privacy.audit_site`'s dict (or
     ``{"skipped": why}``)."""
@@ -409,6 +444,27 @@ def _privacy_table(doc: _Doc, name: str, priv: Any, *, control: str, reference: 
     doc.p(note)
 
 
+def _fidelity_section(doc: _Doc, name: str, fid: Any) -> None:
+    """An arm's fidelity audit (:func:`synthlearn.audits.fidelity.fidelity`): Frechet distances of the same site per
+    sequence, then the cross-site matrix per sequence."""
+    if not isinstance(fid, dict) or not fid.get("same_site"):
+        return
+    seqs = fid.get("sequences", [])
+    doc.h(2, f"Fidelity ({name})")
+    doc.p(f"Frechet distance between real and synthetic cases of the same site, per sequence; features: "
+          f"{(fid.get('extractor') or {}).get('name', fid.get('extractor'))}. Cases per site: real "
+          f"{fid.get('n_real')}, synthetic {fid.get('n_synthetic')}. The cross-site matrix (synthetic site A vs "
+          f"real site B) is in the figure fid matrix below; lower is closer.")
+    doc.table(["site", *seqs], [[s, *(_num(v.get(q), 1) for q in seqs)] for s, v in fid["same_site"].items()])
+    real_sites = fid.get("real_sites", [])
+    for q in seqs:
+        m = (fid.get("matrix") or {}).get(q)
+        if m:
+            doc.h(3, f"Cross-site Frechet distance, {q} (rows: synthetic, columns: real)")
+            doc.table(["synthetic \\ real", *real_sites],
+                      [[a, *(_num(x, 1) for x in row)] for a, row in zip(fid.get("synthetic_sites", []), m)])
+
+
 def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
     """The generator arms' own sections: what each site shipped, the synthetic data, fidelity, privacy."""
     gens = arm.get("generators") or {}
@@ -431,22 +487,7 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
         doc.table(["site", "generated", "kept", "kept share", "kept per class", "filter"], rows)
         doc.p("Diversity filter (paper 000): whole-tumour radiomics features, pairwise distances within a site, one "
               "case of every pair closer than the percentile threshold dropped. The paper kept 4614 of 9600 (48 %).")
-    fid = arm.get("fidelity")
-    if isinstance(fid, dict) and fid.get("same_site"):
-        seqs = fid.get("sequences", [])
-        doc.h(2, f"Fidelity ({name})")
-        doc.p(f"Frechet distance between real and synthetic cases of the same site, per sequence; features: "
-              f"{(fid.get('extractor') or {}).get('name', fid.get('extractor'))}. Cases per site: real "
-              f"{fid.get('n_real')}, synthetic {fid.get('n_synthetic')}. The cross-site matrix (synthetic site A vs "
-              f"real site B) is in the figure fid matrix below; lower is closer.")
-        doc.table(["site", *seqs], [[s, *(_num(v.get(q), 1) for q in seqs)] for s, v in fid["same_site"].items()])
-        real_sites = fid.get("real_sites", [])
-        for q in seqs:
-            m = (fid.get("matrix") or {}).get(q)
-            if m:
-                doc.h(3, f"Cross-site Frechet distance, {q} (rows: synthetic, columns: real)")
-                doc.table(["synthetic \\ real", *real_sites],
-                          [[a, *(_num(x, 1) for x in row)] for a, row in zip(fid.get("synthetic_sites", []), m)])
+    _fidelity_section(doc, name, arm.get("fidelity"))
     iq = arm.get("image_quality")
     if isinstance(iq, dict) and iq.get("brisque"):
         seqs = iq.get("sequences", [])
@@ -490,11 +531,16 @@ def _audits(doc: _Doc, results: dict) -> None:
         if arm.get("generators") or arm.get("synthetic"):
             _synthetic_arm(doc, name, arm)
             continue
-        if _is_audit_block(arm.get("privacy")):  # an arm without generators whose data went through the audit (fedkd)
-            _privacy_table(doc, name, arm["privacy"], control="compression started from members",
-                           reference="other sites' compressed samples", note=COMPRESSED_PRIVACY_NOTE)
+        _fidelity_section(doc, name, arm.get("fidelity"))
+        if _is_audit_block(arm.get("privacy")):  # an arm without generators whose data went through the audit
+            control, reference, note = AUDITED_ARMS.get(
+                name.split(":")[0].split("/")[0],
+                ("compression started from members", "other sites' compressed samples", COMPRESSED_PRIVACY_NOTE))
+            _privacy_table(doc, name, arm["privacy"], control=control, reference=reference, note=note)
+            _own_mask_table(doc, name, arm["privacy"])
         for key, title in (("diversity", "Diversity filter"), ("fidelity", "Fidelity"), ("privacy", "Privacy audit")):
-            if arm.get(key) and not (key == "privacy" and _is_audit_block(arm[key])):
+            if arm.get(key) and not (key == "privacy" and _is_audit_block(arm[key])) and not (
+                    key == "fidelity" and isinstance(arm[key], dict) and arm[key].get("same_site")):
                 doc.h(2, f"{title} ({name})")
                 _flat_table(doc, title, arm[key])
 

@@ -23,14 +23,42 @@ model as every other arm on them.
 Intensities: a site maps its preprocessed (z-scored) images to the generator's ``[-1, 1]`` by dividing by
 ``intensity_scale`` and clipping; the server maps generated images back and sets everything outside the brain
 outline to 0 (the contract's skull-stripped background).
+
+**Audits** (issue 25; ``audit = true``). Each site keeps a stratified share of its cases (``audit_holdout``, by the
+class of the first label column the task uses, unstratified for segmentation; :func:`audit_split`, the split of
+:func:`synthlearn.audits.privacy.stratified_holdout`) out of everything: their masks are never disclosed and its
+discriminator never sees them. They are the privacy audit's **non-members**; the **members** are the site's other
+cases (:meth:`AsynDGANProtocol.training_cases`). The server records the split (``holdout/<site>.json``; in a
+simulation it knows both groups, as FedKD's audit does). After synthesis, per site (:func:`privacy_audit`), the
+shared audit of synthetic data (:func:`synthlearn.audits.privacy.audit_site`, as CATphishing's and FedKD's): the
+members' and non-members' best SSIM to the images generated for the site's masks (membership inference, AUC with a
+bootstrap CI, TPR at 1 % FPR), the copy rate, the negative control (members vs members), the positive control
+(noisy copies of a few members) and the reference control (the images generated for the other sites' masks). A
+2D study is audited with the 2D SSIM (an ``(C, X, Y, 1)`` image: same 11-pixel window in plane).
+
+Reading it: every synthetic image is drawn for one **member's own mask**, and the server masks its background
+with that member's brain outline. So each synthetic image shares its source member's tumour and brain geometry
+exactly (all of it disclosed in round 1), and the SSIM, which counts the zero background and the tumour's
+edges, puts a synthetic image near its source member whatever its texture; no synthetic image is drawn for a
+non-member's mask. A membership AUC or a copy rate above chance here therefore first measures the mask disclosure
+(membership is known to the server by construction: it holds the members' masks) and only beyond that what the
+generated intensities add. ``own_mask`` separates the two: the SSIM of each synthetic image to the member whose
+mask it was drawn for, and the share of them below the copy threshold (copies of their own source; the copy rate
+counts copies of any member). The pooled arm (``asyndgan_pooled``) holds out the union of the sites' held-out
+cases (so it learns from the same cases as ``asyndgan``) and is audited once against all of them, without a
+reference control (no generator there never saw its members).
+
+Fidelity: per-sequence Frechet radiomics distances (:func:`synthlearn.audits.fidelity.fidelity`) between each
+site's synthetic images and the members of every site (the cross-site matrix), for the study's own sequences.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +66,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synthlearn.data.contract import SEG_VALUES, CaseRecord, Labels, SiteRecord
+from synthlearn.audits.fidelity import fidelity
+from synthlearn.audits.privacy import audit_site, normalize_for_ssim, ssim_matrix, stratified_holdout
+from synthlearn.data.contract import SEG_VALUES, SEQUENCES, CaseRecord, Labels, SiteRecord
+from synthlearn.data.io import CaseArrays, write_json
+from synthlearn.evaluate.radiomics import case_id_of
 from synthlearn.models.gan import NormName, PatchDiscriminator, ResnetGenerator, sampling_mode
 from synthlearn.protocol import (
     Arrays,
@@ -49,6 +81,7 @@ from synthlearn.protocol import (
     run_protocol_inprocess,
 )
 from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.catphishing import plot_fid_matrix
 from synthlearn.strategies.registry import ArmSpec
 from synthlearn.tasks.cache import DatasetCache
 from synthlearn.tasks.setup import TrainingSetup
@@ -87,6 +120,12 @@ class AsynDGANConfig:
         threads_per_site, parallel_sites: as for FedAvg.
         checkpoint_every: the server and the sites save their networks every this many steps.
         task_epochs: epochs of the task model on the synthetic cases (None = the study's).
+        audit_holdout: share of each site's cases (stratified by the first label column the task uses) the site
+            keeps out of everything (masks never disclosed, never seen by its discriminator): the privacy audit's
+            non-members (0 = use every case and skip the privacy audit). Fewer than 2 held-out cases at a site
+            skip its audit (the tiny phantom's 6 cases a site need 0.5).
+        audit: run the privacy and fidelity audits of the synthetic set after synthesis (module docstring).
+        fidelity_n: real and synthetic cases per site drawn for the Frechet distances (paper 000: 300 and 300).
     """
 
     iterations: int = 300
@@ -115,6 +154,9 @@ class AsynDGANConfig:
     parallel_sites: int = 0
     checkpoint_every: int = 50
     task_epochs: int | None = None
+    audit_holdout: float = 0.2
+    audit: bool = True
+    fidelity_n: int = 300
 
     def __post_init__(self) -> None:
         positive = {"iterations": self.iterations, "batch_size": self.batch_size, "samples_per_mask":
@@ -143,6 +185,10 @@ class AsynDGANConfig:
             raise ValueError(f"asyndgan.backend must be flower or inprocess, found {self.backend!r}")
         if self.task_epochs is not None and self.task_epochs < 1:
             raise ValueError(f"asyndgan.task_epochs must be >= 1, found {self.task_epochs}")
+        if not 0.0 <= self.audit_holdout < 1.0:
+            raise ValueError(f"asyndgan.audit_holdout must be in [0, 1), found {self.audit_holdout}")
+        if self.fidelity_n < 2:
+            raise ValueError(f"asyndgan.fidelity_n must be >= 2, found {self.fidelity_n}")
 
 
 # --------------------------------------------------------------------------------------------------- conditioning
@@ -185,6 +231,37 @@ def make_condition(seg: torch.Tensor, brain: torch.Tensor, codes: torch.Tensor, 
     return torch.cat(maps, dim=1)
 
 
+# ------------------------------------------------------------------------------------------------- audit holdout
+def case_key(case: CaseRecord) -> str:
+    """``site/case_id``: a case's name in the audit split (unique across the sites the pooled arm pools)."""
+    return f"{case.site}/{case.case_id}"
+
+
+def audit_stratum(setup: TrainingSetup) -> Callable[[CaseRecord], str | None]:
+    """The class the audit holdout is stratified by: the first label column the task uses (a multi-task task's
+    first head, a classification task's class); none (one stratum) for a segmentation task."""
+    spec = setup.task_spec
+    if spec.is_multitask and spec.heads:
+        extract = spec.heads[0].extract
+    elif spec.kind == "classification":
+        extract = spec.extract
+    else:
+        return lambda case: None
+    return lambda case: extract(case.labels) if case.labels is not None else None
+
+
+def audit_split(site: SiteRecord, fraction: float, setup: TrainingSetup) -> tuple[list[str], list[str]]:
+    """A site's members (cases its discriminator sees, whose masks it discloses) and held-out cases (neither: the
+    privacy audit's non-members): :func:`synthlearn.audits.privacy.stratified_holdout` by :func:`audit_stratum`,
+    seeded with the study's seed.
+
+    Returns:
+        ``(member_keys, holdout_keys)`` as :func:`case_key` (``site/case_id``), both sorted.
+    """
+    members, holdout = stratified_holdout(site, fraction, audit_stratum(setup), setup.seed)
+    return [f"{site.name}/{i}" for i in members], [f"{site.name}/{i}" for i in holdout]
+
+
 @dataclasses.dataclass
 class SiteData:
     """One site's cases as the GAN sees them.
@@ -200,6 +277,12 @@ class SiteData:
     seg: torch.Tensor
     brain: torch.Tensor
     codes: torch.Tensor
+
+
+def generator_range(images: np.ndarray, intensity_scale: float) -> np.ndarray:
+    """Preprocessed (z-scored) ``(C, *S)`` images in the generator's range: ``clip(x / intensity_scale, -1, 1)``
+    (float32; the zero background stays 0)."""
+    return np.clip(np.asarray(images, np.float32) / intensity_scale, -1.0, 1.0)
 
 
 def load_site_data(cases: Sequence[CaseRecord], setup: TrainingSetup, cfg: AsynDGANConfig,
@@ -219,7 +302,7 @@ def load_site_data(cases: Sequence[CaseRecord], setup: TrainingSetup, cfg: AsynD
         if seg is None:
             raise ValueError(f"asyndgan: case {case.site}/{case.case_id} has no segmentation; the generator draws "
                              "images for masks, so every training case needs seg.nii.gz")
-        images.append(np.clip(np.asarray(x, np.float32) / cfg.intensity_scale, -1.0, 1.0))
+        images.append(generator_range(x, cfg.intensity_scale))
         segs.append(np.asarray(seg, np.uint8))
         brains.append(np.any(np.asarray(x) != 0, axis=0).astype(np.uint8))
         row = []
@@ -353,10 +436,14 @@ class AsynDGANProtocol(RoundProtocol):
     per_site_messages = True
     tolerate_missing = True
 
-    def __init__(self, setup: TrainingSetup, cfg: AsynDGANConfig, cache: DatasetCache | None = None):
+    def __init__(self, setup: TrainingSetup, cfg: AsynDGANConfig, cache: DatasetCache | None = None, *,
+                 holdout: Mapping[str, Sequence[str]] | None = None):
+        """``holdout``: site -> the :func:`case_key` of the cases it keeps out (None: each site computes its own
+        split, :func:`audit_split` with ``cfg.audit_holdout``; the pooled arm passes the union of the sites')."""
         self.setup = setup
         self.cfg = cfg
         self.cache = cache
+        self.holdout = None if holdout is None else {k: frozenset(v) for k, v in holdout.items()}
         self.rounds = cfg.iterations + 1
         self.start_timeout_s = cfg.start_timeout_s
         self.round_timeout_s = cfg.round_timeout_s
@@ -369,6 +456,11 @@ class AsynDGANProtocol(RoundProtocol):
 
     def __getstate__(self) -> dict[str, Any]:  # what is pickled into the sites: settings only
         return {**self.__dict__, "cache": None, "_live": None, "_pending": {}}
+
+    def timeout_for(self, rnd: int) -> float:
+        """Round 1 (every site reads and preprocesses its cases, its process may be starting) waits as long as the
+        start; a generator step waits ``round_timeout_s``."""
+        return max(self.start_timeout_s, self.round_timeout_s) if rnd == 1 else self.round_timeout_s
 
     # ------------------------------------------------------------------------------------------------- server side
     def initial_state(self) -> Arrays:
@@ -390,8 +482,8 @@ class AsynDGANProtocol(RoundProtocol):
         if rnd == 1:
             return {}, {"phase": "masks"}
         masks = state.get(f"masks/{site}")
-        if masks is None:
-            raise FederationError(f"asyndgan: no masks of site {site} at the server (round 1 did not reach it)")
+        if masks is None:  # its disclosure missed round 1's timeout: it sits the federation out
+            return {}, {"phase": "idle"}
         n = int(masks["seg"].shape[0])
         rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "batch", rnd, site))
         m = self.cfg.batch_size
@@ -424,8 +516,10 @@ class AsynDGANProtocol(RoundProtocol):
                 raise FederationError(f"asyndgan round {rnd}: site {r.site} returned a gradient of shape "
                                       f"{tuple(grad.shape)} (expected {tuple(fake.shape)}) or with non-finite values")
             used.append((fake, grad.to(fake.dtype)))
-        if not used:
-            raise FederationError(f"asyndgan round {rnd}: no site returned feedback")
+        if not used:  # every site idle or late: the generator does not move this step
+            log.warning("asyndgan round %d: no site returned feedback; the generator step is skipped", rnd)
+            self._pending.clear()
+            return state, {"skipped": True}
         generator_step(opt, used)
         self._pending.clear()
         new = dict(state)
@@ -451,12 +545,23 @@ class AsynDGANProtocol(RoundProtocol):
         return {"seg": seg.to(torch.uint8), "brain": brain.to(torch.uint8), "codes": codes.to(torch.int16)}
 
     # --------------------------------------------------------------------------------------------------- site side
+    def training_cases(self, site: SiteRecord) -> list[CaseRecord]:
+        """The cases of ``site`` whose masks it discloses and its discriminator sees: all but its audit holdout, in
+        the site's order (the order of the disclosed masks)."""
+        if self.holdout is not None:
+            held = self.holdout.get(site.name, frozenset())
+        else:
+            held = frozenset(audit_split(site, self.cfg.audit_holdout, self.setup)[1])
+        return [c for c in site.cases if case_key(c) not in held]
+
     def site_round(self, site: SiteRecord, rnd: int, arrays, config, *, state_dir: Path,
                    memory: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        if config.get("phase") == "idle":  # the server has no masks of this site
+            return {}, {}
         data = memory.get("data")
         if data is None:
             cache = self.cache or memory.setdefault("cache", DatasetCache(self.setup.preprocess))
-            data = memory["data"] = load_site_data(site.cases, self.setup, self.cfg, cache)
+            data = memory["data"] = load_site_data(self.training_cases(site), self.setup, self.cfg, cache)
         if config.get("phase") == "masks":
             return {"masks": {"seg": data.seg, "brain": data.brain, "codes": data.codes}}, {"n": len(data.seg)}
         fake = arrays.get("fake", {}).get("images")
@@ -524,6 +629,12 @@ def sample_synthetic(gen: ResnetGenerator, masks: Mapping[str, torch.Tensor], si
     return out
 
 
+def grid_affine(setup: TrainingSetup) -> np.ndarray:
+    """The ``(4, 4)`` affine of the model's grid: the preprocessing's spacing (1 mm where it sets none)."""
+    spacing = setup.preprocess.spacing or (1.0,) * len(setup.preprocess.shape)
+    return np.diag([*[float(s) for s in spacing], *([1.0] * (4 - len(spacing)))])
+
+
 def write_synthetic_study(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], setup: TrainingSetup,
                           folder: str | Path) -> list[CaseRecord]:
     """Write generated cases as a one-site study of the data contract (``folder/synthetic``, ``study.json`` with
@@ -534,8 +645,7 @@ def write_synthetic_study(samples: Sequence[tuple[np.ndarray, np.ndarray, np.nda
 
     folder = Path(folder)
     columns = label_columns(setup)
-    spacing = setup.preprocess.spacing or (1.0,) * len(setup.preprocess.shape)
-    affine = np.diag([*[float(s) for s in spacing], *([1.0] * (4 - len(spacing)))])
+    affine = grid_affine(setup)
     rows = []
     for k, (images, seg, codes) in enumerate(samples):
         case_id = f"case-{k:05d}"
@@ -554,13 +664,20 @@ def run(ctx: ArmContext) -> ArmOutput:
     return run_on_sites(ctx, ctx.train_sites, ctx.arm_config.backend)
 
 
-def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str) -> ArmOutput:
+def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str, *,
+                 holdout: Mapping[str, Sequence[str]] | None = None) -> ArmOutput:
     """:func:`run` with a discriminator for each of ``sites`` (the training sites; one pooled site for the
-    ``asyndgan_pooled`` baseline)."""
+    ``asyndgan_pooled`` baseline), then the audits (``audit``).
+
+    Args:
+        holdout: site -> the :func:`case_key` of the cases it keeps out (the pooled baseline: the union of the
+            training sites' audit holdouts); None: each site's own :func:`audit_split`.
+    """
     from synthlearn.tasks.model import train_task_model
 
     cfg: AsynDGANConfig = ctx.arm_config
-    protocol = AsynDGANProtocol(ctx.setup, cfg)
+    splits = record_splits(ctx, sites, holdout)
+    protocol = AsynDGANProtocol(ctx.setup, cfg, holdout=holdout)
     t0 = time.perf_counter()
     reused = _primary_state(ctx, protocol)
     if reused is not None:  # a further task-model seed: the generator is the primary seed's, the draw is new
@@ -578,12 +695,14 @@ def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str) -> 
     gen.load_state_dict(final.states["generator"])
     save_checkpoint(ctx.arm_dir / "generator.pt", {"network": gen.state_dict(), "iterations": cfg.iterations})
     t0 = time.perf_counter()
-    samples = []
+    samples, by_site = [], {}
     for site in sites:
         masks = final.states.get(f"masks/{site.name}")
         if masks is not None:
-            samples += sample_synthetic(gen, masks, protocol.sizes, cfg.intensity_scale, cfg.samples_per_mask,
-                                        seed=derive_seed(ctx.setup.seed, "asyndgan", "sample", site.name))
+            by_site[site.name] = sample_synthetic(gen, masks, protocol.sizes, cfg.intensity_scale,
+                                                  cfg.samples_per_mask,
+                                                  seed=derive_seed(ctx.setup.seed, "asyndgan", "sample", site.name))
+            samples += by_site[site.name]
     cases = write_synthetic_study(samples, ctx.setup, ctx.arm_dir / "synthetic")
     synthesis_wall = time.perf_counter() - t0
     setup = ctx.setup
@@ -619,9 +738,185 @@ def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str) -> 
         "final_losses": {key: steps[-1].get(key, {}) for key in ("loss_d", "loss_g", "d_real", "d_fake")}
         if steps else {},
         "stage_wall_s": {"federation": federation_wall, "synthesis": synthesis_wall},
+        "audit_holdout": cfg.audit_holdout,
+        "holdout_cases": {s: len(split[1]) for s, split in splits.items()},
     }
+    if cfg.audit:
+        t0 = time.perf_counter()
+        extra.update(run_audits(ctx, cfg, sites, splits, by_site))
+        extra["stage_wall_s"]["audits"] = time.perf_counter() - t0
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=final.bytes_from_sites, rounds=final.round,
                      extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------------------- audits
+def record_splits(ctx: ArmContext, sites: Sequence[SiteRecord], holdout: Mapping[str, Sequence[str]] | None
+                  ) -> dict[str, tuple[list[str], list[str]]]:
+    """Per site, ``(member_keys, holdout_keys)`` (:func:`case_key`), the split each site makes for itself
+    (:func:`audit_split`; ``holdout`` when given; a further seed of a multi-seed study: the primary seed's, whose
+    generator it reuses), recorded in ``<arm_dir>/holdout/<site>.json``."""
+    cfg: AsynDGANConfig = ctx.arm_config
+    out = {}
+    for site in sites:
+        keys = [case_key(c) for c in site.cases]
+        primary = Path(ctx.primary_dir) / "holdout" / f"{site.name}.json" if ctx.primary_dir is not None else None
+        if primary is not None and primary.is_file():
+            held = list(json.loads(primary.read_text())["holdout"])
+        elif primary is not None:  # a primary seed from before the audit holdout: it used every case
+            held = []
+        elif holdout is not None:
+            held = sorted(holdout.get(site.name, ()))
+        else:
+            held = audit_split(site, cfg.audit_holdout, ctx.setup)[1]
+        out[site.name] = (sorted(set(keys) - set(held)), sorted(held))
+        write_json(ctx.arm_dir / "holdout" / f"{site.name}.json",
+                   {"site": site.name, "fraction": cfg.audit_holdout, "members": out[site.name][0],
+                    "holdout": out[site.name][1],
+                    "note": "the site never discloses the held-out cases' masks and its discriminator never sees "
+                            "them: the privacy audit's non-members"})
+    return out
+
+
+def audit_cases(cases: Sequence[CaseRecord], setup: TrainingSetup, cfg: AsynDGANConfig,
+                cache: DatasetCache) -> list[CaseArrays]:
+    """Real cases as the audits compare them with the generated ones: preprocessed, in the generator's clipped
+    range mapped back to z-score units (what the generator could reproduce), on the model's grid
+    (:func:`grid_affine`); a 2D study's as ``(C, X, Y, 1)`` (the audits read ``(C, X, Y, Z)``)."""
+    view = cache.dataset(list(cases))
+    out = []
+    for i in range(len(cases)):
+        x, seg = view.arrays(i)
+        out.append(_as_case(generator_range(x, cfg.intensity_scale) * cfg.intensity_scale, seg, setup))
+    return out
+
+
+def _as_case(images: np.ndarray, seg: np.ndarray | None, setup: TrainingSetup) -> CaseArrays:
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:  # (C, X, Y): a singleton last axis
+        images, seg = images[..., None], (None if seg is None else np.asarray(seg)[..., None])
+    return CaseArrays(images=images, seg=None if seg is None else np.asarray(seg, np.int64), affine=grid_affine(setup))
+
+
+def own_mask_similarity(members: Sequence[CaseArrays], synthetic: Sequence[CaseArrays],
+                        threshold: float) -> dict[str, Any]:
+    """The SSIM of each synthetic image to the member whose mask it was drawn for (sample ``j`` of a site was drawn
+    for its member ``j mod n``, the order of :func:`sample_synthetic`), each windowed as the privacy audit does.
+
+    Args:
+        members: the site's members in the order of its disclosed masks, ``images (C, X, Y, Z)``.
+        synthetic: the site's generated cases, ``samples_per_mask * len(members)`` of them.
+        threshold: the audit's copy threshold (a distance, 1 - SSIM).
+
+    Returns:
+        ``{"n", "ssim_mean", "ssim_median", "ssim_min", "ssim_max", "below_copy_threshold": share of synthetic
+        images closer to their own source member than the threshold}``.
+    """
+    if not members or len(synthetic) % len(members):
+        raise ValueError(f"expected samples_per_mask x {len(members)} synthetic cases (one per member's mask), "
+                         f"found {len(synthetic)}")
+    real = [normalize_for_ssim(m.images) for m in members]
+    sims = np.array([ssim_matrix(normalize_for_ssim(s.images)[None], real[j % len(real)][None])[0, 0]
+                     for j, s in enumerate(synthetic)])
+    return {"n": int(sims.size), "ssim_mean": float(sims.mean()), "ssim_median": float(np.median(sims)),
+            "ssim_min": float(sims.min()), "ssim_max": float(sims.max()),
+            "below_copy_threshold": float(np.mean(1.0 - sims < threshold))}
+
+
+def _name_members(result: dict[str, Any], keys: Sequence[str], members: Sequence[CaseArrays]) -> None:
+    """audit_site names array cases by position (``train-0000``): give the members their ``site/case_id``."""
+    names = {case_id_of(case, i, prefix="train"): keys[i] for i, case in enumerate(members)}
+    for pair in result["copy_rate"]["closest"]:
+        pair["train"] = names.get(pair["train"], pair["train"])
+    result["positive_control"]["memorised_case_ids"] = [names.get(i, i) for i in
+                                                        result["positive_control"]["memorised_case_ids"]]
+
+
+def privacy_audit(ctx: ArmContext, cfg: AsynDGANConfig, real: Mapping[str, tuple[list[str], list[CaseArrays]]],
+                  holdout: Mapping[str, list[CaseArrays]], synthetic: Mapping[str, list[CaseArrays]]
+                  ) -> dict[str, Any]:
+    """Per site, :func:`synthlearn.audits.privacy.audit_site` of the images generated for its masks (module
+    docstring): its members against its held-out cases, the reference control from the other sites' synthetic
+    images, plus ``own_mask`` (:func:`own_mask_similarity`) and ``wall_s``; or ``{"skipped": why}``.
+
+    Args:
+        real: site -> (member keys, member cases), in the order of the site's disclosed masks.
+        holdout: site -> its held-out cases.
+        synthetic: site -> the images generated for its masks (:func:`sample_synthetic`'s order).
+    """
+    setup = ctx.setup
+    figures = ctx.arm_dir / "figures"
+    out: dict[str, Any] = {}
+    for site, (keys, members) in real.items():
+        held, syn = holdout.get(site, []), synthetic.get(site, [])
+        if len(held) < 2 or len(members) < 2:
+            out[site] = {"skipped": f"needs >= 2 held-out and >= 2 member cases (audit_holdout {cfg.audit_holdout}; "
+                                   f"found {len(held)} and {len(members)})"}
+            continue
+        if not syn:
+            out[site] = {"skipped": "the server holds no masks of this site: no image was generated for it"}
+            continue
+        t0 = time.perf_counter()
+        reference = {other: cases for other, cases in synthetic.items() if other != site and cases}
+        montage = figures / f"privacy_closest_{site}.png" if tuple(setup.sequences) == SEQUENCES else None
+        result = audit_site(members, held, syn, seed=setup.seed, montage_path=montage,
+                            reference_synthetic=reference or None, progress=ctx.progress)
+        _name_members(result, keys, members)
+        if result.get("montage"):
+            result["montage"] = str(Path(result["montage"]).relative_to(ctx.arm_dir.parent))
+        if len(syn) == cfg.samples_per_mask * len(members):
+            result["own_mask"] = own_mask_similarity(members, syn, result["copy_rate"]["threshold"])
+        else:  # the server's split and the site's disagree: the pairing of images and masks is unknown
+            result["own_mask"] = {"skipped": f"{len(syn)} synthetic images for {len(members)} members "
+                                             f"(samples_per_mask {cfg.samples_per_mask})"}
+        if not reference:
+            result["reference_control_note"] = ("not run: every generated image came from a generator that saw "
+                                                "these members (one site, or the pooled baseline)")
+        result["wall_s"] = time.perf_counter() - t0
+        out[site] = result
+    return out
+
+
+def fidelity_audit(ctx: ArmContext, cfg: AsynDGANConfig, real: Mapping[str, list[CaseArrays]],
+                   synthetic: Mapping[str, list[CaseArrays]]) -> dict[str, Any]:
+    """:func:`synthlearn.audits.fidelity.fidelity` of each site's synthetic images against every site's members
+    (the study's own sequences), with the cross-site figure; or ``{"skipped": why}``. Sites with fewer than 2 real
+    or 2 synthetic cases are left out of it."""
+    real = {s: c for s, c in real.items() if len(c) >= 2}
+    synthetic = {s: c for s, c in synthetic.items() if len(c) >= 2}
+    if not real or not synthetic:
+        return {"skipped": "needs a site with >= 2 member cases and >= 2 synthetic images"}
+    t0 = time.perf_counter()
+    try:
+        fid = fidelity(real, synthetic, channels=ctx.setup.sequences, n_real=cfg.fidelity_n,
+                       n_synthetic=cfg.fidelity_n, seed=ctx.setup.seed, progress=ctx.progress)
+    except ValueError as exc:  # e.g. too few cases with usable radiomics features
+        log.warning("asyndgan: fidelity audit not run: %s", exc)
+        return {"skipped": str(exc)}
+    path = plot_fid_matrix(fid, ctx.arm_dir / "figures" / "fid_matrix.png")
+    fid["figure"] = str(path.relative_to(ctx.arm_dir.parent))
+    fid["real"] = "the members of each site (its cases outside the audit holdout)"
+    fid["wall_s"] = time.perf_counter() - t0
+    return fid
+
+
+def run_audits(ctx: ArmContext, cfg: AsynDGANConfig, sites: Sequence[SiteRecord],
+               splits: Mapping[str, tuple[list[str], list[str]]],
+               samples: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> dict[str, Any]:
+    """``{"privacy": privacy_audit(...), "fidelity": fidelity_audit(...)}`` of the generated images.
+
+    Args:
+        splits: site -> (member keys, holdout keys) (:func:`record_splits`).
+        samples: site -> the images generated for its masks (:func:`sample_synthetic`).
+    """
+    real, holdout, synthetic = {}, {}, {}
+    for site in sites:
+        members, held = set(splits[site.name][0]), set(splits[site.name][1])
+        ordered = [c for c in site.cases if case_key(c) in members]  # the order of the disclosed masks
+        real[site.name] = ([case_key(c) for c in ordered], audit_cases(ordered, ctx.setup, cfg, ctx.cache))
+        holdout[site.name] = audit_cases([c for c in site.cases if case_key(c) in held], ctx.setup, cfg, ctx.cache)
+        synthetic[site.name] = [_as_case(x, seg, ctx.setup) for x, seg, _ in samples.get(site.name, [])]
+    return {"privacy": privacy_audit(ctx, cfg, real, holdout, synthetic),
+            "fidelity": fidelity_audit(ctx, cfg, {s: cases for s, (_, cases) in real.items()}, synthetic)}
 
 
 def _primary_state(ctx: ArmContext, protocol: AsynDGANProtocol) -> FederationState | None:
@@ -707,6 +1002,9 @@ ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig,
               description="one generator at the server, a discriminator per site; adversarial gradients leave the "
               "sites every step, the server trains on generated images (paper 003)")
 
-__all__ = ["ARM", "AsynDGANConfig", "AsynDGANProtocol", "SiteData", "adversarial_feedback", "build_discriminator",
-           "build_generator", "condition_channels", "discriminator_step", "gan_loss", "generator_step", "label_sizes", "load_site_data",
-           "make_condition", "plot_samples", "plot_training", "run", "run_on_sites", "sample_synthetic", "write_synthetic_study"]
+__all__ = ["ARM", "AsynDGANConfig", "AsynDGANProtocol", "SiteData", "adversarial_feedback", "audit_cases",
+           "audit_split", "audit_stratum", "build_discriminator", "build_generator", "case_key", "condition_channels",
+           "discriminator_step", "fidelity_audit", "gan_loss", "generator_range", "generator_step", "grid_affine",
+           "label_sizes", "load_site_data", "make_condition", "own_mask_similarity", "plot_samples", "plot_training",
+           "privacy_audit", "record_splits", "run", "run_audits", "run_on_sites", "sample_synthetic",
+           "write_synthetic_study"]
