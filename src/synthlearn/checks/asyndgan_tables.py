@@ -160,7 +160,7 @@ def plot_table(summary: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("Dice (whole region)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_title(f"{check.name}: Dice on the phantom (mean +/- SD over task seeds)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
