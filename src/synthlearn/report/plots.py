@@ -1,5 +1,5 @@
 """Study figures as PNG (matplotlib, Agg backend, no display needed): ROC curves of several
-arms on one plot (paper 000 Fig. 3), confusion matrices (Fig. 4) and per-site Dice box plots (segmentation)."""
+arms on one plot (paper 000 Fig. 3), confusion matrices (Fig. 4) and per-site Dice violin and box plots (segmentation)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def plot_confusion_matrices(matrices: Mapping[str, np.ndarray], class_names: Seq
 
 def plot_segmentation_boxes(rows: Mapping[str, Sequence[Mapping[str, float | str]]], sites: Sequence[str],
                             path: str | Path, *, title: str = "per-case Dice per test site") -> Path:
-    """Box plots of the per-case Dice of every model, one panel per region (WT, TC, ET), grouped by test site.
+    """Violin and box plots of the per-case Dice of every model, one panel per region (WT, TC, ET), grouped by test
+    site.
 
     Args:
         rows: model (``arm`` or ``arm:site``) -> its per-case rows (``site``, ``dice_wt``, ``dice_tc``, ``dice_et``).
@@ -137,7 +138,13 @@ def plot_segmentation_boxes(rows: Mapping[str, Sequence[Mapping[str, float | str
         for m, name in enumerate(names):
             data = [[float(r[f"dice_{region}"]) for r in rows[name] if r["site"] == site] for site in sites]
             pos = [s + (m - (len(names) - 1) / 2) * width for s in range(len(sites))]
-            box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
+            for values, x in zip(data, pos):  # the distribution's shape (Ren et al. show violins), the box on top
+                if len(values) >= 2 and np.ptp(values) > 0:
+                    violin = ax.violinplot([values], positions=[x], widths=width * 0.95, showextrema=False)
+                    for body in violin["bodies"]:
+                        body.set_facecolor(colours[m % len(colours)])
+                        body.set_alpha(0.25)
+            box = ax.boxplot(data, positions=pos, widths=width * 0.35, patch_artist=True, showfliers=True,
                              flierprops={"markersize": 2})
             for patch in box["boxes"]:
                 patch.set_facecolor(colours[m % len(colours)])
