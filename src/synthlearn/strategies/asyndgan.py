@@ -199,10 +199,9 @@ def label_sizes(setup: TrainingSetup, cfg: AsynDGANConfig) -> tuple[int, ...]:
 
 def label_columns(setup: TrainingSetup) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The study's label columns and values (the glioma defaults when it has none of its own)."""
-    from synthlearn.data.contract import LABEL_VALUES
+    from synthlearn.data.contract import GLIOMA_LABELS
 
-    schema = setup.labels
-    return schema.columns if schema is not None else tuple(LABEL_VALUES.items())
+    return (setup.labels or GLIOMA_LABELS).columns
 
 
 def condition_channels(sizes: Sequence[int]) -> int:
