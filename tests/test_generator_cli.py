@@ -302,3 +302,37 @@ def test_filled_background_generator_trains_synthesizes_and_verifies(tiny_study,
     assert json.loads((out / "synthesis.json").read_text())["brain_from"] == "brain mask channel > 0.5"
     case = read_case(open_study(out).sites[0].cases[0])
     assert case.images.shape[0] == 4 and np.isfinite(case.images).all()
+
+
+def test_space_to_depth_generator_trains_only_its_diffusion_model_and_synthesizes(tiny_study, tmp_path):
+    """Design (b) of the fidelity issue end to end: no stage 1 is trained, the artifact's autoencoder file is
+    empty, the diffusion model works on 40 x 16^3, the synthetic cases pass verify-data, and the memorising
+    control (the privacy audit's positive control) still builds from such an artifact."""
+    from synthlearn.generators.artifact import load_weights
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.memorising import train_memorising_generator
+
+    config = tmp_path / "s2d.toml"
+    config.write_text(f'base = "{TINY_CONFIG}"\nlatent_shape = [16, 16, 16]\n[autoencoder]\nkind = "space_to_depth"\n'
+                      'latent_channels = 40\n[superres]\nepochs = 0\n[diffusion]\nchannels = [40, 40]\n')
+    with pytest.raises(ValueError, match="latent_channels = 40"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(config.read_text().replace("latent_channels = 40", "latent_channels = 8"))
+        load_generator_config(bad)
+    artifact = tmp_path / "artifact"
+    assert main(["train-generator", "--site", str(tiny_study / "tcga"), "--config", str(config), "--out",
+                 str(artifact), "--seed", "0", "-q"]) == 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["latent_channels"] == 40 and manifest["training"]["epochs"]["autoencoder"] == 0
+    assert manifest["training"]["epochs"]["diffusion"] == 3
+    assert load_weights(artifact, "autoencoder.safetensors") == {}
+    out = tmp_path / "synthetic"
+    assert main(["synthesize", "--artifact", str(artifact), "--per-class", "2", "--out", str(out), "--seed", "0",
+                 "-q"]) == 0
+    assert main(["verify-data", str(out), "-q"]) == 0
+    from synthlearn.data.layouts import open_study
+
+    ids = sorted(c.case_id for c in open_study(tiny_study / "tcga").sites[0].cases)[:2]
+    control = train_memorising_generator(artifact, tiny_study / "tcga", ids, tmp_path / "control", steps=2,
+                                         decoder_steps=2, seed=1)
+    assert json.loads((control / "manifest.json").read_text())["positive_control"]["decoder_steps"] == 0

@@ -101,6 +101,12 @@ class AutoencoderConfig:
             reconstructions to 0.91 on average (0.80 without) but not one on its samples; trained from scratch,
             the arm gave 0.46 at the demo's budget (the demo's 0.70) and 0.67-0.77 over three task seeds at
             demo-long's (0.73-0.78 without), so it stays off (docs/benchmarks.md, sections 16 and 17).
+        kind: ``kl``: the learned KL autoencoder above (the paper's); ``space_to_depth``: no learned autoencoder,
+            the case is rearranged without loss into ``latent_channels = C * f^3`` channels on a grid ``f`` times
+            coarser (:mod:`synthlearn.models.space_to_depth`, ``f = space_to_depth_factor``), so the diffusion
+            model works at a latent's scale on the case itself (the fidelity issue's design (b)). Every other
+            stage-1 key is then unused, and there is no stage 1 to train.
+        space_to_depth_factor: ``f`` of ``kind = "space_to_depth"`` (the latent grid is the case grid / f).
     """
 
     channels: tuple[int, ...] = (16, 32, 64)
@@ -128,8 +134,17 @@ class AutoencoderConfig:
     lr_schedule: Literal["poly", "constant"] = "constant"
     patch_size: tuple[int, int, int] | None = None
     class_conditional_decoder: bool = False
+    kind: Literal["kl", "space_to_depth"] = "kl"
+    space_to_depth_factor: int = 2
 
     def __post_init__(self) -> None:
+        if self.kind not in ("kl", "space_to_depth"):
+            raise ValueError(f"autoencoder.kind must be kl or space_to_depth, found {self.kind!r}")
+        if self.space_to_depth_factor < 1:
+            raise ValueError(f"autoencoder.space_to_depth_factor must be >= 1, found {self.space_to_depth_factor}")
+        if self.kind == "space_to_depth" and self.class_conditional_decoder:
+            raise ValueError("autoencoder.class_conditional_decoder needs a learned decoder (kind = kl), "
+                             "found kind = space_to_depth")
         if len(self.channels) < 2:
             raise ValueError(f"autoencoder.channels needs at least 2 levels, found {self.channels}")
         bad = [c for c in self.channels if c % self.norm_num_groups]
@@ -153,13 +168,31 @@ class AutoencoderConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial down-sampling of the encoder (2 per level after the first)."""
+        """Spatial down-sampling of the encoder (2 per level after the first; ``space_to_depth_factor`` for
+        ``kind = "space_to_depth"``)."""
+        if self.kind == "space_to_depth":
+            return self.space_to_depth_factor
         return 2 ** (len(self.channels) - 1)
 
 
 def build_autoencoder(cfg: AutoencoderConfig, in_channels: int = GENERATOR_CHANNELS) -> nn.Module:
-    """MONAI ``AutoencoderKL`` (3D) for ``cfg``; input and output ``(B, in_channels, X, Y, Z)``."""
+    """MONAI ``AutoencoderKL`` (3D) for ``cfg``; input and output ``(B, in_channels, X, Y, Z)``
+    (:class:`~synthlearn.models.space_to_depth.SpaceToDepth` for ``kind = "space_to_depth"``).
+
+    Raises:
+        ValueError: ``space_to_depth`` with ``latent_channels`` other than ``in_channels * f^3``.
+    """
     from monai.networks.nets import AutoencoderKL
+
+    if cfg.kind == "space_to_depth":
+        from synthlearn.models.space_to_depth import SpaceToDepth
+
+        s2d = SpaceToDepth(in_channels, cfg.space_to_depth_factor)
+        if s2d.latent_channels != cfg.latent_channels:
+            raise ValueError(f"autoencoder.kind = space_to_depth with factor {cfg.space_to_depth_factor} makes "
+                             f"{in_channels} x {cfg.space_to_depth_factor}^3 = {s2d.latent_channels} latent "
+                             f"channels; autoencoder.latent_channels is {cfg.latent_channels}")
+        return s2d
 
     levels = len(cfg.channels)
     ae = AutoencoderKL(

@@ -551,7 +551,8 @@ def run(ctx: ArmContext) -> ArmOutput:
             for name in sites if not (artifacts[name] / "manifest.json").is_file()}
     log.info("catphishing: training %d site generator(s) (%d already done)", len(jobs), len(sites) - len(jobs))
     t0 = time.perf_counter()
-    stage_epochs = gcfg.autoencoder.epochs + gcfg.superres.epochs + gcfg.diffusion.epochs
+    learned_ae = gcfg.autoencoder.kind != "space_to_depth"  # a space-to-depth stage 1 has nothing to train
+    stage_epochs = gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
     walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
     generator_wall = time.perf_counter() - t0
     shipped = {}

@@ -131,6 +131,18 @@ class GeneratorConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, found {self.precision!r}")
         PreprocessConfig(shape=self.shape, mode=self.fit_mode)  # checks shape and mode
         work = working_shape(self.shape, self.latent_shape, self.autoencoder)
+        if self.autoencoder.kind == "space_to_depth":
+            f = self.autoencoder.space_to_depth_factor
+            if tuple(work) != tuple(self.shape):
+                raise ValueError(f"autoencoder.kind = space_to_depth needs shape = latent_shape x {f}; found shape "
+                                 f"{tuple(self.shape)} and latent_shape {tuple(self.latent_shape)}")
+            if self.autoencoder.latent_channels != self.channels * f ** 3:
+                raise ValueError(f"autoencoder.kind = space_to_depth with factor {f} on {self.channels} channels needs "
+                                 f"autoencoder.latent_channels = {self.channels * f ** 3}, found "
+                                 f"{self.autoencoder.latent_channels}")
+            if self.superres.epochs:
+                raise ValueError("autoencoder.kind = space_to_depth decodes to the case grid: superres.epochs must be "
+                                 f"0, found {self.superres.epochs}")
         f_ae = self.autoencoder.downsample_factor
         if self.autoencoder.patch_size is not None:
             p = self.autoencoder.patch_size

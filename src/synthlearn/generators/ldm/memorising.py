@@ -84,6 +84,8 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     n = data.x.shape[0]
     histories = {}
     decoder_done = 0
+    if decoder_steps and cfg.autoencoder.kind == "space_to_depth":
+        decoder_steps = 0  # an exact rearrangement: there is no decoder to fine-tune, the diffusion model memorises
     if decoder_steps:
         batch = min(n, 4)
         per_epoch = math.ceil(n / batch)

@@ -259,6 +259,8 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
     from monai.losses import PatchAdversarialLoss
 
     acfg = cfg.autoencoder
+    if acfg.kind == "space_to_depth":
+        return {}  # nothing to learn: the rearrangement is exact
     disc = build_discriminator(acfg, cfg.channels).to(rt.device) if acfg.adv_weight > 0 else None
     perceptual = make_perceptual_loss(acfg)
     if perceptual is not None:
@@ -494,6 +496,8 @@ def _train_superres(ae: GeneratorAutoencoder, sr: SuperResolution, x: torch.Tens
     from monai.losses import SSIMLoss
 
     scfg = cfg.superres
+    if scfg.epochs == 0 and not ckpt.is_file():
+        return {}  # no stage 2 (e.g. the demo's: its case grid is the autoencoder's grid)
     perceptual = make_perceptual_loss(cfg.autoencoder) if cfg.autoencoder.perceptual_weights else None
     if perceptual is not None:
         perceptual = perceptual.to(rt.device)
