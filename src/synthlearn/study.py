@@ -440,7 +440,7 @@ def _arm_block(models: dict[str, dict], arm: str, test_sites: list[str], task, c
     return block
 
 
-SEED_METRICS = ("acc", "sen", "spe", "auc")
+SEED_METRICS = ("acc", "sen", "spe", "auc", "quadratic_kappa")
 #: what a multi-task head keeps per seed (Ren et al. report F1 beside them)
 HEAD_METRICS = (*SEED_METRICS, "f1")
 

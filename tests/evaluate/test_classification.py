@@ -102,3 +102,32 @@ def test_the_local_arms_interval_is_a_bootstrap_of_the_mean_auc():
     averaged = (np.mean([b[0] for b in bounds]), np.mean([b[1] for b in bounds]))
     assert hi - lo < averaged[1] - averaged[0]  # a mean over models varies less than each model alone
     assert bootstrap_mean_auc_ci(np.zeros(5, int), [np.full((5, 2), 0.5)], 1) is None
+
+
+def test_quadratic_weighted_kappa_matches_the_definition_and_its_bounds():
+    import numpy as np
+
+    from synthlearn.evaluate.classification import classification_metrics, quadratic_weighted_kappa
+
+    assert quadratic_weighted_kappa(np.diag([3, 2, 4, 1, 5])) == pytest.approx(1.0)
+    # a hand-computed 3-class case: O = [[2,1,0],[0,2,1],[1,0,3]], w = [[0,.25,1],[.25,0,.25],[1,.25,0]]
+    o = np.array([[2, 1, 0], [0, 2, 1], [1, 0, 3]])
+    e = np.outer(o.sum(1), o.sum(0)) / o.sum()
+    w = np.array([[0, .25, 1], [.25, 0, .25], [1, .25, 0]])
+    assert quadratic_weighted_kappa(o) == pytest.approx(1 - (w * o).sum() / (w * e).sum())
+    # off by one grade everywhere costs less than swapping the extremes
+    near = np.array([[0, 4, 0], [0, 0, 4], [0, 4, 0]])
+    far = np.array([[0, 0, 4], [0, 4, 0], [4, 0, 0]])
+    assert quadratic_weighted_kappa(far) < quadratic_weighted_kappa(near)
+    assert quadratic_weighted_kappa(np.zeros((3, 3))) is None
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(0)
+    t, p = rng.integers(0, 5, 60), rng.integers(0, 5, 60)
+    cm = np.zeros((5, 5), int)
+    np.add.at(cm, (t, p), 1)
+    assert quadratic_weighted_kappa(cm) == pytest.approx(cohen_kappa_score(t, p, weights="quadratic"))
+    y = [0, 1, 2, 2]
+    probs = np.eye(3)[[0, 1, 2, 1]]
+    assert classification_metrics(y, probs, positive=None, n_bootstrap=10)["quadratic_kappa"] == pytest.approx(
+        quadratic_weighted_kappa(np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1]])))

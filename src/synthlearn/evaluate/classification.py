@@ -127,7 +127,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, positive
 
     Returns:
         ``{"n", "acc", "sen", "spe", "f1", "auc", "auc_ci": [lo, hi] | None, "confusion_matrix",
-        "class_names", "per_class_acc": {class: recall}}`` (values None where undefined).
+        "class_names", "per_class_acc": {class: recall}, "quadratic_kappa"}`` (values None where undefined;
+        ``quadratic_kappa`` (:func:`quadratic_weighted_kappa`) treats the classes as ordered, as grades are).
     """
     y, p = _check(np.asarray(y_true), probs)
     k = p.shape[1]
@@ -162,4 +163,22 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, positive
     out["class_names"] = names
     out["confusion_matrix"] = cm.tolist()
     out["per_class_acc"] = {names[c]: _ratio(cm[c, c], cm[c].sum()) for c in range(k)}
+    out["quadratic_kappa"] = quadratic_weighted_kappa(cm)
     return out
+
+
+def quadratic_weighted_kappa(cm: np.ndarray) -> float | None:
+    """Cohen's kappa with quadratic weights of a ``(K, K)`` confusion matrix (rows true, columns predicted):
+    ``1 - sum(w O) / sum(w E)``, ``w_ij = (i - j)^2 / (K - 1)^2``, ``E`` the outer product of the marginals over
+    N (the diabetic-retinopathy grading measure). None when undefined (no cases, one class, or chance agreement
+    without any disagreement possible)."""
+    o = np.asarray(cm, dtype=np.float64)
+    k = o.shape[0]
+    n = o.sum()
+    if k < 2 or n <= 0:
+        return None
+    i, j = np.indices((k, k))
+    w = (i - j) ** 2 / (k - 1) ** 2
+    e = np.outer(o.sum(1), o.sum(0)) / n
+    den = float((w * e).sum())
+    return None if den <= 0 else float(1.0 - (w * o).sum() / den)

@@ -362,8 +362,8 @@ def mean_block(blocks: dict[str, dict[str, Any]], reference_name: str, preds: di
     test = {}
     for site in first["test"]:
         entry: dict[str, Any] = {}
-        for key in ("acc", "sen", "spe", "auc"):
-            vals = [b["test"][site][key] for b in blocks.values() if b["test"][site][key] is not None]
+        for key in ("acc", "sen", "spe", "auc", "quadratic_kappa"):
+            vals = [b["test"][site].get(key) for b in blocks.values() if b["test"][site].get(key) is not None]
             entry[key] = float(np.mean(vals)) if vals else None
         sel = known & ((any_pred["site"] == site) if site != "combined" else True)
         interval = bootstrap_mean_auc_ci(any_pred["true"][sel], [p["probs"][sel] for p in preds.values()],
