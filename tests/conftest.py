@@ -38,6 +38,18 @@ def tiny_study_2d(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fundus(tmp_path_factory):
+    """``(study, pool)``: the `tiny-fundus` phantom (3 non-IID sites x 8 images, a test site of 10, 32x32 RGB, label
+    column grade 0-4) and its disjoint pretraining pool, seed 0. Read-only."""
+    from synthlearn.data.phantom.fundus import make_fundus_study
+
+    root = tmp_path_factory.mktemp("fundus")
+    study = make_fundus_study(root / "study", "tiny-fundus", split="non-iid", seed=0, progress=False)
+    pool = make_fundus_study(root / "pool", "tiny-fundus", split="pool", seed=0, progress=False)
+    return study, pool
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tiny_study, tmp_path_factory):
     """``synthlearn study run`` with configs/study_tiny.toml (centralized, local, fedavg) on the tiny study:
     ``(run folder, seconds it took)``. Tests that add arms copy it first."""

@@ -38,10 +38,22 @@ def cmd_make_phantoms(args: argparse.Namespace) -> int:
     import torch
 
     from synthlearn.data.phantom import make_phantom_study
+    from synthlearn.data.phantom.fundus import FUNDUS_PRESETS, make_fundus_study
     from synthlearn.data.phantom.nuclei import NUCLEI_PRESETS, make_nuclei_study
 
     check_output(args.out, "folder")
     torch.set_num_threads(1)  # generation is fastest single-threaded (2 threads oversubscribe, ENVIRONMENT.md)
+    fundus_only = [o for o, v in (("--sites", args.sites), ("--split", args.split)) if v is not None]
+    if fundus_only and args.preset not in FUNDUS_PRESETS:
+        raise ValueError(f"--preset {args.preset}: {' and '.join(fundus_only)} apply to the fundus presets only "
+                         f"({', '.join(FUNDUS_PRESETS)})")
+    if args.preset in FUNDUS_PRESETS:
+        if args.shape is not None or args.replace:
+            raise ValueError(f"--preset {args.preset}: --shape and --replace apply to the glioma phantom only")
+        out = make_fundus_study(args.out, args.preset, n_sites=args.sites, split=args.split or "non-iid",
+                                cases_per_site=args.cases_per_site, seed=args.seed, progress=not args.quiet)
+        print(f"fundus phantom study written to {out}")
+        return 0
     if args.preset in NUCLEI_PRESETS:
         if args.shape is not None or args.replace:
             raise ValueError(f"--preset {args.preset}: --shape and --replace apply to the glioma phantom only")
@@ -74,19 +86,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_verify)
 
-    p = sub.add_parser("make-phantoms", help="write an offline multi-site phantom study (glioma MRI, or nuclei)",
+    p = sub.add_parser("make-phantoms", help="write an offline multi-site phantom study (glioma MRI, nuclei or fundus)",
                        description="Write the offline multi-site glioma phantom (PHANTOM.md) in the data contract, or "
-                                   "(--preset nuclei) the four-organ H&E nuclei phantom of AsynDGAN's nuclei task.")
+                                   "(--preset nuclei) the four-organ H&E nuclei phantom of AsynDGAN's nuclei task, or "
+                                   "(--preset fundus) the diabetic-retinopathy fundus phantom of FedGAN's setting.")
     p.add_argument("--out", type=Path, required=True,
                    help="output study folder: new or empty (an unfinished study with the same arguments resumes)")
     p.add_argument("--preset", default="paper",
-                   choices=("paper", "tiny", "slices2d", "tiny-slices2d", "nuclei", "tiny-nuclei"),
+                   choices=("paper", "tiny", "slices2d", "tiny-slices2d", "nuclei", "tiny-nuclei", "fundus",
+                            "tiny-fundus"),
                    help="paper: the 8 CATphishing sites at 64^3; tiny: 3 train + 2 test sites at 32^3; slices2d, "
                         "tiny-slices2d: the same as 2D studies (each case's axial slice through its largest tumour); "
                         "nuclei, tiny-nuclei: four organs' H&E tiles (64x64 / 32x32) with nuclei masks, one training "
-                        "and one test site per organ")
+                        "and one test site per organ; fundus, tiny-fundus: diabetic-retinopathy fundus photographs "
+                        "graded 0-4 (64x64, 10 sites x 60 + 200 test / 32x32, 3 sites x 8 + 10 test), one camera "
+                        "per site")
     p.add_argument("--cases-per-site", type=int, default=None, help="cases per site (default: the preset's)")
     p.add_argument("--shape", type=_shape, default=None, help="N or XxYxZ, e.g. 64 or 128x192x192")
+    p.add_argument("--sites", type=int, default=None,
+                   help="fundus presets only: federation sites (default: the preset's)")
+    p.add_argument("--split", choices=("iid", "non-iid", "pool"), default=None,
+                   help="fundus presets only: iid (every site in the same grade prevalence), non-iid (default: each "
+                        "site holds two grades) or pool (one pooled pretraining site, disjoint from the federation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replace", action="store_true",
                    help="overwrite an earlier phantom study in --out made with other arguments")
