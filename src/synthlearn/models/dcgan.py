@@ -14,7 +14,7 @@ Class conditioning (``num_classes > 0``, e.g. the five diabetic-retinopathy grad
 class's fixed one-hot code times :data:`CLASS_CODE_SCALE` to ``z`` (Mirza and Osindero 2014). A learned class
 embedding there (50 values) made a conditional DCGAN of a few hundred 32x32 fundus images ignore ``z`` and draw
 one image per class (pixel SD across ``z`` 0.013-0.02 against 0.11 with the fixed code and 0.12 among the real
-images; docs/benchmarks.md, section 27). The discriminator adds a projection term (Miyato and Koyama 2018,
+images; docs/benchmarks.md, section 28). The discriminator adds a projection term (Miyato and Koyama 2018,
 https://arxiv.org/abs/1802.05637): ``logit = w . h + embed(y) . h`` with ``h`` the penultimate feature vector
 (:meth:`DCGANDiscriminator.features`), or sees one-hot class maps beside the image (``conditioning = "concat"``).
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: size of the generator's learned class embedding, concatenated to ``z`` (conditional networks only)
-#: the generator's class input: one-hot code times this (z's entries have SD 1; measured with 3, section 27)
+#: the generator's class input: one-hot code times this (z's entries have SD 1; measured with 3, section 28)
 CLASS_CODE_SCALE = 3.0
 
 
@@ -62,8 +62,9 @@ class DCGANConfig:
             (Salimans et al. 2016); fake targets stay 0.
         minibatch_std: the discriminator's last layer also sees the standard deviation of its 4x4 features across
             the batch, one constant channel (Karras et al. 2018), so it can tell a batch of identical fakes from a
-            varied real one: against mode collapse, not in DCGAN. A conditional DCGAN of a few hundred 32x32
-            fundus images drew one image per class whatever ``z`` without it (docs/benchmarks.md, section 27).
+            varied real one: against mode collapse, not in DCGAN. It did not stop the per-class collapse of a learned
+            class embedding (the fixed one-hot code did); the ``fedgan`` arm's figures were measured with it on
+            (docs/benchmarks.md, section 28).
         conditioning: how a conditional discriminator sees the class: ``projection`` (Miyato & Koyama 2018: plus
             ``embed(y) . h``) or ``concat`` (Mirza & Osindero 2014: one constant one-hot map per class beside the
             image channels at its input).
