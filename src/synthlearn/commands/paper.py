@@ -15,6 +15,8 @@ CHECKS = {
     "asyndgan-slices": "AsynDGAN Table 2: tumour segmentation on 2D phantom slices, Real-All / Real-Subset / Syn-All "
                        "/ AsynDGAN (Dice, sensitivity, specificity, HD95 over task seeds)",
     "asyndgan-nuclei": "AsynDGAN Table 3: nuclei segmentation on the four-organ histology phantom (Dice, AJI)",
+    "fedgan-sweep": "FedGAN's federation sizes: 3, 5, 7 and 10 fundus sites, non-IID and IID grade splits; realism, "
+                    "Frechet distance, per-grade coverage and the grade model's accuracy and kappa per size",
 }
 
 
@@ -38,6 +40,30 @@ def cmd_paper_check(args: argparse.Namespace) -> int:
         return 0
     if args.iterations:
         raise ValueError("--iterations applies to asyndgan-mog; set [asyndgan] iterations in the config instead")
+    if args.name == "fedgan-sweep":
+        import dataclasses
+
+        from synthlearn.checks.fedgan_sweep import SweepConfig, format_table, run_sweep
+
+        if args.study or args.seeds and len(args.seeds) > 1:
+            raise ValueError("fedgan-sweep writes its own phantoms (no --study) and runs one seed (--seeds K)")
+        cfg = SweepConfig()
+        changes = {}
+        if args.config:
+            changes["config"] = Path(args.config)
+        if args.sizes:
+            changes["sizes"] = tuple(args.sizes)
+        if args.seeds:
+            changes["seed"] = args.seeds[0]
+        cfg = dataclasses.replace(cfg, **changes)
+        if not cfg.config.is_file():
+            raise FileNotFoundError(f"--config {cfg.config}: no such config file")
+        summary = run_sweep(out, cfg, progress=not args.quiet)
+        print(format_table(summary), end="")
+        print(f"results: {out / 'check.json'}; figure: {out / 'sweep.png'} ({summary['wall_s'] / 60:.1f} min)")
+        return 0
+    if args.sizes:
+        raise ValueError("--sizes applies to fedgan-sweep")
     from synthlearn.checks.asyndgan_tables import CHECKS as TABLES
     from synthlearn.checks.asyndgan_tables import format_table, run_check
 
@@ -62,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=positive_int, default=None, help="asyndgan-mog: generator steps (default 2000)")
     p.add_argument("--study", default=None, help="asyndgan-slices / -nuclei: the 2D study (default: the config's, "
                                                  "data/phantom_slices2d / data/phantom_nuclei)")
-    p.add_argument("--config", default=None, help="asyndgan-slices / -nuclei: study config (default "
-                                                  "configs/check_<name>.toml)")
+    p.add_argument("--config", default=None, help="asyndgan-slices / -nuclei / fedgan-sweep: study config "
+                                                  "(default configs/check_<name>.toml)")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=None,
+                   help="fedgan-sweep: numbers of sites (default 3 5 7 10)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_paper_check)

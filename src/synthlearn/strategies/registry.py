@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 #: the arms that ship with synthlearn: modules of synthlearn.strategies, in the order a study usually runs them
-BUILTIN_ARMS = ("centralized", "local", "fedavg", "catphishing", "fedkd", "asyndgan", "asyndgan_pooled")
+BUILTIN_ARMS = ("centralized", "local", "fedavg", "catphishing", "fedkd", "asyndgan", "asyndgan_pooled", "fedgan")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,323 @@
+"""FedGAN's sweep (paper 002): federations of 3, 5, 7 and 10 fundus sites with a pathological non-IID and an IID
+split of the diabetic-retinopathy grades, one study each (``configs/check_fedgan_sweep.toml``: centralized, local,
+FedAvg and FedGAN on the same sites and the same test site), read back per federation size:
+
+- **realism** as the paper: a discriminator trained centrally on the federation's real training images against
+  FedGAN's generated ones (:data:`REALISM_STEPS` Adam steps on half of each), then its mean output (probability
+  "real") on the other half of the generated images; 0.5 = it cannot tell them apart, 0 = it always can;
+- a **Frechet distance** (:func:`synthlearn.audits.fidelity.frechet_distance`, the shared audits') between the
+  real test images and the generated ones, in the feature space of the centralized arm's grade model (its encoder's
+  deepest features, averaged over the field of view): the paper's Inception network replaced by a network trained
+  on this data, as nothing is downloaded;
+- **per-grade coverage**: the share of each grade's generated images that the centralized grade model calls that
+  grade (a grade the generator lost scores near 0);
+- the downstream grade model's **accuracy** and **quadratic weighted kappa** on the test site for every arm.
+
+The total number of training images is the same at every size (the paper splits one dataset over more sites), so
+more sites means fewer images each. The DCGAN is pretrained once on a disjoint pool (the pool's ``pretrained.pt``
+is reused by every federation) and fine-tuned by each federation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+#: the paper's realism at 3, 5, 7 and 10 sites (it falls as the sites grow)
+PAPER_REALISM = {3: 0.43, 5: 0.37, 7: 0.36, 10: 0.35}
+REALISM_STEPS = 300
+ARMS = ("centralized", "local", "fedavg", "fedgan")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """The sweep's federations and data.
+
+    Attributes:
+        sizes: numbers of sites.
+        splits: grade splits (:func:`synthlearn.data.phantom.fundus.make_fundus_study`).
+        total_images: training images of a federation, split evenly over its sites.
+        test_images: images of the test site (the same at every size and split).
+        grades_per_site: grades a site holds under the non-IID split.
+        seed: the phantom's and the studies' seed.
+        config: the study config each federation runs.
+    """
+
+    sizes: tuple[int, ...] = (3, 5, 7, 10)
+    splits: tuple[str, ...] = ("non-iid", "iid")
+    total_images: int = 210
+    test_images: int = 200
+    grades_per_site: int = 2
+    seed: int = 0
+    config: Path = CONFIGS / "check_fedgan_sweep.toml"
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"sizes must be numbers of sites >= 1, found {list(self.sizes)}")
+        bad = sorted(set(self.splits) - {"iid", "non-iid"})
+        if not self.splits or bad:
+            raise ValueError(f"splits must be iid and/or non-iid, found {list(self.splits)}")
+        if self.total_images < 2 * max(self.sizes):
+            raise ValueError(f"total_images {self.total_images} gives fewer than 2 images a site at {max(self.sizes)} "
+                             "sites")
+
+
+def _real_and_synthetic(run_dir: Path, setup, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(real training images, real test images, synthetic images, synthetic grade indices), each ``(N, C, S, S)``
+    in the generator's range (``(N,)`` for the grades)."""
+    from synthlearn.data.layouts import open_study
+    from synthlearn.strategies.fedgan import FedGANConfig, load_images
+
+    cfg = FedGANConfig()
+    config = json.loads((run_dir / "config.json").read_text())
+    study = open_study(config["study"])
+    train = [c for s in study.sites_with_role("train") for c in s.cases]
+    test = [c for s in study.sites_with_role("test") for c in s.cases]
+    synthetic = list(open_study(run_dir / "fedgan" / "synthetic").sites[0].cases)
+    real, _ = load_images(train, setup, cfg, cache)
+    held, _ = load_images(test, setup, cfg, cache)
+    fake, grades = load_images(synthetic, setup, cfg, cache)
+    c = len(setup.sequences)
+    return real[:, :c].numpy(), held[:, :c].numpy(), fake[:, :c].numpy(), grades.numpy()
+
+
+def realism(real: np.ndarray, fake: np.ndarray, seed: int, steps: int = REALISM_STEPS) -> float:
+    """The paper's realism: a DCGAN discriminator trained on half of ``real`` (label 1) against half of ``fake``
+    (label 0), then its mean sigmoid output on the other half of ``fake``."""
+    from synthlearn.models.dcgan import DCGANConfig, DCGANDiscriminator
+    from synthlearn.training.dcgan import realism_score
+
+    rng = np.random.default_rng(seed)
+    r, f = rng.permutation(len(real)), rng.permutation(len(fake))
+    r_train, f_train, f_test = real[r[: len(r) // 2]], fake[f[: len(f) // 2]], fake[f[len(f) // 2:]]
+    cfg = DCGANConfig(image_size=real.shape[-1], channels=real.shape[1], discriminator_width=32)
+    torch.manual_seed(seed)
+    disc = DCGANDiscriminator(cfg)
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    x = torch.from_numpy(np.concatenate([r_train, f_train])).float()
+    y = torch.cat([torch.ones(len(r_train)), torch.zeros(len(f_train))])
+    gen = torch.Generator().manual_seed(seed)
+    disc.train()
+    done = 0
+    while done < steps:
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 32):
+            idx = order[i:i + 32]
+            if len(idx) < 2 or done >= steps:
+                continue
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(disc(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+    return float(realism_score(disc, torch.from_numpy(f_test).float()))
+
+
+def model_features(model, images: np.ndarray) -> np.ndarray:
+    """``(N, F)``: the deepest encoder features of the task model's first network, averaged over each image's
+    non-background pixels (``images`` ``(N, C, S, S)`` in the generator's range; the network reads z-score units,
+    the range times the default intensity scale)."""
+    from synthlearn.strategies.fedgan import FedGANConfig
+
+    net = next(iter(model.networks.values()))
+    net.eval()
+    x = torch.from_numpy(images).float() * FedGANConfig().intensity_scale
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            h = x[i:i + 64]
+            for block in net.encoder:
+                h = block(h)
+            feats.append(h.mean(dim=(2, 3)))
+    return torch.cat(feats).numpy().astype(np.float64)
+
+
+def coverage(model, fake: np.ndarray, grades: np.ndarray, class_names: Sequence[str], folder: Path, setup,
+             cache) -> dict[str, float | None]:
+    """Per grade, the share of its generated images the (real-trained) model calls that grade."""
+    from synthlearn.data.layouts import open_study
+
+    cases = list(open_study(folder).sites[0].cases)
+    probs = model.predict(cache.dataset(cases), progress=False)
+    pred = np.asarray(probs).argmax(1)
+    out: dict[str, float | None] = {}
+    for k, name in enumerate(class_names):
+        sel = grades == k
+        out[name] = float((pred[sel] == k).mean()) if sel.any() else None
+    return out
+
+
+def score_run(run_dir: Path, seed: int) -> dict[str, Any]:
+    """One federation's figures from its study folder (module docstring)."""
+    from synthlearn.audits.fidelity import frechet_distance
+    from synthlearn.tasks.cache import DatasetCache
+    from synthlearn.tasks.model import TaskModel
+
+    results = json.loads((run_dir / "results.json").read_text())
+    arms = {}
+    for arm in ARMS:
+        block = results["arms"].get(arm)
+        if block is None:
+            continue
+        comb = block["test"]["combined"]
+        arms[arm] = {"acc": comb.get("acc"), "quadratic_kappa": comb.get("quadratic_kappa"), "auc": comb.get("auc"),
+                     "bytes_from_sites": block.get("bytes_from_sites"), "wall_s": block.get("wall_s")}
+    out: dict[str, Any] = {"arms": arms}
+    if "fedgan" not in results["arms"]:
+        return out
+    model = TaskModel.load(run_dir / "centralized" / "model")
+    setup = model.setup
+    cache = DatasetCache(setup.preprocess)
+    real, test, fake, grades = _real_and_synthetic(run_dir, setup, cache)
+    out["realism"] = realism(real, fake, seed)
+    half = len(real) // 2  # the control: other real images in the place of the generated ones (~0.5)
+    out["realism_real"] = realism(real[:half], real[half:], seed)
+    out["frechet"] = float(frechet_distance(model_features(model, test), model_features(model, fake)))
+    out["frechet_real"] = float(frechet_distance(model_features(model, test), model_features(model, real)))
+    out["coverage"] = coverage(model, fake, grades, results["class_names"], run_dir / "fedgan" / "synthetic", setup,
+                               cache)
+    return out
+
+
+def run_sweep(out_dir: str | Path, cfg: SweepConfig = SweepConfig(), *, progress: bool = True) -> dict[str, Any]:
+    """Write the phantoms, run every federation's study (resumable: finished studies are kept), score them and
+    write ``check.json``, ``table.md`` and ``sweep.png`` into ``out_dir``."""
+    from synthlearn.data.io import atomic_write_text, write_json
+    from synthlearn.data.phantom.fundus import make_fundus_study
+    from synthlearn.study import load_study_config, run_study
+
+    out = Path(out_dir)
+    data = out / "data"
+    t_start = time.perf_counter()
+    pool = data / "pool"
+    if not (pool / "study.json").is_file():
+        shutil.rmtree(pool, ignore_errors=True)
+        make_fundus_study(pool, "fundus", split="pool", n_sites=1, cases_per_site=cfg.total_images,
+                          test_cases=cfg.test_images, seed=cfg.seed, progress=progress)
+    rows: dict[str, dict[str, Any]] = {}
+    pretrained = ""
+    for split in cfg.splits:
+        for n in cfg.sizes:
+            key = f"{split}-{n}"
+            study = data / key
+            if not (study / "study.json").is_file():
+                shutil.rmtree(study, ignore_errors=True)
+                make_fundus_study(study, "fundus", split=split, n_sites=n, cases_per_site=cfg.total_images // n,
+                                  test_cases=cfg.test_images, grades_per_site=cfg.grades_per_site, seed=cfg.seed,
+                                  progress=progress)
+            overrides: dict[str, Any] = {"study": str(study), "seed": cfg.seed,
+                                         "fedgan": {"pretrain_study": str(pool)}}
+            if pretrained:
+                overrides["fedgan"] = {"pretrain_study": str(pool), "pretrain_epochs": 0, "pretrained": pretrained}
+            t0 = time.perf_counter()
+            run_study(load_study_config(cfg.config, overrides), out / key, progress=progress)
+            wall = time.perf_counter() - t0
+            if not pretrained and (out / key / "fedgan" / "pretrained.pt").is_file():
+                pretrained = str(out / key / "fedgan" / "pretrained.pt")
+            rows[key] = {"split": split, "sites": n, "images_per_site": cfg.total_images // n, "wall_s": wall,
+                         **score_run(out / key, cfg.seed)}
+            log.info("fedgan sweep %s: %s", key, {k: v for k, v in rows[key].items() if k != "arms"})
+    summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+               "rows": rows, "paper_realism": PAPER_REALISM, "wall_s": time.perf_counter() - t_start,
+               "trend": trends(rows, cfg)}
+    write_json(out / "check.json", summary)
+    atomic_write_text(out / "table.md", format_table(summary))
+    plot_sweep(summary, out / "sweep.png")
+    return summary
+
+
+def trends(rows: dict[str, dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
+    """Per split: the slope of realism, Frechet distance and FedGAN's kappa against the number of sites (least
+    squares), and whether realism falls as the sites grow (the paper's finding)."""
+    out = {}
+    for split in cfg.splits:
+        sel = sorted((r["sites"], r) for r in rows.values() if r["split"] == split and "realism" in r)
+        if len(sel) < 2:
+            continue
+        n = np.array([s for s, _ in sel], float)
+        entry = {}
+        for name, get in (("realism", lambda r: r["realism"]), ("frechet", lambda r: r["frechet"]),
+                          ("fedgan_kappa", lambda r: r["arms"].get("fedgan", {}).get("quadratic_kappa"))):
+            y = [get(r) for _, r in sel]
+            if any(v is None for v in y):
+                continue
+            entry[f"{name}_slope_per_site"] = float(np.polyfit(n, np.array(y, float), 1)[0])
+        entry["realism_falls"] = entry.get("realism_slope_per_site", 0.0) < 0
+        out[split] = entry
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The sweep as a Markdown table."""
+    header = ("| split | sites | images a site | realism (paper) | Frechet (real: test vs train) | coverage per grade "
+              "| accuracy C / L / FedAvg / FedGAN | kappa C / L / FedAvg / FedGAN |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+
+    def f(v, d=2):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    for row in summary["rows"].values():
+        arms = row.get("arms", {})
+        acc = " / ".join(f(arms.get(a, {}).get("acc")) for a in ARMS)
+        kappa = " / ".join(f(arms.get(a, {}).get("quadratic_kappa")) for a in ARMS)
+        cov = " ".join(f(v) for v in (row.get("coverage") or {}).values())
+        paper = summary["paper_realism"].get(row["sites"], summary["paper_realism"].get(str(row["sites"])))
+        lines.append(f"| {row['split']} | {row['sites']} | {row['images_per_site']} | {f(row.get('realism'))} "
+                     f"({f(paper)}) | {f(row.get('frechet'), 1)} ({f(row.get('frechet_real'), 1)}) | {cov} | {acc} "
+                     f"| {kappa} |")
+    for split, t in summary.get("trend", {}).items():
+        lines.append("")
+        lines.append(f"{split}: realism slope {t.get('realism_slope_per_site', float('nan')):+.4f} per site "
+                     f"({'falls' if t.get('realism_falls') else 'does not fall'} as sites grow); Frechet slope "
+                     f"{t.get('frechet_slope_per_site', float('nan')):+.3f}; FedGAN kappa slope "
+                     f"{t.get('fedgan_kappa_slope_per_site', float('nan')):+.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path:
+    """Realism (with the paper's), Frechet distance and each arm's kappa against the number of sites, per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    splits = sorted({r["split"] for r in summary["rows"].values()})
+    styles = {"non-iid": "-", "iid": "--"}
+    for split in splits:
+        rows = sorted((r for r in summary["rows"].values() if r["split"] == split), key=lambda r: r["sites"])
+        n = [r["sites"] for r in rows]
+        axes[0].plot(n, [r.get("realism") for r in rows], styles.get(split, "-"), marker="o", label=f"FedGAN {split}")
+        axes[1].plot(n, [r.get("frechet") for r in rows], styles.get(split, "-"), marker="o", label=split)
+        for arm in ARMS:
+            axes[2].plot(n, [r["arms"].get(arm, {}).get("quadratic_kappa") for r in rows], styles.get(split, "-"),
+                         marker="o", label=f"{arm} {split}")
+    paper = sorted((int(k), v) for k, v in summary["paper_realism"].items())
+    axes[0].plot([k for k, _ in paper], [v for _, v in paper], "k:", marker="x", label="paper 002")
+    for ax, title in zip(axes, ("realism (discriminator's mean output)", "Frechet distance to real test images",
+                                "grade model's quadratic kappa")):
+        ax.set_xlabel("sites")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["ARMS", "PAPER_REALISM", "SweepConfig", "coverage", "format_table", "model_features", "plot_sweep",
+           "realism", "run_sweep", "score_run", "trends"]

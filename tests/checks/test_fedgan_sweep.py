@@ -1,0 +1,52 @@
+"""FedGAN's sweep (paper 002): its realism measure, its trends and table, and the sweep end to end on tiny
+federations (two sizes, the pretrained pair reused by the second)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthlearn.checks.fedgan_sweep import SweepConfig, format_table, realism, run_sweep, trends
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_realism_tells_other_images_from_real_ones_and_not_real_from_real():
+    rng = np.random.default_rng(0)
+    real, more = (np.clip(rng.normal(0.3, 0.2, (48, 3, 32, 32)), -1, 1).astype(np.float32) for _ in range(2))
+    other = np.clip(rng.normal(-0.5, 0.05, (48, 3, 32, 32)), -1, 1).astype(np.float32)
+    assert realism(real, other, seed=0, steps=60) < 0.2
+    assert 0.3 < realism(real, more, seed=0, steps=60) < 0.7  # other real images: it cannot tell
+
+
+def test_trends_and_table_read_the_rows():
+    rows = {f"non-iid-{n}": {"split": "non-iid", "sites": n, "images_per_site": 60 // n, "realism": r,
+                             "frechet": fd, "frechet_real": 1.0, "coverage": {"0": 1.0, "1": 0.5},
+                             "arms": {"centralized": {"acc": 0.5, "quadratic_kappa": 0.8},
+                                      "fedgan": {"acc": 0.3, "quadratic_kappa": k}}}
+            for n, r, fd, k in ((3, 0.4, 10.0, 0.5), (5, 0.3, 12.0, 0.4), (10, 0.2, 20.0, 0.3))}
+    t = trends(rows, SweepConfig(sizes=(3, 5, 10), splits=("non-iid",)))
+    assert t["non-iid"]["realism_falls"] and t["non-iid"]["realism_slope_per_site"] < 0
+    assert t["non-iid"]["frechet_slope_per_site"] > 0
+    table = format_table({"rows": rows, "paper_realism": {3: 0.43, 5: 0.37, 7: 0.36, 10: 0.35}, "trend": t})
+    assert "| non-iid | 3 | 20 | 0.40 (0.43) |" in table and "falls as sites grow" in table
+    with pytest.raises(ValueError, match="splits must be iid"):
+        SweepConfig(splits=("mixed",))
+
+
+def test_the_sweep_runs_two_tiny_federations_and_reuses_the_pretrained_pair(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'base = "{ROOT / "configs" / "study_tiny_fundus.toml"}"\narms = ["centralized", "fedgan"]\n'
+                      '[fedgan]\nbackend = "inprocess"\nrounds = 1\nper_class = 2\n')
+    cfg = SweepConfig(sizes=(2, 3), splits=("non-iid",), total_images=12, test_images=10, config=config)
+    summary = run_sweep(tmp_path / "sweep", cfg, progress=False)
+    rows = summary["rows"]
+    assert set(rows) == {"non-iid-2", "non-iid-3"}
+    for row in rows.values():
+        assert 0.0 <= row["realism"] <= 1.0 and row["frechet"] >= 0 and set(row["coverage"]) == set("01234")
+        assert set(row["arms"]) == {"centralized", "fedgan"} and "quadratic_kappa" in row["arms"]["fedgan"]
+    second = json.loads((tmp_path / "sweep" / "non-iid-3" / "results.json").read_text())["arms"]["fedgan"]
+    assert second["pretrained_from"].endswith("non-iid-2/fedgan/pretrained.pt")
+    for name in ("check.json", "table.md", "sweep.png"):
+        assert (tmp_path / "sweep" / name).is_file()
