@@ -127,3 +127,27 @@ def test_the_arm_runs_over_flower_on_the_tiny_fundus_study_and_on_2d_slices(tiny
                                                                          "latent_dim": 8, "batch_size": 4}}),
                        tmp_path / "slices", progress=False)
     assert 0.0 <= slices["arms"]["fedgan"]["test"]["combined"]["auc"] <= 1.0
+
+
+def test_the_papers_preprocessing_is_an_option_whose_images_go_back_to_zero_one(tiny_fundus, tmp_path):
+    """``preprocessing = "paper"``: the GAN learns from paper 002's CLAHE'd images in [-1, 1] (not the task model's
+    z-scores), and its images are written back in [0, 1] with an exact zero background."""
+    from synthlearn.models.dcgan import DCGANGenerator
+    from synthlearn.strategies.fedgan import sample_images
+
+    study, _ = tiny_fundus
+    cases = open_study(study).sites[0].cases[:3]
+    cache = DatasetCache(SETUP.preprocess)
+    paper = dataclasses.replace(CFG, preprocessing="paper")
+    x_paper, labels = load_images(cases, SETUP, paper, cache)
+    x_study, _ = load_images(cases, SETUP, CFG, cache)
+    assert x_paper.shape == x_study.shape == (3, 4, 32, 32) and x_paper[:, :3].min() >= -1 and x_paper.max() <= 1
+    assert not torch.allclose(x_paper[:, :3], x_study[:, :3], atol=0.05)
+    assert torch.equal(x_paper[:, 3] > 0, x_study[:, 3] > 0)  # the same field of view
+    gen = DCGANGenerator(dcgan_config(SETUP, paper))
+    samples = sample_images(gen, dcgan_config(SETUP, paper), paper, ("0", "1", "2", "3", "4"), seed=0)
+    assert len(samples) == 5 * paper.per_class
+    for images, seg, codes in samples:
+        assert images.min() >= 0 and images.max() <= 1 and images.any()
+    with pytest.raises(ValueError, match="preprocessing must be study or paper"):
+        FedGANConfig(preprocessing="clahe")

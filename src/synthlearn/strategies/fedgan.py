@@ -75,6 +75,13 @@ class FedGANConfig:
         minibatch_std: the discriminator sees its features' spread across the batch
             (:class:`synthlearn.models.dcgan.DCGANConfig`; against mode collapse, not in paper 002).
         conditioning: how the discriminator sees the class (:class:`synthlearn.models.dcgan.DCGANConfig`).
+        preprocessing: what the GAN learns from: ``study``: the task model's preprocessing (crop, fit, z-score; the
+            module docstring), so generated images are in the units the task model reads; ``paper``: paper 002's
+            (:func:`synthlearn.data.fundus_preprocess.preprocess_fundus`: resize to the grid, CLAHE, per-image
+            normalisation, gamma, [-1, 1]) on each image min-max scaled to [0, 1], and generated images are written
+            back in [0, 1]. ``paper`` images carry CLAHE's contrast, which the real test images do not: the
+            downstream comparison with the other arms uses ``study``.
+        paper_clahe_clip, paper_gamma: ``preprocess_fundus``'s ``clahe_clip`` and ``gamma`` (``paper`` only).
         intensity_scale: z-score units that map to 1 in the generator's range.
         background_threshold: generated pixels whose channels all lie within this of 0 (generator range) are
             written as exact background 0.
@@ -102,6 +109,9 @@ class FedGANConfig:
     beta1: float = 0.5
     batch_size: int = 32
     label_smoothing: float = 0.0
+    preprocessing: Literal["study", "paper"] = "study"
+    paper_clahe_clip: float = 0.01
+    paper_gamma: float = 1.0
     intensity_scale: float = 3.0
     background_threshold: float = 0.02
     pretrain_study: str = ""
@@ -136,6 +146,11 @@ class FedGANConfig:
                              "pair, or pretrain one")
         if self.pretrain_epochs and not self.pretrain_study:
             raise ValueError("fedgan.pretrain_epochs > 0 needs fedgan.pretrain_study (the pool to pretrain on)")
+        if self.preprocessing not in ("study", "paper"):
+            raise ValueError(f"fedgan.preprocessing must be study or paper, found {self.preprocessing!r}")
+        if not 0 < self.paper_clahe_clip <= 1 or not self.paper_gamma > 0:
+            raise ValueError(f"fedgan.paper_clahe_clip must be in (0, 1] and paper_gamma > 0, found "
+                             f"{self.paper_clahe_clip}, {self.paper_gamma}")
         if self.backend not in ("flower", "inprocess"):
             raise ValueError(f"fedgan.backend must be flower or inprocess, found {self.backend!r}")
         if self.task_epochs is not None and self.task_epochs < 1:
@@ -179,16 +194,42 @@ def load_images(cases: Sequence[CaseRecord], setup: TrainingSetup, cfg: FedGANCo
     """
     if not cases:
         raise ValueError("fedgan: no case to train on")
-    view = cache.dataset(list(cases))
     task = setup.task_spec
     images, labels = [], []
-    for i, case in enumerate(cases):
-        x, seg = view.arrays(i)
+    if cfg.preprocessing == "paper":
+        side = int(setup.preprocess.shape[0])
+        arrays = [paper_arrays(case, side, cfg) for case in cases]
+    else:
+        view = cache.dataset(list(cases))
+        arrays = [view.arrays(i) for i in range(len(cases))]
+    for case, (x, seg) in zip(cases, arrays):
+        if cfg.preprocessing == "study":
+            x = generator_range(x, cfg.intensity_scale)
         mask = np.ones(x.shape[1:], np.float32) if seg is None else np.where(np.asarray(seg) > 0, 1.0, -1.0)
-        images.append(np.concatenate([generator_range(x, cfg.intensity_scale), mask[None].astype(np.float32)]))
+        images.append(np.concatenate([x, mask[None].astype(np.float32)]))
         label = task.label(case.labels) if case.labels is not None else None
         labels.append(-1 if label is None else int(label))
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long)
+
+
+def paper_arrays(case: CaseRecord, side: int, cfg: FedGANConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """A case as paper 002 preprocesses it: ``(C, side, side)`` float32 in [-1, 1] (min-max to [0, 1], then
+    :func:`synthlearn.data.fundus_preprocess.preprocess_fundus`) and its segmentation resized (nearest) or None."""
+    from skimage.transform import resize
+
+    from synthlearn.data.fundus_preprocess import preprocess_fundus
+    from synthlearn.data.io import read_case
+
+    arrays = read_case(case, seg_optional=True)
+    img = arrays.images.reshape(arrays.images.shape[0], *arrays.images.shape[1:3]).astype(np.float64)
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    x = preprocess_fundus(img, side, clahe_clip=cfg.paper_clahe_clip, gamma=cfg.paper_gamma)
+    seg = None
+    if arrays.seg is not None:
+        seg = resize(arrays.seg.reshape(arrays.seg.shape[:2]), (side, side), order=0, preserve_range=True,
+                     anti_aliasing=False).astype(np.int64)
+    return x.astype(np.float32), seg
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -342,10 +383,12 @@ def sample_images(gen: DCGANGenerator, dcfg: DCGANConfig, cfg: FedGANConfig, cla
         drawn = sample_dcgan(gen, cfg.per_class, labels=labels, seed=derive_seed(seed, "fedgan", "sample", k))
         for x in drawn.numpy().astype(np.float32):
             images, mask = x[:-1], x[-1] > 0
-            background = np.all(np.abs(images) <= cfg.background_threshold, axis=0)
+            floor = -1.0 if cfg.preprocessing == "paper" else 0.0  # the background's value in the generator range
+            background = np.all(np.abs(images - floor) <= cfg.background_threshold, axis=0)
             if background.mean() > 0.99:  # an image (nearly) all background keeps its values: never an empty case
                 background[:] = False
-            images = np.where(background, 0.0, images * cfg.intensity_scale).astype(np.float32)
+            scaled = (images + 1) / 2 if cfg.preprocessing == "paper" else images * cfg.intensity_scale
+            images = np.where(background, 0.0, scaled).astype(np.float32)
             seg = (mask & ~background).astype(np.uint8) * SYNTHETIC_TUMOUR_LABEL
             out.append((images, seg, np.array([k])))
     return out
@@ -426,8 +469,7 @@ def run(ctx: ArmContext) -> ArmOutput:
     model.info.update(synthetic_training_cases=len(cases), trained_on="synthetic images only")
     model.save(ctx.arm_dir / "model")
     plot_losses(final.history, ctx.arm_dir / "figures" / "fedgan_losses.png")
-    plot_grid(samples, class_names, ctx.setup.sequences, ctx.arm_dir / "figures" / "fedgan_samples.png",
-              cfg.intensity_scale)
+    plot_grid(samples, class_names, ctx.setup.sequences, ctx.arm_dir / "figures" / "fedgan_samples.png")
     extra = {
         "bytes_to_sites": final.bytes_to_sites,
         "backend": cfg.backend,
@@ -483,7 +525,7 @@ def plot_losses(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path 
 
 
 def plot_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: Sequence[str],
-              sequences: Sequence[str], path: str | Path, intensity_scale: float, per_row: int = 8) -> Path | None:
+              sequences: Sequence[str], path: str | Path, per_row: int = 8) -> Path | None:
     """Generated images, one row per class (RGB when the study has three channels, else the first channel)."""
     if not samples:
         return None
@@ -505,7 +547,8 @@ def plot_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], clas
             ax.set_xticks([])
             ax.set_yticks([])
             if c < len(rows[k]):
-                img = np.clip(rows[k][c] / (2 * intensity_scale) + 0.5, 0, 1)
+                img = rows[k][c]
+                img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)  # each image to its own range
                 ax.imshow(np.moveaxis(img[:3], 0, -1).transpose(1, 0, 2) if len(sequences) == 3 else img[0].T,
                           cmap=None if len(sequences) == 3 else "gray", origin="lower")
             if c == 0:
@@ -522,4 +565,4 @@ ARM = ArmSpec(name="fedgan", run=run, config=FedGANConfig, task_kinds=("classifi
               "across the sites; the task model trains on its images (paper 002)")
 
 __all__ = ["ARM", "FedGANConfig", "FedGANProtocol", "build_networks", "dcgan_config", "load_images", "load_pretrained",
-           "plot_grid", "plot_losses", "pretrain", "run", "sample_images"]
+           "paper_arrays", "plot_grid", "plot_losses", "pretrain", "run", "sample_images"]
