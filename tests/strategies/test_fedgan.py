@@ -139,7 +139,7 @@ def test_the_papers_preprocessing_is_an_option_whose_images_go_back_to_zero_one(
     cases = open_study(study).sites[0].cases[:3]
     cache = DatasetCache(SETUP.preprocess)
     paper = dataclasses.replace(CFG, preprocessing="paper")
-    x_paper, labels = load_images(cases, SETUP, paper, cache)
+    x_paper, _ = load_images(cases, SETUP, paper, cache)
     x_study, _ = load_images(cases, SETUP, CFG, cache)
     assert x_paper.shape == x_study.shape == (3, 4, 32, 32) and x_paper[:, :3].min() >= -1 and x_paper.max() <= 1
     assert not torch.allclose(x_paper[:, :3], x_study[:, :3], atol=0.05)
