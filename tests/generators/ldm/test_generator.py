@@ -14,7 +14,7 @@ from synthlearn.generators.ldm.stages import Runtime, _batches, _patch_corner, l
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu", "demo", "demo_long", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "cpu", "demo", "demo_long", "demo_s2d", "paper"])
 def test_shipped_configs_load(name):
     cfg = load_generator_config(CONFIGS / f"generator_{name}.toml")
     assert cfg.label == "idh"
