@@ -263,3 +263,34 @@ def _blob_case(rng, size=16):
     images = np.zeros((2, size, size, 1), np.float32)
     images[:, 2:-2, 2:-2, 0] = rng.normal(3.0, 1.0, (2, size - 4, size - 4))
     return CaseArrays(images=images, seg=None, affine=np.eye(4))
+
+
+def test_masks_from_catphishing_no_site_discloses_a_mask_and_the_masks_travel_with_the_images(tiny_study_2d,
+                                                                                               tmp_path):
+    """``masks_from = "catphishing"``: the server holds the masks of another arm's synthetic cases (here a copied
+    site standing in for CATphishing's folder); round 1 sends nothing from the sites, each step sends the images
+    with their masks and gets only the gradient back; the generator learns; a missing folder is refused."""
+    import shutil
+
+    from synthlearn.strategies.asyndgan import catphishing_masks
+
+    sites = list(open_study(tiny_study_2d).sites_with_role("train"))
+    cat = tmp_path / "catphishing"
+    for site in sites:
+        shutil.copytree(site.path, cat / "synthetic" / site.name)
+    cfg = dataclasses.replace(CFG, masks_from="catphishing")
+    masks = catphishing_masks(cat, [s.name for s in sites], SETUP_2D, cfg, DatasetCache(SETUP_2D.preprocess))
+    assert {s: int(m["seg"].shape[0]) for s, m in masks.items()} == {s.name: len(s.cases) for s in sites}
+    protocol = AsynDGANProtocol(SETUP_2D, cfg, server_masks=masks)
+    initial = protocol.initial_state()
+    state = run_protocol_inprocess(protocol, sites, tmp_path / "fed")
+    assert state.history[0]["masks_from"] == "catphishing"
+    fake_bytes = CFG.batch_size * 4 * 32 * 32 * 4
+    assert state.bytes_from_sites == CFG.iterations * len(sites) * fake_bytes  # gradients only: no mask came back
+    assert any(not torch.equal(initial["generator"][k], state.states["generator"][k]) for k in initial["generator"])
+    message, config = protocol.site_message(2, state.states, sites[0].name)
+    assert config["phase"] == "step" and set(message) == {"fake", "masks"} and "batch" not in message
+    with pytest.raises(FileNotFoundError, match="run the catphishing arm before asyndgan"):
+        catphishing_masks(tmp_path / "nowhere", [sites[0].name], SETUP_2D, cfg, DatasetCache(SETUP_2D.preprocess))
+    with pytest.raises(ValueError, match="masks_from must be sites or catphishing"):
+        AsynDGANConfig(masks_from="atlas")

@@ -125,6 +125,11 @@ class AsynDGANConfig:
             non-members (0 = use every case and skip the privacy audit). Fewer than 2 held-out cases at a site
             skip its audit (the tiny phantom's 6 cases a site need 0.5).
         audit: run the privacy and fidelity audits of the synthetic set after synthesis (module docstring).
+        masks_from: where the masks the generator draws for come from: ``sites`` (each site discloses its own in
+            round 1, the paper's way) or ``catphishing`` (the masks of the CATphishing arm's synthetic cases of each
+            site, from the same study run, which must run ``catphishing`` first: no site discloses a real mask; a
+            site's discriminator then judges its own real pairs against generated pairs on those masks, both reduced
+            to the whole tumour, the only region the CATphishing generator draws).
         fidelity_n: real and synthetic cases per site drawn for the Frechet distances (paper 000: 300 and 300).
     """
 
@@ -157,6 +162,7 @@ class AsynDGANConfig:
     audit_holdout: float = 0.2
     audit: bool = True
     fidelity_n: int = 300
+    masks_from: Literal["sites", "catphishing"] = "sites"
 
     def __post_init__(self) -> None:
         positive = {"iterations": self.iterations, "batch_size": self.batch_size, "samples_per_mask":
@@ -189,6 +195,8 @@ class AsynDGANConfig:
             raise ValueError(f"asyndgan.audit_holdout must be in [0, 1), found {self.audit_holdout}")
         if self.fidelity_n < 2:
             raise ValueError(f"asyndgan.fidelity_n must be >= 2, found {self.fidelity_n}")
+        if self.masks_from not in ("sites", "catphishing"):
+            raise ValueError(f"asyndgan.masks_from must be sites or catphishing, found {self.masks_from!r}")
 
 
 # --------------------------------------------------------------------------------------------------- conditioning
@@ -313,6 +321,34 @@ def load_site_data(cases: Sequence[CaseRecord], setup: TrainingSetup, cfg: AsynD
                     torch.from_numpy(np.stack(brains)), torch.tensor(codes, dtype=torch.int16).reshape(len(cases), -1))
 
 
+def catphishing_masks(catphishing_dir: str | Path, sites: Sequence[str], setup: TrainingSetup, cfg: AsynDGANConfig,
+                      cache: DatasetCache) -> dict[str, dict[str, torch.Tensor]]:
+    """Per site, the masks of the CATphishing arm's synthetic cases (``<catphishing_dir>/synthetic/<site>``, the
+    ones its diversity filter kept when it filtered) on the task model's grid: ``{"seg", "brain", "codes"}`` as
+    :func:`load_site_data` gives a site's own.
+
+    Raises:
+        FileNotFoundError: a site has no synthetic folder there (name it and the arm to run first).
+    """
+    from synthlearn.data.layouts import open_study
+    from synthlearn.synthesis.diversity import read_kept_case_ids
+
+    out = {}
+    for site in sites:
+        folder = Path(catphishing_dir) / "synthetic" / site
+        if not folder.is_dir():
+            raise FileNotFoundError(f"asyndgan.masks_from = 'catphishing': {folder} does not exist; run the "
+                                    "catphishing arm before asyndgan in the same study (arms = [..., "
+                                    "\"catphishing\", \"asyndgan\"])")
+        cases = sorted(open_study(folder).sites[0].cases, key=lambda c: c.case_id)
+        if (folder / "diversity.json").is_file():
+            kept = set(read_kept_case_ids(folder))
+            cases = [c for c in cases if c.case_id in kept]
+        data = load_site_data(cases, setup, cfg, cache)
+        out[site] = {"seg": data.seg, "brain": data.brain, "codes": data.codes}
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- networks
 def build_generator(setup: TrainingSetup, cfg: AsynDGANConfig) -> ResnetGenerator:
     dims = len(setup.preprocess.shape)
@@ -347,19 +383,23 @@ def _pair(condition: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor:
 
 
 def discriminator_step(disc: torch.nn.Module, optimizer: torch.optim.Optimizer, condition: torch.Tensor | None,
-                       real: torch.Tensor, fake: torch.Tensor, kind: str = "vanilla") -> dict[str, float]:
+                       real: torch.Tensor, fake: torch.Tensor, kind: str = "vanilla", *,
+                       fake_condition: torch.Tensor | None = None) -> dict[str, float]:
     """One update of a site's discriminator on real and generated pairs (Algorithm 1's D-update).
 
     Args:
         condition: ``(B, K, *S)`` conditioning maps (None: an unconditional GAN).
         real, fake: ``(B, C, *S)``.
+        fake_condition: the generated pairs' own maps when they were drawn for other masks than the real ones
+            (``masks_from = "catphishing"``); default ``condition``.
 
     Returns:
         ``loss_d`` and the mean probability the discriminator gives real and generated pairs before the update.
     """
     disc.train()
     optimizer.zero_grad(set_to_none=True)
-    on_real, on_fake = disc(_pair(condition, real)), disc(_pair(condition, fake.detach()))
+    fake_condition = condition if fake_condition is None else fake_condition
+    on_real, on_fake = disc(_pair(condition, real)), disc(_pair(fake_condition, fake.detach()))
     loss = 0.5 * (gan_loss(on_real, True, kind) + gan_loss(on_fake, False, kind))
     loss.backward()
     optimizer.step()
@@ -436,9 +476,14 @@ class AsynDGANProtocol(RoundProtocol):
     tolerate_missing = True
 
     def __init__(self, setup: TrainingSetup, cfg: AsynDGANConfig, cache: DatasetCache | None = None, *,
-                 holdout: Mapping[str, Sequence[str]] | None = None):
+                 holdout: Mapping[str, Sequence[str]] | None = None,
+                 server_masks: Mapping[str, Mapping[str, torch.Tensor]] | None = None):
         """``holdout``: site -> the :func:`case_key` of the cases it keeps out (None: each site computes its own
-        split, :func:`audit_split` with ``cfg.audit_holdout``; the pooled arm passes the union of the sites')."""
+        split, :func:`audit_split` with ``cfg.audit_holdout``; the pooled arm passes the union of the sites').
+        ``server_masks``: site -> ``{"seg", "brain", "codes"}`` the server already holds (``masks_from =
+        "catphishing"``, :func:`catphishing_masks`): round 1 then gathers no mask, and each step's message carries
+        the batch's masks to the site."""
+        self.server_masks = None if server_masks is None else {k: dict(v) for k, v in server_masks.items()}
         self.setup = setup
         self.cfg = cfg
         self.cache = cache
@@ -454,7 +499,7 @@ class AsynDGANProtocol(RoundProtocol):
         self._pending: dict[str, tuple[torch.Tensor, int]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # what is pickled into the sites: settings only
-        return {**self.__dict__, "cache": None, "_live": None, "_pending": {}}
+        return {**self.__dict__, "cache": None, "_live": None, "_pending": {}, "server_masks": None}
 
     def timeout_for(self, rnd: int) -> float:
         """Round 1 (every site reads and preprocesses its cases, its process may be starting) waits as long as the
@@ -465,7 +510,10 @@ class AsynDGANProtocol(RoundProtocol):
     def initial_state(self) -> Arrays:
         torch.manual_seed(derive_seed(self.setup.seed, "asyndgan", "generator"))
         gen = build_generator(self.setup, self.cfg)
-        return {"generator": {k: v.detach().clone() for k, v in gen.state_dict().items()}, "optimizer": {}}
+        state = {"generator": {k: v.detach().clone() for k, v in gen.state_dict().items()}, "optimizer": {}}
+        for site, masks in (self.server_masks or {}).items():
+            state[f"masks/{site}"] = {k: v.clone() for k, v in masks.items()}
+        return state
 
     def generator(self, state: Arrays) -> tuple[ResnetGenerator, torch.optim.Adam]:
         """The live generator and optimizer (built from ``state`` after a resume)."""
@@ -479,7 +527,7 @@ class AsynDGANProtocol(RoundProtocol):
 
     def site_message(self, rnd: int, state: Arrays, site: str) -> tuple[Arrays, dict[str, Any]]:
         if rnd == 1:
-            return {}, {"phase": "masks"}
+            return {}, {"phase": "ready" if self.server_masks is not None else "masks"}
         masks = state.get(f"masks/{site}")
         if masks is None:  # its disclosure missed round 1's timeout: it sits the federation out
             return {}, {"phase": "idle"}
@@ -493,9 +541,15 @@ class AsynDGANProtocol(RoundProtocol):
                               self.sizes)
         fake = gen(cond)
         self._pending[site] = (fake, rnd)
+        if self.server_masks is not None:  # the site has no such masks: they travel with the images
+            batch = {key: masks[key][index] for key in ("seg", "brain", "codes")}
+            return {"fake": {"images": fake.detach()}, "masks": batch}, {"phase": "step"}
         return {"fake": {"images": fake.detach()}, "batch": {"index": index.to(torch.int32)}}, {"phase": "step"}
 
     def aggregate(self, rnd: int, state: Arrays, replies: Sequence[SiteReply]) -> tuple[Arrays, dict[str, Any]]:
+        if rnd == 1 and self.server_masks is not None:  # nothing disclosed: the sites only said they are ready
+            return state, {"masks": {site: int(m["seg"].shape[0]) for site, m in self.server_masks.items()},
+                           "masks_from": "catphishing", "ready": sorted(r.site for r in replies)}
         if rnd == 1:
             new = dict(state)
             counts = {}
@@ -563,6 +617,10 @@ class AsynDGANProtocol(RoundProtocol):
             data = memory["data"] = load_site_data(self.training_cases(site), self.setup, self.cfg, cache)
         if config.get("phase") == "masks":
             return {"masks": {"seg": data.seg, "brain": data.brain, "codes": data.codes}}, {"n": len(data.seg)}
+        if config.get("phase") == "ready":
+            return {}, {"n": len(data.seg)}
+        if "masks" in arrays:
+            return self._step_on_server_masks(site, rnd, arrays, data, state_dir, memory)
         fake = arrays.get("fake", {}).get("images")
         index = arrays.get("batch", {}).get("index")
         if fake is None or index is None:
@@ -579,6 +637,38 @@ class AsynDGANProtocol(RoundProtocol):
         rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "noise", rnd, site.name))
         grad, loss_g = adversarial_feedback(disc, cond, fake.float(), self.cfg.gan_loss, clip=self.cfg.feedback_clip,
                                             noise=self.cfg.feedback_noise, generator=rng)
+        memory["round"] = rnd
+        if self.should_checkpoint(rnd):
+            save_checkpoint(Path(state_dir) / "discriminator.pt",
+                            {"round": rnd, "network": disc.state_dict(), "optimizer": opt.state_dict()})
+        return {"feedback": {"grad": grad}}, {**stats, "loss_g": loss_g}
+
+    def _step_on_server_masks(self, site: SiteRecord, rnd: int, arrays, data: SiteData, state_dir: Path,
+                              memory: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        """A step of ``masks_from = "catphishing"``: the fakes come with the masks they were drawn for; the real
+        pairs are a random batch of the site's own cases; every mask reduced to the whole tumour (value 1)."""
+        fake = arrays.get("fake", {}).get("images")
+        masks = arrays["masks"]
+        if fake is None or any(masks.get(k) is None for k in ("seg", "brain", "codes")):
+            raise ValueError(f"asyndgan round {rnd}: the server's message lacks fake images or their masks")
+        b = int(fake.shape[0])
+        expected = (b, len(self.setup.sequences), *data.seg.shape[1:])
+        if tuple(fake.shape) != expected or tuple(masks["seg"].shape) != (b, *data.seg.shape[1:]):
+            raise ValueError(f"asyndgan round {rnd}: fake images {tuple(fake.shape)} with masks "
+                             f"{tuple(masks['seg'].shape)} (expected {expected})")
+        rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "real", rnd, site.name))
+        n = len(data.seg)
+        index = torch.randperm(n, generator=rng)[:b] if n >= b else torch.randint(n, (b,), generator=rng)
+        whole = (lambda seg: (seg > 0).long())
+        real_cond = make_condition(whole(data.seg[index]), data.brain[index], data.codes[index].long(), self.sizes)
+        fake_cond = make_condition(whole(masks["seg"]), masks["brain"], masks["codes"].long(), self.sizes)
+        disc, opt = self._discriminator(site.name, rnd, state_dir, memory)
+        stats = discriminator_step(disc, opt, real_cond, data.images[index], fake.float(), self.cfg.gan_loss,
+                                   fake_condition=fake_cond)
+        noise = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "noise", rnd, site.name))
+        grad, loss_g = adversarial_feedback(disc, fake_cond, fake.float(), self.cfg.gan_loss,
+                                            clip=self.cfg.feedback_clip, noise=self.cfg.feedback_noise,
+                                            generator=noise)
         memory["round"] = rnd
         if self.should_checkpoint(rnd):
             save_checkpoint(Path(state_dir) / "discriminator.pt",
@@ -676,7 +766,14 @@ def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str, *,
 
     cfg: AsynDGANConfig = ctx.arm_config
     splits = record_splits(ctx, sites, holdout)
-    protocol = AsynDGANProtocol(ctx.setup, cfg, holdout=holdout)
+    server_masks = None
+    if cfg.masks_from == "catphishing":
+        if "catphishing" not in ctx.needed:
+            raise ValueError("asyndgan.masks_from = 'catphishing' needs the catphishing arm to run before asyndgan in "
+                             "the same study (arms = [..., \"catphishing\", \"asyndgan\"])")
+        server_masks = catphishing_masks(ctx.needed["catphishing"], [s.name for s in sites], ctx.setup, cfg,
+                                         ctx.cache)
+    protocol = AsynDGANProtocol(ctx.setup, cfg, holdout=holdout, server_masks=server_masks)
     t0 = time.perf_counter()
     reused = _primary_state(ctx, protocol)
     if reused is not None:  # a further task-model seed: the generator is the primary seed's, the draw is new
@@ -732,6 +829,12 @@ def run_on_sites(ctx: ArmContext, sites: Sequence[SiteRecord], backend: str, *,
             + " (round 1), so that the server can generate images for them; the rest of the traffic is generated "
             "images to the sites and adversarial gradients back",
             "mask_payload_bytes": mask_bytes,
+        } if server_masks is None else {
+            "what": "none: the server draws images for the masks of the CATphishing arm's synthetic cases and sends "
+                    "them with the images; the sites disclose no mask (the traffic is generated images and their "
+                    "masks to the sites, adversarial gradients back)",
+            "mask_payload_bytes": {},
+            "masks_from": "catphishing",
         },
         "steps_without_site": missing,
         "final_losses": {key: steps[-1].get(key, {}) for key in ("loss_d", "loss_g", "d_real", "d_fake")}
@@ -996,13 +1099,14 @@ def plot_samples(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], p
     return path
 
 
-ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig,
+ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig, needs=("catphishing",),
               task_kinds=("classification", "segmentation", "multitask"), spatial_dims=(2, 3),
               description="one generator at the server, a discriminator per site; adversarial gradients leave the "
               "sites every step, the server trains on generated images (paper 003)")
 
 __all__ = ["ARM", "AsynDGANConfig", "AsynDGANProtocol", "SiteData", "adversarial_feedback", "audit_cases",
-           "audit_split", "audit_stratum", "build_discriminator", "build_generator", "case_key", "condition_channels",
+           "audit_split", "audit_stratum", "build_discriminator", "build_generator", "case_key", "catphishing_masks",
+           "condition_channels",
            "discriminator_step", "fidelity_audit", "gan_loss", "generator_range", "generator_step", "grid_affine",
            "label_sizes", "load_site_data", "make_condition", "own_mask_similarity", "plot_samples", "plot_training",
            "privacy_audit", "record_splits", "run", "run_audits", "run_on_sites", "sample_synthetic",

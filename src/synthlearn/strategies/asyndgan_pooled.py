@@ -26,7 +26,7 @@ def run(ctx: ArmContext) -> ArmOutput:
     import dataclasses
 
     pooled = SiteRecord(name=POOLED, role="train", cases=ctx.train_cases)
-    cfg = ctx.arm_config
+    cfg = dataclasses.replace(ctx.arm_config, masks_from="sites")  # the pooled baseline holds the real masks
     held = sorted(k for site in ctx.train_sites for k in audit_split(site, cfg.audit_holdout, ctx.setup)[1])
     ctx = dataclasses.replace(ctx, arm_config=dataclasses.replace(cfg, batch_size=cfg.batch_size * len(ctx.train_sites)))
     out = run_on_sites(ctx, [pooled], "inprocess", holdout={POOLED: held})
