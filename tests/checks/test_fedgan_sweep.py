@@ -30,7 +30,7 @@ def test_trends_and_table_read_the_rows():
     assert t["non-iid"]["realism_falls"] and t["non-iid"]["realism_slope_per_site"] < 0
     assert t["non-iid"]["frechet_slope_per_site"] > 0
     table = format_table({"rows": rows, "paper_realism": {3: 0.43, 5: 0.37, 7: 0.36, 10: 0.35}, "trend": t})
-    assert "| non-iid | 3 | 20 | 0.40 (0.43) |" in table and "falls as sites grow" in table
+    assert "| non-iid | 3 | 20 | 0.4 (control -; paper 0.43) |" in table and "falls as sites grow" in table
     with pytest.raises(ValueError, match="splits must be iid"):
         SweepConfig(splits=("mixed",))
 
@@ -48,5 +48,6 @@ def test_the_sweep_runs_two_tiny_federations_and_reuses_the_pretrained_pair(tmp_
         assert set(row["arms"]) == {"centralized", "fedgan"} and "quadratic_kappa" in row["arms"]["fedgan"]
     second = json.loads((tmp_path / "sweep" / "non-iid-3" / "results.json").read_text())["arms"]["fedgan"]
     assert second["pretrained_from"].endswith("non-iid-2/fedgan/pretrained.pt")
-    for name in ("check.json", "table.md", "sweep.png"):
+    assert "non-iid-3: FedGAN's generated images per grade" in (tmp_path / "sweep" / "report.md").read_text()
+    for name in ("check.json", "table.md", "sweep.png", "report.html"):
         assert (tmp_path / "sweep" / name).is_file()

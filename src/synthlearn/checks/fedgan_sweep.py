@@ -235,7 +235,37 @@ def run_sweep(out_dir: str | Path, cfg: SweepConfig = SweepConfig(), *, progress
     write_json(out / "check.json", summary)
     atomic_write_text(out / "table.md", format_table(summary))
     plot_sweep(summary, out / "sweep.png")
+    write_sweep_report(summary, out)
     return summary
+
+
+def write_sweep_report(summary: dict[str, Any], out: Path) -> Path:
+    """``out/report.html`` (and ``report.md``): the table, the sweep's figure, and per federation FedGAN's
+    generated images per grade and its loss curves."""
+    from synthlearn.report.html import write_document
+
+    table = format_table(summary).splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:] if line.startswith("|")]
+    notes = [line for line in table if line and not line.startswith("|")]
+    blocks: list[tuple[str, Any]] = [
+        ("h", (1, "FedGAN sweep: federation size and grade split (paper 002)")),
+        ("p", ("Realism: a discriminator trained on the federation's real training images against FedGAN's generated "
+               "ones, its mean output on held-out generated images (the real-vs-real control, other real images in "
+               "the generated ones' place, is in check.json: what realistic images would score). Frechet: distance "
+               "to the real test images in the centralized grade model's features (in brackets the real training "
+               "images' own). Coverage: per grade, the share of its generated images the centralized model calls "
+               "that grade. C / L: centralized / local (mean of the site models).")),
+        ("table", ([c.strip() for c in table[0].strip("|").split("|")], rows)),
+        *[("p", note) for note in notes],
+        ("figure", (out / "sweep.png", "realism, Frechet distance and the grade models' kappa against the sites")),
+    ]
+    for key in summary["rows"]:
+        for name, caption in (("fedgan_samples.png", "generated images per grade"),
+                              ("fedgan_losses.png", "sites' losses per round")):
+            path = out / key / "fedgan" / "figures" / name
+            if path.is_file():
+                blocks.append(("figure", (path, f"{key}: FedGAN's {caption}")))
+    return write_document(out, "FedGAN sweep", blocks)[0]
 
 
 def trends(rows: dict[str, dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
@@ -261,7 +291,7 @@ def trends(rows: dict[str, dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any]) -> str:
     """The sweep as a Markdown table."""
-    header = ("| split | sites | images a site | realism (paper) | Frechet (real: test vs train) | coverage per grade "
+    header = ("| split | sites | images a site | realism (real-vs-real control; paper) | Frechet (real: test vs train) | coverage per grade "
               "| accuracy C / L / FedAvg / FedGAN | kappa C / L / FedAvg / FedGAN |")
     lines = [header, "|---|---|---|---|---|---|---|---|"]
 
@@ -274,8 +304,9 @@ def format_table(summary: dict[str, Any]) -> str:
         kappa = " / ".join(f(arms.get(a, {}).get("quadratic_kappa")) for a in ARMS)
         cov = " ".join(f(v) for v in (row.get("coverage") or {}).values())
         paper = summary["paper_realism"].get(row["sites"], summary["paper_realism"].get(str(row["sites"])))
-        lines.append(f"| {row['split']} | {row['sites']} | {row['images_per_site']} | {f(row.get('realism'))} "
-                     f"({f(paper)}) | {f(row.get('frechet'), 1)} ({f(row.get('frechet_real'), 1)}) | {cov} | {acc} "
+        real = "-" if row.get("realism") is None else f"{row['realism']:.2g}"
+        lines.append(f"| {row['split']} | {row['sites']} | {row['images_per_site']} | {real} "
+                     f"(control {f(row.get('realism_real'))}; paper {f(paper)}) | {f(row.get('frechet'), 1)} ({f(row.get('frechet_real'), 1)}) | {cov} | {acc} "
                      f"| {kappa} |")
     for split, t in summary.get("trend", {}).items():
         lines.append("")
@@ -320,4 +351,4 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path:
 
 
 __all__ = ["ARMS", "PAPER_REALISM", "SweepConfig", "coverage", "format_table", "model_features", "plot_sweep",
-           "realism", "run_sweep", "score_run", "trends"]
+           "realism", "run_sweep", "score_run", "trends", "write_sweep_report"]

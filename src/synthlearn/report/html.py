@@ -17,6 +17,7 @@ import datetime as _dt
 import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -587,5 +588,33 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     _audits(doc, results)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     atomic_write_text(md_path, doc.markdown(run_dir))
+    atomic_write_text(html_path, doc.html(title))
+    return html_path, md_path
+
+
+def write_document(folder: str | Path, title: str, blocks: Sequence[tuple[str, Any]]) -> tuple[Path, Path]:
+    """A report of one's own (e.g. a paper check's over several studies) in the study report's style:
+    ``folder/report.html`` (figures embedded) and ``folder/report.md``.
+
+    Args:
+        blocks: in order, ``("h", (level, text))``, ``("p", text)``, ``("table", (header, rows))`` or
+            ``("figure", (path, caption))`` (paths inside ``folder``).
+
+    Returns:
+        ``(html_path, md_path)``.
+
+    Raises:
+        ValueError: an unknown block kind.
+    """
+    from synthlearn.data.io import atomic_write_text
+
+    folder = Path(folder)
+    doc = _Doc()
+    for kind, data in blocks:
+        if kind not in ("h", "p", "table", "figure"):
+            raise ValueError(f"report block kind must be h, p, table or figure, found {kind!r}")
+        doc.blocks.append((kind, data))
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    atomic_write_text(md_path, doc.markdown(folder))
     atomic_write_text(html_path, doc.html(title))
     return html_path, md_path
