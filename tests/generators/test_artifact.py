@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from synthlearn.generators.artifact import (
-    ArtifactError,
     MANIFEST,
     WEIGHT_FILES,
+    ArtifactError,
     artifact_bytes,
     load_weights,
     read_manifest,
@@ -22,7 +22,7 @@ from synthlearn.generators.artifact import (
 @pytest.fixture
 def artifact(tmp_path):
     figure = tmp_path / "curves.png"
-    figure.write_bytes(b"\x89PNG fake figure")
+    figure.write_bytes(b"\x89PNG\r\n\x1a\n fake figure")
     weights = {name: {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3) + i}
                for i, name in enumerate(WEIGHT_FILES)}
     return write_artifact(tmp_path / "artifact", weights=weights, manifest={"label": "idh"},
@@ -71,21 +71,138 @@ def test_extra_unlisted_weight_file_is_refused(artifact):
 
 
 def test_pickle_weight_file_is_refused_even_when_listed(tmp_path):
-    # a weight file that is a pickle, re-listed with a matching hash: safetensors loading refuses it
+    # a weight file that is a pickle, re-listed with a matching hash and digest: verify refuses its content, and
+    # safetensors loading would refuse it too (nothing is ever unpickled)
     art = write_artifact(tmp_path / "a", weights={n: {"w": torch.zeros(1)} for n in WEIGHT_FILES}, manifest={})
     torch.save({"w": torch.zeros(1)}, art / "diffusion.safetensors")
-    manifest = json.loads((art / MANIFEST).read_text())
+    _relist(art)
+    with pytest.raises(ArtifactError, match=r"diffusion\.safetensors: expected a safetensors file .*found a zip"):
+        verify_artifact(art)
+    with pytest.raises(ArtifactError, match="not a readable safetensors"):
+        load_weights(art, "diffusion.safetensors")
+
+
+class _Payload:
+    """A pickle that, once unpickled, makes the folder ``marker``: proof that something deserialised it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def _relist(folder, extra=None):
+    """Rewrite the manifest's file table (and its digest) to match the folder, as an attacker who can rewrite the
+    whole folder would; ``extra`` adds listed entries by hand (name -> path)."""
+    from synthlearn.generators.artifact import DIGEST_KEY, manifest_digest
     from synthlearn.runinfo import file_sha256
 
-    manifest["files"]["diffusion.safetensors"] = {"sha256": file_sha256(art / "diffusion.safetensors"),
-                                                  "bytes": (art / "diffusion.safetensors").stat().st_size}
-    from synthlearn.generators.artifact import DIGEST_KEY, manifest_digest
+    manifest = json.loads((folder / MANIFEST).read_text())
+    entries = {p.name: p for p in folder.iterdir() if p.name != MANIFEST and p.is_file()}
+    entries.update(extra or {})
+    manifest["files"] = {name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for name, p in entries.items()}
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    manifest[DIGEST_KEY] = manifest_digest(manifest)  # a deliberate re-listing, digest recomputed
-    (art / MANIFEST).write_text(json.dumps(manifest))
-    verify_artifact(art)  # integrity holds (hashes match) ...
-    with pytest.raises(ArtifactError, match="not a readable safetensors"):
-        load_weights(art, "diffusion.safetensors")  # ... but nothing is ever unpickled
+
+def _pickle(path, marker):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"w": _Payload(marker)}))
+
+
+def _torch_save(path, marker):
+    torch.save({"w": _Payload(marker)}, path)
+
+
+def _outside(art, name):
+    """A path beside the artifact folder (what a symlink or a ``../`` name points at)."""
+    return art.parent / name
+
+
+def _extra_symlink(art, marker):
+    _pickle(_outside(art, "w.safetensors"), marker)
+    (art / "link.safetensors").symlink_to(_outside(art, "w.safetensors"))
+
+
+def _listed_file_is_a_symlink(art, marker):
+    # same bytes, so size and SHA-256 still match the manifest: only the link itself gives it away
+    target = _outside(art, "same.safetensors")
+    target.write_bytes((art / "diffusion.safetensors").read_bytes())
+    (art / "diffusion.safetensors").unlink()
+    (art / "diffusion.safetensors").symlink_to(target)
+
+
+def _sub_folder(art, marker):
+    (art / "extra").mkdir()
+    (art / "extra" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+
+
+def _listed(write, name):
+    def mutate(art, marker):
+        write(art / name, marker)
+        _relist(art)
+    return mutate
+
+
+def _listed_outside(art, marker):
+    _pickle(_outside(art, "x.safetensors"), marker)
+    _relist(art, {"../x.safetensors": _outside(art, "x.safetensors")})
+
+
+HOSTILE = {
+    # unlisted content
+    "extra evil.pkl": (lambda art, m: _pickle(art / "evil.pkl", m), r"evil\.pkl: not listed in manifest\.json"),
+    "extra model.pt": (lambda art, m: _torch_save(art / "model.pt", m), r"model\.pt: not listed in manifest\.json"),
+    "extra notes.txt": (lambda art, m: (art / "notes.txt").write_text("hello"), r"notes\.txt: not listed"),
+    "extra symlink": (_extra_symlink, r"link\.safetensors: expected a regular file, found a symlink"),
+    "listed file is a symlink": (_listed_file_is_a_symlink,
+                                 r"diffusion\.safetensors: expected a regular file, found a symlink"),
+    "sub-folder": (_sub_folder, r"extra: expected only the listed files .*found a folder"),
+    # listed, with sizes, hashes and the manifest's digest recomputed: the content or the name gives it away
+    "pickle renamed .safetensors": (_listed(_pickle, "diffusion.safetensors"),
+                                    r"diffusion\.safetensors: expected a safetensors file .*found a pickle"),
+    "torch.save renamed .safetensors": (_listed(_torch_save, "autoencoder.safetensors"),
+                                        r"autoencoder\.safetensors: expected a safetensors file .*found a zip archive"),
+    "pickle renamed .png": (_listed(_pickle, "loss_curves.png"),
+                            r"loss_curves\.png: expected a PNG image, found a pickle"),
+    "manifest lists model.pt": (_listed(_torch_save, "model.pt"),
+                                r"'model\.pt': expected only \.safetensors or \.png files .*found a \.pt file"),
+    "manifest lists evil.pkl": (_listed(_pickle, "evil.pkl"),
+                                r"'evil\.pkl': expected only \.safetensors or \.png files .*found a \.pkl file"),
+    "manifest lists ../x": (_listed_outside, r"'\.\./x\.safetensors': expected a plain file name"),
+    "manifest lists a sub-path": (lambda art, m: _relist(art, {"sub/x.png": art / "loss_curves.png"}),
+                                  r"'sub/x\.png': expected a plain file name"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_artifact_is_refused_before_any_weights_are_read(artifact, tmp_path, monkeypatch, case):
+    """Unlisted files, links, folders, pickles under a tensor's or a figure's name, pickle suffixes and paths in the
+    manifest: refused by the artifact check that ``load_generator`` runs first, naming the file, what was expected and
+    what was found; no loader is reached and no payload runs."""
+    import pickle
+
+    import safetensors.torch
+
+    from synthlearn.generators.ldm import sample
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read before the artifact was refused")
+
+    marker = tmp_path / "payload-ran"
+    mutate, match = HOSTILE[case]
+    mutate(artifact, marker)
+    for target, name in ((sample, "load_weights"), (safetensors.torch, "load_file"), (torch, "load"),
+                         (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(target, name, never)
+    with pytest.raises(ArtifactError, match=match) as info:
+        sample.load_generator(artifact)
+    assert "expected" in str(info.value) and "found" in str(info.value)
+    assert not marker.exists()
 
 
 def test_manifest_problems(artifact, tmp_path):
@@ -123,11 +240,11 @@ def test_artifact_written_before_class_in_timestep_still_loads(tmp_path):
     import dataclasses
 
     from synthlearn.config import to_dict
+    from synthlearn.generators.ldm.config import load_generator_config
+    from synthlearn.generators.ldm.sample import load_generator
     from synthlearn.models.autoencoder import GeneratorAutoencoder
     from synthlearn.models.diffusion import ClassConditionedUNet
     from synthlearn.models.superres import SuperResolution
-    from synthlearn.generators.ldm.sample import load_generator
-    from synthlearn.generators.ldm.config import load_generator_config
 
     cfg = load_generator_config("configs/generator_tiny.toml")
     old = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, class_in_timestep=False))

@@ -11,8 +11,10 @@ An artifact folder holds::
     loss_curves.png             training figures (losses only: no image of a training case leaves the site)
 
 Weights are safetensors (tensors only; loading never unpickles anything). :func:`verify_artifact` refuses,
-with an error naming the file, an artifact with a missing, changed, truncated or unlisted file, or a
-manifest that is not a synthlearn generator manifest. The manifest carries its own digest
+with an error naming the file, an artifact with a missing, changed, truncated or unlisted file, a symlink or a
+sub-folder, a listed name that is not a plain ``*.safetensors`` / ``*.png`` file name (``../x``, ``model.pt``,
+``evil.pkl``), a file whose content is not what its name says (a pickle renamed ``.safetensors``), or a
+manifest that is not a synthlearn generator manifest: all before any weights are read. The manifest carries its own digest
 (``manifest_sha256``: the SHA-256 of its canonical JSON without that key), so an edit of any field (the class
 names, the latent scale...) is refused too. This is integrity against accidental corruption, incomplete uploads and
 edits; it is not a signature (anyone who can rewrite the folder can recompute the digest): authenticity needs a
@@ -47,6 +49,11 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 WEIGHT_FILES = ("autoencoder.safetensors", "superres.safetensors", "diffusion.safetensors")
+#: the only kinds of file an artifact may hold besides its manifest: tensors and figures (nothing that unpickles)
+ALLOWED_SUFFIXES = (".safetensors", ".png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: a safetensors header larger than this is refused unread (the library's own limit)
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 class ArtifactError(ValueError):
@@ -130,11 +137,14 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
 
 
 def verify_artifact(artifact_dir: str | Path) -> dict[str, Any]:
-    """Check an artifact folder completely; return its manifest.
+    """Check an artifact folder completely; return its manifest. Nothing is deserialised here: weights are only
+    hashed, and their safetensors header (JSON) parsed.
 
-    Checks: the folder exists; ``manifest.json`` is a synthlearn generator manifest; every file it lists
-    exists with the listed size and SHA-256; the three weight files are listed; no file or folder is
-    present that the manifest does not list.
+    Checks, in order: the folder exists; ``manifest.json`` is a synthlearn generator manifest; the three weight
+    files are listed; every listed name is a plain file name ending in one of :data:`ALLOWED_SUFFIXES`; the
+    folder holds nothing but the manifest and the listed files, none of them a symlink or a folder; every listed
+    file has the listed size and SHA-256; every ``.safetensors`` file is a well-formed safetensors file (not a
+    pickle or a ``torch.save`` archive renamed) and every ``.png`` starts with the PNG signature.
 
     Raises:
         FileNotFoundError: the folder does not exist.
@@ -150,9 +160,26 @@ def verify_artifact(artifact_dir: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{root / MANIFEST}: expected {name} among the listed files, found "
                                 f"{sorted(listed)}")
     for name, info in sorted(listed.items()):
+        _check_listed_name(root, name)
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                and isinstance(info.get("bytes"), int) and not isinstance(info.get("bytes"), bool)):
+            raise ArtifactError(f"{root / MANIFEST}: listed file {name!r}: expected {{'sha256': str, 'bytes': int}}, "
+                                f"found {info!r}")
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink():
+            raise ArtifactError(f"{entry}: expected a regular file, found a symlink (to {os.readlink(entry)!r}); "
+                                f"an artifact holds only its own files: copy the folder without links")
+        if entry.name == MANIFEST:
+            continue
+        if entry.is_dir():
+            raise ArtifactError(f"{entry}: expected only the listed files {sorted(listed)}, found a folder "
+                                f"(refusing an artifact with unlisted content)")
+        if entry.name not in listed:
+            extra = sorted(p.name for p in root.iterdir() if p.name != MANIFEST and p.name not in listed)
+            raise ArtifactError(f"{entry}: not listed in {MANIFEST}; expected only the listed files {sorted(listed)}, "
+                                f"found extra {extra} (refusing an artifact with unlisted content)")
+    for name, info in sorted(listed.items()):
         path = root / name
-        if "/" in name or name.startswith("."):
-            raise ArtifactError(f"{root / MANIFEST}: listed file name {name!r} is not a plain file name")
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; the manifest lists it (incomplete artifact: copy the whole folder)")
         size = path.stat().st_size
@@ -163,11 +190,76 @@ def verify_artifact(artifact_dir: str | Path) -> dict[str, Any]:
         if digest != info.get("sha256"):
             raise ArtifactError(f"{path}: SHA-256 differs from the manifest: expected {info.get('sha256')}, "
                                 f"found {digest} (the file was changed after training)")
-    extra = sorted(p.name for p in root.iterdir() if p.name != MANIFEST and p.name not in listed)
-    if extra:
-        raise ArtifactError(f"{root / extra[0]}: not listed in {MANIFEST}; expected only the listed files "
-                            f"{sorted(listed)}, found extra {extra} (refusing an artifact with unlisted content)")
+    for name in sorted(listed):
+        _check_content(root / name)
     return manifest
+
+
+def _check_listed_name(root: Path, name: Any) -> None:
+    """Refuse a listed name that is not a plain ``*.safetensors`` / ``*.png`` file name of the folder."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") or name == MANIFEST
+            or any(sep in name for sep in ("/", "\\", "\0")) or Path(name).name != name):
+        raise ArtifactError(f"{root / MANIFEST}: listed file name {name!r}: expected a plain file name inside the "
+                            f"artifact folder (no '/', '\\', leading '.' or '..'), found a path")
+    if not name.endswith(ALLOWED_SUFFIXES):
+        raise ArtifactError(f"{root / MANIFEST}: listed file {name!r}: expected only {' or '.join(ALLOWED_SUFFIXES)} "
+                            f"files (tensors and figures), found a {Path(name).suffix or 'suffix-less'!s} file; "
+                            f"refusing it (pickled weights never cross a site boundary)")
+
+
+def _sniff(head: bytes) -> str:
+    """What a file's first bytes look like, for error messages."""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save)"
+    if head[:8] == PNG_SIGNATURE:
+        return "a PNG image"
+    return f"bytes {head[:16]!r}"
+
+
+def _check_content(path: Path) -> None:
+    """Refuse a listed file whose content is not what its suffix says; reads the safetensors header only.
+
+    A safetensors file is ``u64 little-endian N``, ``N`` bytes of a JSON object (tensor name -> ``dtype``,
+    ``shape``, ``data_offsets``), then the tensor bytes, which the offsets must cover exactly.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(16)
+        if path.suffix == ".png":
+            if head[:8] != PNG_SIGNATURE:
+                raise ArtifactError(f"{path}: expected a PNG image, found {_sniff(head)}")
+            return
+        found = _sniff(head)
+        if size < 8:
+            raise ArtifactError(f"{path}: expected a safetensors file, found {size} bytes")
+        n = int.from_bytes(head[:8], "little")
+        if not 2 <= n <= min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise ArtifactError(f"{path}: expected a safetensors file (8-byte header length then a JSON header), "
+                                f"found {found} (header length {n} for a file of {size} bytes); refusing it unread")
+        fh.seek(8)
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path}: expected a safetensors file with a JSON header, found {found} "
+                                f"({type(exc).__name__}); refusing it unread") from exc
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: expected a safetensors JSON header object, found {type(header).__name__}")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)
+                or not isinstance(entry.get("shape"), list)):
+            raise ArtifactError(f"{path}: tensor {key!r}: expected {{'dtype', 'shape', 'data_offsets'}}, found "
+                                f"{entry!r}")
+        end = max(end, offsets[1])
+    if end != size - 8 - n:
+        raise ArtifactError(f"{path}: expected tensor data of {end} bytes after the safetensors header, found "
+                            f"{size - 8 - n} bytes")
 
 
 def load_weights(artifact_dir: str | Path, name: str) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ import torch
 
 from synthlearn.data.contract import CaseRecord, SiteRecord
 from synthlearn.protocol import (
+    FederationError,
     FederationState,
     RoundProtocol,
     SiteReply,
@@ -277,10 +278,16 @@ class FedAvgProtocol(TaskModelProtocol):
         for name, n in upd.num_examples.items():
             metrics[f"n{KEY_SEP}{name}"] = int(n)
             loss = upd.losses[name]
-            metrics[f"loss{KEY_SEP}{name}"] = float(loss) if loss == loss else -1.0  # NaN: the site had no case
+            metrics[f"loss{KEY_SEP}{name}"] = float(loss) if not np.isnan(loss) else -1.0  # NaN: the site had no case
         return upd.states, metrics
 
     def aggregate(self, rnd: int, state, replies: Sequence[SiteReply]) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        """FedAvg of the sites' replies (:func:`aggregate`) once :func:`check_replies` has accepted every one.
+
+        Raises:
+            FederationError: a reply that does not match the server's networks (listing every problem).
+        """
+        check_replies(rnd, state, replies)
         updates = [SiteUpdate(r.arrays, {n: int(r.metrics[f"n{KEY_SEP}{n}"]) for n in r.arrays},
                               {n: float(r.metrics[f"loss{KEY_SEP}{n}"]) for n in r.arrays}) for r in replies]
         return aggregate(updates), {"loss": {r.site: u.losses for r, u in zip(replies, updates)}}
@@ -288,6 +295,75 @@ class FedAvgProtocol(TaskModelProtocol):
 
 #: separates a metric's kind from the network it is about (``n::idh/fold-0``)
 KEY_SEP = "::"
+
+
+def check_replies(rnd: int, state: Mapping[str, Mapping[str, torch.Tensor]], replies: Sequence[SiteReply]) -> None:
+    """Refuse site replies that do not match the server's networks, before anything is averaged.
+
+    A reply must hold exactly the server's networks, each with exactly the server's tensor names, shapes and
+    dtypes, finite floating-point values, and the metrics ``n::<network>`` (an integer >= 0: its training cases)
+    and ``loss::<network>`` (a number) for every network. A site whose weights carried an extra tensor, lost one or
+    changed its shape would otherwise be averaged (or silently cast) into the global model; a NaN would spread
+    to every site in the next round.
+
+    Args:
+        rnd: the round (for messages).
+        state: the server's networks: network name -> tensor name -> tensor.
+        replies: the sites' replies.
+
+    Raises:
+        FederationError: no reply, or a list of every problem (site, network, tensor, expected, found).
+    """
+    if not replies:
+        raise FederationError(f"fedavg round {rnd}: no site replied")
+    problems: list[str] = []
+    for reply in replies:
+        where = f"site {reply.site}"
+        got = reply.arrays if isinstance(reply.arrays, Mapping) else {}
+        if not isinstance(reply.arrays, Mapping):
+            problems.append(f"{where}: expected named state dicts, found {type(reply.arrays).__name__}")
+        for name in sorted(set(got) - set(state)):
+            problems.append(f"{where}: unexpected network {name!r}; expected only {sorted(state)}")
+        for name in sorted(set(state) - set(got)):
+            problems.append(f"{where}: network {name!r} missing from the reply; expected {sorted(state)}")
+        for name in sorted(set(state) & set(got)):
+            problems += _state_problems(f"{where}: {name}", state[name], got[name])
+            for kind in ("n", "loss"):
+                key = f"{kind}{KEY_SEP}{name}"
+                value = reply.metrics.get(key)
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and (kind == "loss" or (float(value).is_integer() and value >= 0)))
+                if not ok:
+                    expected = "an integer >= 0 (its training cases)" if kind == "n" else "a number"
+                    problems.append(f"{where}: metric {key!r}: expected {expected}, found {value!r}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise FederationError(f"fedavg round {rnd}: refusing the sites' replies ({len(problems)} problem"
+                              f"{'s' if len(problems) != 1 else ''}; nothing was averaged):\n  {shown}")
+
+
+def _state_problems(where: str, expected: Mapping[str, torch.Tensor], found: Any) -> list[str]:
+    """What differs between a site's state dict and the server's: keys, shapes, dtypes, non-finite values."""
+    if not isinstance(found, Mapping):
+        return [f"{where}: expected a state dict, found {type(found).__name__}"]
+    problems = [f"{where}: unexpected tensor {k!r}; expected only the {len(expected)} tensors of the server's network"
+                for k in sorted(set(found) - set(expected))]
+    problems += [f"{where}: tensor {k!r} missing; expected every tensor of the server's network"
+                 for k in sorted(set(expected) - set(found))]
+    for key in sorted(set(expected) & set(found)):
+        ref, value = torch.as_tensor(expected[key]), found[key]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{where}: tensor {key!r}: expected a tensor, found {type(value).__name__}")
+        elif tuple(value.shape) != tuple(ref.shape):
+            problems.append(f"{where}: tensor {key!r}: expected shape {tuple(ref.shape)}, found {tuple(value.shape)}")
+        elif value.dtype != ref.dtype:
+            problems.append(f"{where}: tensor {key!r}: expected dtype {ref.dtype}, found {value.dtype}")
+        elif value.dtype.is_floating_point or value.dtype.is_complex:
+            bad = int((~torch.isfinite(value.detach())).sum())
+            if bad:
+                problems.append(f"{where}: tensor {key!r}: expected finite values, found {bad} NaN or inf of "
+                                f"{value.numel()}")
+    return problems
 
 
 def run_rounds_inprocess(sites: Sequence[SiteRecord], setup: TrainingSetup, cfg: FedAvgConfig,
