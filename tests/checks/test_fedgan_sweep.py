@@ -21,7 +21,8 @@ def test_realism_tells_other_images_from_real_ones_and_not_real_from_real():
 
 
 def test_trends_and_table_read_the_rows():
-    rows = {f"non-iid-{n}": {"split": "non-iid", "sites": n, "images_per_site": 60 // n, "realism": r,
+    rows = {f"non-iid-{n}": {"split": "non-iid", "sites": n, "images_per_site": 60 // n, "realism": r / 100,
+                             "realism_own": r,
                              "frechet": fd, "frechet_real": 1.0, "coverage": {"0": 1.0, "1": 0.5},
                              "arms": {"centralized": {"acc": 0.5, "quadratic_kappa": 0.8},
                                       "fedgan": {"acc": 0.3, "quadratic_kappa": k}}}
@@ -30,7 +31,7 @@ def test_trends_and_table_read_the_rows():
     assert t["non-iid"]["realism_falls"] and t["non-iid"]["realism_slope_per_site"] < 0
     assert t["non-iid"]["frechet_slope_per_site"] > 0
     table = format_table({"rows": rows, "paper_realism": {3: 0.43, 5: 0.37, 7: 0.36, 10: 0.35}, "trend": t})
-    assert "| non-iid | 3 | 20 | 0.4 (control -; paper 0.43) |" in table and "falls as sites grow" in table
+    assert "| non-iid | 3 | 20 | 0.40 (0.43) | 0.004 (control -) |" in table and "falls as sites grow" in table
     with pytest.raises(ValueError, match="splits must be iid"):
         SweepConfig(splits=("mixed",))
 
@@ -44,10 +45,12 @@ def test_the_sweep_runs_two_tiny_federations_and_reuses_the_pretrained_pair(tmp_
     rows = summary["rows"]
     assert set(rows) == {"non-iid-2", "non-iid-3"}
     for row in rows.values():
-        assert 0.0 <= row["realism"] <= 1.0 and row["frechet"] >= 0 and set(row["coverage"]) == set("01234")
+        assert 0.0 <= row["realism"] <= 1.0 and 0.0 <= row["realism_own"] <= 1.0 and row["frechet"] >= 0
+        assert set(row["coverage"]) == set("01234")
         assert set(row["arms"]) == {"centralized", "fedgan"} and "quadratic_kappa" in row["arms"]["fedgan"]
     second = json.loads((tmp_path / "sweep" / "non-iid-3" / "results.json").read_text())["arms"]["fedgan"]
     assert second["pretrained_from"].endswith("non-iid-2/fedgan/pretrained.pt")
     assert "non-iid-3: FedGAN's generated images per grade" in (tmp_path / "sweep" / "report.md").read_text()
+    assert (tmp_path / "sweep" / "reader" / "centralized" / "model").is_dir()  # one reader for every federation
     for name in ("check.json", "table.md", "sweep.png", "report.html"):
         assert (tmp_path / "sweep" / name).is_file()

@@ -2,15 +2,19 @@
 split of the diabetic-retinopathy grades, one study each (``configs/check_fedgan_sweep.toml``: centralized, local,
 FedAvg and FedGAN on the same sites and the same test site), read back per federation size:
 
-- **realism** as the paper: a discriminator trained centrally on the federation's real training images against
-  FedGAN's generated ones (:data:`REALISM_STEPS` Adam steps on half of each), then its mean output (probability
-  "real") on the other half of the generated images; 0.5 = it cannot tell them apart, 0 = it always can;
+- **realism**, read two ways, as the paper's wording ("the mean output of a discriminator") allows: ``realism_own``,
+  the federation's own averaged discriminator's mean output (probability "real") on fresh generated images (what a
+  GAN's training curves show, near 0.5 at equilibrium); and ``realism``, a discriminator trained centrally on the
+  federation's real training images against FedGAN's generated ones (:data:`REALISM_STEPS` Adam steps on half of
+  each), its mean output on the other half of the generated images, with ``realism_real`` the same with other real
+  images in the generated ones' place (what realistic images score; the discriminator over-fits small sets);
 - a **Frechet distance** (:func:`synthlearn.audits.fidelity.frechet_distance`, the shared audits') between the
-  real test images and the generated ones, in the feature space of the centralized arm's grade model (its encoder's
-  deepest features, averaged over the field of view): the paper's Inception network replaced by a network trained
-  on this data, as nothing is downloaded;
-- **per-grade coverage**: the share of each grade's generated images that the centralized grade model calls that
-  grade (a grade the generator lost scores near 0);
+  real test images and the generated ones, in the feature space of one fixed **reader**: a grade model trained
+  once on the pretraining pool (a disjoint population, the same test site), its encoder's deepest features
+  averaged over the image: the paper's Inception network replaced by a network trained on this kind of data, as
+  nothing is downloaded, and the same for every federation so that the distances compare;
+- **per-grade coverage**: the share of each grade's generated images that the reader calls that grade (a grade
+  the generator lost scores near 0);
 - the downstream grade model's **accuracy** and **quadratic weighted kappa** on the test site for every arm.
 
 The total number of training images is the same at every size (the paper splits one dataset over more sites), so
@@ -75,8 +79,8 @@ class SweepConfig:
 
 
 def _real_and_synthetic(run_dir: Path, setup, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(real training images, real test images, synthetic images, synthetic grade indices), each ``(N, C, S, S)``
-    in the generator's range (``(N,)`` for the grades)."""
+    """(real training images, real test images, synthetic images, synthetic grade indices, synthetic masks), each
+    ``(N, C, S, S)`` in the generator's range (``(N,)`` for the grades, ``(N, S, S)`` for the masks, +-1)."""
     from synthlearn.data.layouts import open_study
     from synthlearn.strategies.fedgan import FedGANConfig, load_images
 
@@ -90,7 +94,7 @@ def _real_and_synthetic(run_dir: Path, setup, cache) -> tuple[np.ndarray, np.nda
     held, _ = load_images(test, setup, cfg, cache)
     fake, grades = load_images(synthetic, setup, cfg, cache)
     c = len(setup.sequences)
-    return real[:, :c].numpy(), held[:, :c].numpy(), fake[:, :c].numpy(), grades.numpy()
+    return real[:, :c].numpy(), held[:, :c].numpy(), fake[:, :c].numpy(), grades.numpy(), fake[:, c].numpy()
 
 
 def realism(real: np.ndarray, fake: np.ndarray, seed: int, steps: int = REALISM_STEPS) -> float:
@@ -159,8 +163,31 @@ def coverage(model, fake: np.ndarray, grades: np.ndarray, class_names: Sequence[
     return out
 
 
-def score_run(run_dir: Path, seed: int) -> dict[str, Any]:
-    """One federation's figures from its study folder (module docstring)."""
+def own_realism(run_dir: Path, setup, fake: np.ndarray, masks: np.ndarray, grades: np.ndarray) -> float | None:
+    """The federation's own averaged discriminator (``fedgan/server/global.pt``, its DCGAN rebuilt from the run's
+    ``[fedgan]`` settings and ``setup``) on the generated images (generator range, with their mask channel): its
+    mean sigmoid output; None without the checkpoint."""
+    from synthlearn.config import from_dict
+    from synthlearn.models.dcgan import DCGANDiscriminator
+    from synthlearn.protocol import FederationState
+    from synthlearn.strategies.fedgan import FedGANConfig, dcgan_config
+    from synthlearn.training.dcgan import realism_score
+
+    path = run_dir / "fedgan" / "server" / "global.pt"
+    if not path.is_file():
+        return None
+    table = json.loads((run_dir / "config.json").read_text()).get("fedgan", {})
+    dcfg = dcgan_config(setup, from_dict(FedGANConfig, table))
+    disc = DCGANDiscriminator(dcfg)
+    disc.load_state_dict(FederationState.load_or_start(path, dict).states["discriminator"])
+    x = torch.from_numpy(np.concatenate([fake, masks[:, None]], axis=1)).float()
+    labels = torch.from_numpy(grades).long() if dcfg.num_classes else None
+    return float(realism_score(disc, x, labels=labels))
+
+
+def score_run(run_dir: Path, seed: int, reader_dir: Path | None = None) -> dict[str, Any]:
+    """One federation's figures from its study folder (module docstring); ``reader_dir``: the fixed reader's
+    model folder (default: the federation's own centralized model)."""
     from synthlearn.audits.fidelity import frechet_distance
     from synthlearn.tasks.cache import DatasetCache
     from synthlearn.tasks.model import TaskModel
@@ -177,10 +204,11 @@ def score_run(run_dir: Path, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"arms": arms}
     if "fedgan" not in results["arms"]:
         return out
-    model = TaskModel.load(run_dir / "centralized" / "model")
+    model = TaskModel.load(reader_dir or run_dir / "centralized" / "model")
     setup = model.setup
     cache = DatasetCache(setup.preprocess)
-    real, test, fake, grades = _real_and_synthetic(run_dir, setup, cache)
+    real, test, fake, grades, masks = _real_and_synthetic(run_dir, setup, cache)
+    out["realism_own"] = own_realism(run_dir, setup, fake, masks, grades)
     out["realism"] = realism(real, fake, seed)
     half = len(real) // 2  # the control: other real images in the place of the generated ones (~0.5)
     out["realism_real"] = realism(real[:half], real[half:], seed)
@@ -206,6 +234,10 @@ def run_sweep(out_dir: str | Path, cfg: SweepConfig = SweepConfig(), *, progress
         shutil.rmtree(pool, ignore_errors=True)
         make_fundus_study(pool, "fundus", split="pool", n_sites=1, cases_per_site=cfg.total_images,
                           test_cases=cfg.test_images, seed=cfg.seed, progress=progress)
+    reader = out / "reader"
+    run_study(load_study_config(cfg.config, {"study": str(pool), "seed": cfg.seed, "arms": ["centralized"]}), reader,
+              progress=progress)
+    reader_model = reader / "centralized" / "model"
     rows: dict[str, dict[str, Any]] = {}
     pretrained = ""
     for split in cfg.splits:
@@ -227,7 +259,7 @@ def run_sweep(out_dir: str | Path, cfg: SweepConfig = SweepConfig(), *, progress
             if not pretrained and (out / key / "fedgan" / "pretrained.pt").is_file():
                 pretrained = str(out / key / "fedgan" / "pretrained.pt")
             rows[key] = {"split": split, "sites": n, "images_per_site": cfg.total_images // n, "wall_s": wall,
-                         **score_run(out / key, cfg.seed)}
+                         **score_run(out / key, cfg.seed, reader_model)}
             log.info("fedgan sweep %s: %s", key, {k: v for k, v in rows[key].items() if k != "arms"})
     summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
                "rows": rows, "paper_realism": PAPER_REALISM, "wall_s": time.perf_counter() - t_start,
@@ -269,8 +301,9 @@ def write_sweep_report(summary: dict[str, Any], out: Path) -> Path:
 
 
 def trends(rows: dict[str, dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
-    """Per split: the slope of realism, Frechet distance and FedGAN's kappa against the number of sites (least
-    squares), and whether realism falls as the sites grow (the paper's finding)."""
+    """Per split: the slope of both realism readings, the Frechet distance and FedGAN's kappa against the number of
+    sites (least squares), and whether realism (the federation's own discriminator's) falls as the sites grow (the
+    paper's finding)."""
     out = {}
     for split in cfg.splits:
         sel = sorted((r["sites"], r) for r in rows.values() if r["split"] == split and "realism" in r)
@@ -278,22 +311,24 @@ def trends(rows: dict[str, dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
             continue
         n = np.array([s for s, _ in sel], float)
         entry = {}
-        for name, get in (("realism", lambda r: r["realism"]), ("frechet", lambda r: r["frechet"]),
+        for name, get in (("realism_own", lambda r: r.get("realism_own")), ("realism", lambda r: r["realism"]),
+                          ("frechet", lambda r: r["frechet"]),
                           ("fedgan_kappa", lambda r: r["arms"].get("fedgan", {}).get("quadratic_kappa"))):
             y = [get(r) for _, r in sel]
             if any(v is None for v in y):
                 continue
             entry[f"{name}_slope_per_site"] = float(np.polyfit(n, np.array(y, float), 1)[0])
-        entry["realism_falls"] = entry.get("realism_slope_per_site", 0.0) < 0
+        entry["realism_falls"] = entry.get("realism_own_slope_per_site", entry.get("realism_slope_per_site", 0.0)) < 0
         out[split] = entry
     return out
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """The sweep as a Markdown table."""
-    header = ("| split | sites | images a site | realism (real-vs-real control; paper) | Frechet (real: test vs train) | coverage per grade "
-              "| accuracy C / L / FedAvg / FedGAN | kappa C / L / FedAvg / FedGAN |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| split | sites | images a site | realism, own D (paper) | realism, central D (real-vs-real control) "
+              "| Frechet (real: test vs train) | coverage per grade | accuracy C / L / FedAvg / FedGAN "
+              "| kappa C / L / FedAvg / FedGAN |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, d=2):
         return "-" if v is None else f"{v:.{d}f}"
@@ -305,12 +340,13 @@ def format_table(summary: dict[str, Any]) -> str:
         cov = " ".join(f(v) for v in (row.get("coverage") or {}).values())
         paper = summary["paper_realism"].get(row["sites"], summary["paper_realism"].get(str(row["sites"])))
         real = "-" if row.get("realism") is None else f"{row['realism']:.2g}"
-        lines.append(f"| {row['split']} | {row['sites']} | {row['images_per_site']} | {real} "
-                     f"(control {f(row.get('realism_real'))}; paper {f(paper)}) | {f(row.get('frechet'), 1)} ({f(row.get('frechet_real'), 1)}) | {cov} | {acc} "
-                     f"| {kappa} |")
+        lines.append(f"| {row['split']} | {row['sites']} | {row['images_per_site']} | {f(row.get('realism_own'))} "
+                     f"({f(paper)}) | {real} (control {f(row.get('realism_real'))}) | {f(row.get('frechet'), 3)} "
+                     f"({f(row.get('frechet_real'), 3)}) | {cov} | {acc} | {kappa} |")
     for split, t in summary.get("trend", {}).items():
         lines.append("")
-        lines.append(f"{split}: realism slope {t.get('realism_slope_per_site', float('nan')):+.4f} per site "
+        slope = t.get("realism_own_slope_per_site", float("nan"))
+        lines.append(f"{split}: realism (own D) slope {slope:+.4f} per site "
                      f"({'falls' if t.get('realism_falls') else 'does not fall'} as sites grow); Frechet slope "
                      f"{t.get('frechet_slope_per_site', float('nan')):+.3f}; FedGAN kappa slope "
                      f"{t.get('fedgan_kappa_slope_per_site', float('nan')):+.4f}")
@@ -331,14 +367,15 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path:
     for split in splits:
         rows = sorted((r for r in summary["rows"].values() if r["split"] == split), key=lambda r: r["sites"])
         n = [r["sites"] for r in rows]
-        axes[0].plot(n, [r.get("realism") for r in rows], styles.get(split, "-"), marker="o", label=f"FedGAN {split}")
+        axes[0].plot(n, [r.get("realism_own") for r in rows], styles.get(split, "-"), marker="o",
+                     label=f"FedGAN {split} (own D)")
         axes[1].plot(n, [r.get("frechet") for r in rows], styles.get(split, "-"), marker="o", label=split)
         for arm in ARMS:
             axes[2].plot(n, [r["arms"].get(arm, {}).get("quadratic_kappa") for r in rows], styles.get(split, "-"),
                          marker="o", label=f"{arm} {split}")
     paper = sorted((int(k), v) for k, v in summary["paper_realism"].items())
     axes[0].plot([k for k, _ in paper], [v for _, v in paper], "k:", marker="x", label="paper 002")
-    for ax, title in zip(axes, ("realism (discriminator's mean output)", "Frechet distance to real test images",
+    for ax, title in zip(axes, ("realism (its discriminator's mean output)", "Frechet distance to real test images",
                                 "grade model's quadratic kappa")):
         ax.set_xlabel("sites")
         ax.set_title(title, fontsize=9)
