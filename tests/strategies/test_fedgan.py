@@ -116,8 +116,10 @@ def test_the_arm_runs_over_flower_on_the_tiny_fundus_study_and_on_2d_slices(tiny
     assert block["pretrain_images"] == 24 and block["rounds"] == 2 and block["backend"] == "flower"
     from synthlearn.protocol import arrays_nbytes
 
-    payload = arrays_nbytes(FedGANProtocol(SETUP, cfg.arm_configs["fedgan"]).initial_state())  # G + D per message
-    assert 2 * 3 * payload <= block["bytes_from_sites"] < 1.1 * 2 * 3 * payload  # two networks, 3 sites, 2 rounds
+    state = FedGANProtocol(SETUP, cfg.arm_configs["fedgan"]).initial_state()
+    payload = arrays_nbytes(state)  # G + D per message
+    framing = 1024 * sum(len(group) for group in state.values())  # Flower's record framing: well under 1 KB a tensor
+    assert 2 * 3 * payload <= block["bytes_from_sites"] <= 2 * 3 * (payload + framing)  # 2 networks, 3 sites, 2 rounds
     assert (tmp_path / "run" / "fedgan" / "figures" / "fedgan_samples.png").is_file()
     slices = run_study(load_study_config(ROOT / "configs" / "study_tiny.toml",
                                          {"study": str(tiny_study_2d), "preprocess": {"shape": [32, 32]},
