@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from synthlearn.federated.apps import check_replies, wait_for_sites
+from synthlearn.federated.apps import check_replies, check_reply_sites, wait_for_sites
 from synthlearn.federated.messages import (
     message_nbytes,
     record_to_states,
@@ -89,3 +89,19 @@ def test_any_protocol_runs_on_flower_as_in_process(tiny_study, tmp_path):
     assert flower.bytes_from_sites > plain.bytes_from_sites > 0  # real messages: framing on top of the payload
     again = run_protocol_simulation(_MeanOfSites(), sites, tmp_path / "flower", progress=False)  # resumes: done
     assert again.round == 2 and torch.equal(again.states["v"]["x"], flower.states["v"]["x"])
+
+
+def test_a_reply_that_claims_another_sites_name_is_refused():
+    """The server takes a reply's site from the reply: a name outside the federation, one site claimed twice, or a
+    node replying as another site than it identified itself as is refused, naming the node."""
+    from synthlearn.protocol import FederationError
+
+    sites = ["tcga", "utsw", "egd"]
+    check_reply_sites([(1, "tcga"), (2, "utsw")], sites, {}, 2)  # a missing site is the timeout's business
+    check_reply_sites([(1, "tcga"), (2, "utsw")], sites, {1: "tcga", 2: "utsw"}, 2)
+    with pytest.raises(FederationError, match="node 7 replied as site 'nyu', which is not one of"):
+        check_reply_sites([(7, "nyu")], sites, {}, 3)
+    with pytest.raises(FederationError, match="nodes 1 and 2 both replied as site 'tcga'"):
+        check_reply_sites([(1, "tcga"), (2, "tcga")], sites, {}, 3)
+    with pytest.raises(FederationError, match="node 2 replied as site 'tcga' but identified itself as 'utsw'"):
+        check_reply_sites([(2, "tcga")], sites, {1: "tcga", 2: "utsw"}, 3)

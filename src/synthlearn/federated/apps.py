@@ -151,6 +151,30 @@ def identify_sites(grid, nodes: Sequence[int], timeout_s: float) -> dict[int, st
     return {int(m.metadata.src_node_id): str(m.content[CONFIG_KEY][SITE_KEY]) for m in replies}
 
 
+def check_reply_sites(replies: Sequence[tuple[int, str]], site_names: Sequence[str], node_site: dict[int, str],
+                      rnd: int) -> None:
+    """Refuse a round whose replies name a site outside the federation, name one site twice, or (when the server
+    identified its nodes, :func:`identify_sites`) name another site than the node said it plays.
+
+    Args:
+        replies: ``(node id, site the reply names)`` per reply.
+
+    Raises:
+        FederationError: naming the node, the site it claims and what was expected.
+    """
+    seen: dict[str, int] = {}
+    for node, site in replies:
+        if site not in site_names:
+            raise FederationError(f"round {rnd}: node {node} replied as site {site!r}, which is not one of the "
+                                  f"federation's sites {list(site_names)}")
+        if site in seen:
+            raise FederationError(f"round {rnd}: nodes {seen[site]} and {node} both replied as site {site!r}")
+        if node_site and node_site.get(node) != site:
+            raise FederationError(f"round {rnd}: node {node} replied as site {site!r} but identified itself as "
+                                  f"{node_site.get(node)!r}")
+        seen[site] = node
+
+
 def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names: list[str], checkpoint: Path,
                bar=None) -> FederationState:
     """The server's loop: every remaining round of ``protocol`` over the connected sites, through ``grid``."""
@@ -158,6 +182,7 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
 
     nodes = wait_for_sites(grid, len(site_names), protocol.start_timeout_s)
     node_site = identify_sites(grid, nodes, protocol.start_timeout_s) if protocol.per_site_messages else {}
+    check_reply_sites(list(node_site.items()), site_names, {}, HELLO_ROUND)
     for rnd in range(state.round + 1, protocol.rounds + 1):
         t0 = time.perf_counter()
         if protocol.per_site_messages:
@@ -190,6 +215,8 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
             site = str(text.pop(SITE_KEY))
             metrics.pop("train-seconds", None)
             parsed.append(SiteReply(site, record_to_states(m.content[ARRAYS_KEY]), {**metrics, **text}))
+        check_reply_sites([(int(m.metadata.src_node_id), r.site) for m, r in zip(replies, parsed)], site_names,
+                          node_site, rnd)
         parsed.sort(key=lambda r: site_names.index(r.site))
         state.states, entry = protocol.aggregate(rnd, state.states, parsed)
         missing = [s for s in site_names if s not in {r.site for r in parsed}]
@@ -221,5 +248,5 @@ def make_server_app(protocol: RoundProtocol, state: FederationState, site_names:
     return app
 
 
-__all__ = ["HELLO_ROUND", "ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "identify_sites", "make_client_app",
-           "make_server_app", "run_rounds", "wait_for_sites"]
+__all__ = ["HELLO_ROUND", "ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "check_reply_sites", "identify_sites",
+           "make_client_app", "make_server_app", "run_rounds", "wait_for_sites"]
