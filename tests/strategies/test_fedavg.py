@@ -173,7 +173,8 @@ MALFORMED = {
     "missing loss": (_with(lambda r: r.metrics.pop(f"loss{KEY_SEP}{NET}")),
                      r"site site-b: metric 'loss::idh/fold-0': expected a number, found None"),
     # the same extra tensor at every site: weighted_average alone would average it into the global network
-    "extra key at every site": (lambda: [_reply(s, torch.ones(2, 3), extra=torch.ones(1)) for s in ("site-a", "site-b")],
+    "extra key at every site": (lambda: [_reply(s, torch.ones(2, 3), extra=torch.ones(1))
+                                         for s in ("site-a", "site-b")],
                                 r"site site-a: idh/fold-0: unexpected tensor 'extra'.*\n.*site site-b"),
 }
 

@@ -89,8 +89,8 @@ def test_zero_epochs_is_a_no_op():
 
 def test_learns_the_mean_intensity_and_layout_of_a_trivial_dataset():
     """Trained 60 epochs, samples move from mean 0 (tanh of a fresh net) most of the way to the data's -0.65, dark
-    corners and a bright centre. Eight seeds gave means -0.43 to -0.50 and corners 0.7-1.1 darker than the centre (a run that learns nothing
-    stays near 0)."""
+    corners and a bright centre. Eight seeds gave means -0.43 to -0.50 and corners 0.7-1.1 darker than the centre
+    (a run that learns nothing stays near 0)."""
     images, _ = squares()
     cfg = tiny(latent_dim=16, generator_width=16, discriminator_width=4, lr=2e-3)
     gen, disc = build(cfg)

@@ -14,8 +14,8 @@ Weights are safetensors (tensors only; loading never unpickles anything). :func:
 with an error naming the file, an artifact with a missing, changed, truncated or unlisted file, a symlink or a
 sub-folder, a listed name that is not a plain ``*.safetensors`` / ``*.png`` file name (``../x``, ``model.pt``,
 ``evil.pkl``), a file whose content is not what its name says (a pickle renamed ``.safetensors``), or a
-manifest that is not a synthlearn generator manifest: all before any weights are read. The manifest carries its own digest
-(``manifest_sha256``: the SHA-256 of its canonical JSON without that key), so an edit of any field (the class
+manifest that is not a synthlearn generator manifest: all before any weights are read. The manifest carries its
+own digest (``manifest_sha256``: the SHA-256 of its canonical JSON without that key), so an edit of any field (the class
 names, the latent scale...) is refused too. This is integrity against accidental corruption, incomplete uploads and
 edits; it is not a signature (anyone who can rewrite the folder can recompute the digest): authenticity needs a
 signed manifest or a trusted transport.

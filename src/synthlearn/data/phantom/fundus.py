@@ -110,8 +110,9 @@ class Camera:
 
 def site_camera(rng: np.random.Generator) -> Camera:
     """Draw one site's :class:`Camera` from ``rng``."""
-    gains = tuple(float(g) for g in rng.uniform(0.85, 1.15, size=3))
-    return Camera(gains=gains, gamma=float(rng.uniform(0.8, 1.25)), blur=float(rng.uniform(0.0, 0.012)),  # type: ignore[arg-type]
+    r, g, b = (float(v) for v in rng.uniform(0.85, 1.15, size=3))
+    gains = (r, g, b)
+    return Camera(gains=gains, gamma=float(rng.uniform(0.8, 1.25)), blur=float(rng.uniform(0.0, 0.012)),
                   vignetting=float(rng.uniform(0.0, 0.35)), noise_sd=float(rng.uniform(0.005, 0.03)))
 
 
