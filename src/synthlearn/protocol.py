@@ -83,6 +83,20 @@ class FederationState:
                        json.loads(p["history"]))
         return cls(0, initial())
 
+    @classmethod
+    def load_finished(cls, path: str | Path, rounds: int, who: str) -> FederationState:
+        """The federation saved at ``path``, which must have run all ``rounds`` (a further seed of a multi-seed
+        study reuses its primary seed's finished federation).
+
+        Raises:
+            ValueError: it stopped earlier (or never started), naming ``who``, the file and the rounds.
+        """
+        state = cls.load_or_start(path, dict)
+        if state.round != rounds:
+            raise ValueError(f"{who}: the primary seed's federation at {path} stopped at round {state.round} of "
+                             f"{rounds}; run the primary seed to the end first")
+        return state
+
 
 class SiteReply:
     """A site's answer in a round: its arrays and its scalars."""

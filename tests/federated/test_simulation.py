@@ -105,3 +105,15 @@ def test_a_reply_that_claims_another_sites_name_is_refused():
         check_reply_sites([(1, "tcga"), (2, "tcga")], sites, {}, 3)
     with pytest.raises(FederationError, match="node 2 replied as site 'tcga' but identified itself as 'utsw'"):
         check_reply_sites([(2, "tcga")], sites, {1: "tcga", 2: "utsw"}, 3)
+
+
+def test_a_further_seed_reuses_only_a_finished_federation(tmp_path):
+    from synthlearn.protocol import FederationState
+
+    path = tmp_path / "global.pt"
+    FederationState(3, {"g": {"w": torch.ones(2)}}).save(path)
+    assert FederationState.load_finished(path, 3, "fedgan").round == 3
+    with pytest.raises(ValueError, match=r"fedgan: the primary seed's federation at .* stopped at round 3 of 5"):
+        FederationState.load_finished(path, 5, "fedgan")
+    with pytest.raises(ValueError, match="stopped at round 0 of 5"):
+        FederationState.load_finished(tmp_path / "none.pt", 5, "asyndgan")

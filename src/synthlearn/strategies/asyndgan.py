@@ -1025,12 +1025,7 @@ def _primary_state(ctx: ArmContext, protocol: AsynDGANProtocol) -> FederationSta
     """The primary seed's finished federation, for a further seed of a multi-seed study (None otherwise)."""
     if ctx.primary_dir is None:
         return None
-    path = Path(ctx.primary_dir) / "server" / "global.pt"
-    state = FederationState.load_or_start(path, dict)
-    if state.round != protocol.rounds:
-        raise ValueError(f"asyndgan: the primary seed's federation at {path} stopped at round {state.round} of "
-                         f"{protocol.rounds}; run the primary seed to the end first")
-    return state
+    return FederationState.load_finished(Path(ctx.primary_dir) / "server" / "global.pt", protocol.rounds, "asyndgan")
 
 
 def plot_training(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:

@@ -488,12 +488,7 @@ def _primary_state(ctx: ArmContext, cfg: FedGANConfig) -> FederationState | None
     """The primary seed's finished federation, for a further seed of a multi-seed study (None otherwise)."""
     if ctx.primary_dir is None:
         return None
-    path = Path(ctx.primary_dir) / "server" / "global.pt"
-    state = FederationState.load_or_start(path, dict)
-    if state.round != cfg.rounds:
-        raise ValueError(f"fedgan: the primary seed's federation at {path} stopped at round {state.round} of "
-                         f"{cfg.rounds}; run the primary seed to the end first")
-    return state
+    return FederationState.load_finished(Path(ctx.primary_dir) / "server" / "global.pt", cfg.rounds, "fedgan")
 
 
 # ---------------------------------------------------------------------------------------------------------- figures
