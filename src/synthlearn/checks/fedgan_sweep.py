@@ -78,13 +78,22 @@ class SweepConfig:
                              "sites")
 
 
-def _real_and_synthetic(run_dir: Path, setup, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(real training images, real test images, synthetic images, synthetic grade indices, synthetic masks), each
-    ``(N, C, S, S)`` in the generator's range (``(N,)`` for the grades, ``(N, S, S)`` for the masks, +-1)."""
-    from synthlearn.data.layouts import open_study
-    from synthlearn.strategies.fedgan import FedGANConfig, load_images
+def run_fedgan_config(run_dir: Path):
+    """The run's ``[fedgan]`` settings (:class:`synthlearn.strategies.fedgan.FedGANConfig`)."""
+    from synthlearn.config import from_dict
+    from synthlearn.strategies.fedgan import FedGANConfig
 
-    cfg = FedGANConfig()
+    return from_dict(FedGANConfig, json.loads((run_dir / "config.json").read_text()).get("fedgan", {}))
+
+
+def _real_and_synthetic(run_dir: Path, setup, cache) -> tuple[np.ndarray, ...]:
+    """(real training images, real test images, synthetic images, synthetic grade indices, synthetic masks), each
+    ``(N, C, S, S)`` in the generator's range of the run's ``[fedgan]`` settings (``(N,)`` for the grades,
+    ``(N, S, S)`` for the masks, +-1)."""
+    from synthlearn.data.layouts import open_study
+    from synthlearn.strategies.fedgan import load_images
+
+    cfg = run_fedgan_config(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     study = open_study(config["study"])
     train = [c for s in study.sites_with_role("train") for c in s.cases]
@@ -129,15 +138,13 @@ def realism(real: np.ndarray, fake: np.ndarray, seed: int, steps: int = REALISM_
     return float(realism_score(disc, torch.from_numpy(f_test).float()))
 
 
-def model_features(model, images: np.ndarray) -> np.ndarray:
-    """``(N, F)``: the deepest encoder features of the task model's first network, averaged over each image's
-    non-background pixels (``images`` ``(N, C, S, S)`` in the generator's range; the network reads z-score units,
-    the range times the default intensity scale)."""
-    from synthlearn.strategies.fedgan import FedGANConfig
-
+def model_features(model, images: np.ndarray, intensity_scale: float) -> np.ndarray:
+    """``(N, F)``: the deepest encoder features of the task model's first network, averaged over each image
+    (``images`` ``(N, C, S, S)`` in the generator's range; the network reads z-score units: the range times
+    ``intensity_scale``)."""
     net = next(iter(model.networks.values()))
     net.eval()
-    x = torch.from_numpy(images).float() * FedGANConfig().intensity_scale
+    x = torch.from_numpy(images).float() * intensity_scale
     feats = []
     with torch.no_grad():
         for i in range(0, len(x), 64):
@@ -167,17 +174,15 @@ def own_realism(run_dir: Path, setup, fake: np.ndarray, masks: np.ndarray, grade
     """The federation's own averaged discriminator (``fedgan/server/global.pt``, its DCGAN rebuilt from the run's
     ``[fedgan]`` settings and ``setup``) on the generated images (generator range, with their mask channel): its
     mean sigmoid output; None without the checkpoint."""
-    from synthlearn.config import from_dict
     from synthlearn.models.dcgan import DCGANDiscriminator
     from synthlearn.protocol import FederationState
-    from synthlearn.strategies.fedgan import FedGANConfig, dcgan_config
+    from synthlearn.strategies.fedgan import dcgan_config
     from synthlearn.training.dcgan import realism_score
 
     path = run_dir / "fedgan" / "server" / "global.pt"
     if not path.is_file():
         return None
-    table = json.loads((run_dir / "config.json").read_text()).get("fedgan", {})
-    dcfg = dcgan_config(setup, from_dict(FedGANConfig, table))
+    dcfg = dcgan_config(setup, run_fedgan_config(run_dir))
     disc = DCGANDiscriminator(dcfg)
     disc.load_state_dict(FederationState.load_or_start(path, dict).states["discriminator"])
     x = torch.from_numpy(np.concatenate([fake, masks[:, None]], axis=1)).float()
@@ -212,8 +217,10 @@ def score_run(run_dir: Path, seed: int, reader_dir: Path | None = None) -> dict[
     out["realism"] = realism(real, fake, seed)
     half = len(real) // 2  # the control: other real images in the place of the generated ones (~0.5)
     out["realism_real"] = realism(real[:half], real[half:], seed)
-    out["frechet"] = float(frechet_distance(model_features(model, test), model_features(model, fake)))
-    out["frechet_real"] = float(frechet_distance(model_features(model, test), model_features(model, real)))
+    scale = run_fedgan_config(run_dir).intensity_scale
+    test_features = model_features(model, test, scale)
+    out["frechet"] = float(frechet_distance(test_features, model_features(model, fake, scale)))
+    out["frechet_real"] = float(frechet_distance(test_features, model_features(model, real, scale)))
     out["coverage"] = coverage(model, fake, grades, results["class_names"], run_dir / "fedgan" / "synthetic", setup,
                                cache)
     return out
@@ -388,4 +395,4 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path:
 
 
 __all__ = ["ARMS", "PAPER_REALISM", "SweepConfig", "coverage", "format_table", "model_features", "plot_sweep",
-           "realism", "run_sweep", "score_run", "trends", "write_sweep_report"]
+           "realism", "run_fedgan_config", "run_sweep", "score_run", "trends", "write_sweep_report"]
