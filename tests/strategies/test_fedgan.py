@@ -153,3 +153,19 @@ def test_the_papers_preprocessing_is_an_option_whose_images_go_back_to_zero_one(
         assert images.min() >= 0 and images.max() <= 1 and images.any()
     with pytest.raises(ValueError, match="preprocessing must be study or paper"):
         FedGANConfig(preprocessing="clahe")
+
+
+def test_a_pretrained_pair_that_is_missing_or_of_another_dcgan_is_refused(tmp_path):
+    from synthlearn.strategies.fedgan import load_pretrained
+    from synthlearn.training.checkpoint import save_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_pretrained(tmp_path / "pretrained.pt", dcgan_config(SETUP, CFG))
+    wider = dataclasses.replace(CFG, generator_width=16, discriminator_width=16)
+    save_checkpoint(tmp_path / "pretrained.pt", {"states": FedGANProtocol(SETUP, wider).initial_state(), "info": {}})
+    with pytest.raises(ValueError, match="do not fit this study's DCGAN"):
+        load_pretrained(tmp_path / "pretrained.pt", dcgan_config(SETUP, CFG))
+    states, _ = load_pretrained(tmp_path / "pretrained.pt", dcgan_config(SETUP, wider))
+    assert set(states) == {"generator", "discriminator"}
+    with pytest.raises(ValueError, match="exclude each other"):
+        FedGANConfig(pretrained="x.pt", pretrain_epochs=2, pretrain_study="pool")
