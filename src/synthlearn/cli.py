@@ -15,7 +15,7 @@ import sys
 from synthlearn import __version__
 
 #: modules of synthlearn.commands whose register() adds verbs, in --help order
-COMMAND_MODULES = ("data", "study", "generator", "evaluate", "paper", "demo")
+COMMAND_MODULES = ("data", "study", "generator", "evaluate", "paper", "deploy", "demo")
 
 log = logging.getLogger("synthlearn")
 

@@ -138,6 +138,25 @@ class RoundProtocol(abc.ABC):
     per_site_messages: bool = False
     tolerate_missing: bool = False
     checkpoint_every: int = 1
+    #: the arm whose ``ArmSpec.protocol`` rebuilds this protocol at a deployed site from :meth:`spec` (None: the
+    #: protocol does not run deployed)
+    arm_name: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """What a deployed site needs to build this protocol on its own machine, as JSON: the arm's name, the
+        task-model setup and the arm's settings (``{"arm", "setup", "config"}``), never code, weights or data. The
+        site rebuilds it with ``synthlearn.strategies.registry.protocol_from_spec`` (unknown keys refused).
+
+        Raises:
+            NotImplementedError: the protocol does not run deployed (no :attr:`arm_name`, or server-side settings a
+                site could not rebuild).
+        """
+        from synthlearn.config import to_dict
+
+        if self.arm_name is None or not hasattr(self, "setup") or not hasattr(self, "cfg"):
+            raise NotImplementedError(f"{type(self).__name__} does not run deployed (no arm_name, setup and cfg); "
+                                      "run it in Flower's simulation engine (`synthlearn study run`)")
+        return {"arm": self.arm_name, "setup": to_dict(self.setup), "config": to_dict(self.cfg)}
 
     @abc.abstractmethod
     def initial_state(self) -> Arrays:

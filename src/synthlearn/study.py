@@ -50,6 +50,7 @@ from synthlearn.data.preprocess import PreprocessConfig
 from synthlearn.evaluate.external import mean_block, metrics_block
 from synthlearn.federated.simulation import run_protocol_simulation
 from synthlearn.models.classifier import ClassifierConfig
+from synthlearn.protocol import Federate
 from synthlearn.strategies.base import ArmContext, ArmOutput
 from synthlearn.strategies.registry import all_arms, get_arm, register_arm
 from synthlearn.tasks import TASKS, Task, get_task
@@ -707,7 +708,7 @@ def learning_of(models: dict[str, TaskModel]) -> dict[str, Any]:
 
 def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, train_sites, train_cases, test_cases,
                   fingerprint: dict[str, Any], cache: DatasetCache, *, progress: bool, force: bool,
-                  base_setup: TrainingSetup | None = None) -> None:
+                  base_setup: TrainingSetup | None = None, federate: Federate | None = None) -> None:
     """Train and apply ``arm`` with the run's ``index``-th seed in :func:`seed_dir` (skipped when complete)."""
     import shutil
 
@@ -735,7 +736,7 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
               if name in cfg.arms and (out / name / "arm.json").is_file()}
     ctx = ArmContext(name=arm, setup=setup, train_sites=train_sites, arm_dir=arm_dir, arm_config=cfg.arm_config(arm),
                      cache=cache, progress=progress, primary_dir=None if index == 0 else out / arm, needed=needed,
-                     federate=run_protocol_simulation)
+                     federate=federate or run_protocol_simulation)
     output = resolve_arm(arm)(ctx)
     if not output.models:
         raise ValueError(f"arm {what} returned no model")
@@ -784,7 +785,8 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
 
 
 # ------------------------------------------------------------------------------------------------ runner
-def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force: bool = False) -> dict:
+def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force: bool = False,
+              federate: Federate | None = None) -> dict:
     """Run every arm of ``cfg`` into ``out`` and return the results (also ``out/results.json``).
 
     Args:
@@ -792,6 +794,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
         out: the run folder (created; re-running into it skips complete arms).
         progress: progress bars.
         force: re-run arms even when complete (their folders are replaced).
+        federate: how federated arms reach their sites (default: Flower's simulation engine on this machine;
+            ``synthlearn server start`` hands over :func:`synthlearn.deployment.runner.deployed_federate`).
 
     Raises:
         ValueError: no training or test sites, structural problems in the study, an arm already complete
@@ -866,7 +870,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     for arm in cfg.arms:
         for index, seed in enumerate(seeds):
             _run_arm_seed(cfg, arm, index, seed, out, train_sites, train_cases, test_cases, fingerprint, cache,
-                          progress=progress, force=force, base_setup=base_setup)
+                          progress=progress, force=force, base_setup=base_setup, federate=federate)
     return build_results(cfg, out)
 
 

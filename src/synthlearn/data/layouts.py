@@ -291,6 +291,39 @@ def open_case(path: str | Path, site: str = "", *, sequences: tuple[str, ...] = 
     )
 
 
+def open_site(path: str | Path, *, name: str = "", role: str = "train", sequences: tuple[str, ...] = SEQUENCES,
+              labels: LabelSchema = GLIOMA_LABELS) -> SiteRecord:
+    """Read one site folder of the contract on its own (``<case>/<sequence>.nii.gz``, ``seg.nii.gz`` and
+    ``labels.csv``), as a deployed site does: it knows its own folder and the study's sequences and label columns
+    (which the server's protocol names), never the other sites'. No arrays are loaded.
+
+    Args:
+        path: the site folder.
+        name: the site's name (default: the folder's name).
+        sequences, labels: the study's channels and label columns.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        StudyLayoutError: it is not a folder, holds no case, or has structural problems (every one listed:
+            the file, what was expected and what was found).
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such site folder")
+    if not folder.is_dir():
+        raise StudyLayoutError(f"{folder}: expected a site folder, found a file")
+    problems: list[Problem] = []
+    site = _read_contract_site(name or _site_name(folder.resolve()), role, folder, True, problems, tuple(sequences),
+                               labels)
+    if not site.cases:
+        raise StudyLayoutError(f"{folder}: expected case folders with {', '.join(sequences)} and seg images; found "
+                               f"{[p.name for p in sorted(folder.iterdir())][:10]}")
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems[:20])
+        raise StudyLayoutError(f"{folder}: {len(problems)} problem(s) in the site folder:\n{listing}")
+    return site
+
+
 def write_study_json(root: str | Path, sites: dict[str, str], *, sequences: tuple[str, ...] = SEQUENCES,
                      labels: LabelSchema = GLIOMA_LABELS) -> None:
     """Write ``study.json`` for ``sites`` (name -> role), its sequences (channel order) and label columns."""

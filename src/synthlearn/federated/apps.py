@@ -59,28 +59,41 @@ class SiteApp:
         self.token = uuid.uuid4().hex  # survives pickling: a site's memory is found again in every round
 
     def __call__(self, msg, context):
-        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
         from synthlearn.runtime import configure_threads
 
         configure_threads(self.protocol.threads_per_site)
         site = self.sites[int(context.node_config["partition-id"])]
-        config = dict(msg.content[CONFIG_KEY])
-        rnd = int(config.pop(ROUND_KEY))
-        if rnd == HELLO_ROUND:  # which site this node plays, so that the server can address it
-            content = RecordDict({ARRAYS_KEY: states_to_record({}), METRICS_KEY: MetricRecord({}),
-                                  CONFIG_KEY: ConfigRecord({SITE_KEY: site.name})})
-            return Message(content=content, reply_to=msg)
-        arrays = record_to_states(msg.content[ARRAYS_KEY])
         memory = _SITE_MEMORY.setdefault((self.token, site.name), {})
-        t0 = time.perf_counter()
-        out, metrics = self.protocol.site_round(site, rnd, arrays, config, state_dir=Path(self.state_root) / site.name,
-                                                memory=memory)
-        numbers, text = split_scalars(metrics)
-        numbers["train-seconds"] = float(time.perf_counter() - t0)
-        content = RecordDict({ARRAYS_KEY: states_to_record(out), METRICS_KEY: MetricRecord(numbers),
-                              CONFIG_KEY: ConfigRecord({SITE_KEY: site.name, **text})})
-        return Message(content=content, reply_to=msg)
+        return site_reply(self.protocol, site, msg, Path(self.state_root) / site.name, memory)
+
+
+def hello_reply(site_name: str, msg):
+    """A site's answer to round :data:`HELLO_ROUND`: its name, so that the server can address it."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    content = RecordDict({ARRAYS_KEY: states_to_record({}), METRICS_KEY: MetricRecord({}),
+                          CONFIG_KEY: ConfigRecord({SITE_KEY: site_name})})
+    return Message(content=content, reply_to=msg)
+
+
+def site_reply(protocol: RoundProtocol, site: SiteRecord, msg, state_dir: Path, memory: dict[str, Any]):
+    """What site ``site`` answers to the server's message ``msg``: its name in round :data:`HELLO_ROUND`, else the
+    protocol's :meth:`~synthlearn.protocol.RoundProtocol.site_round` on its own cases (its arrays, its numbers as
+    metrics, its text and name as config, and the seconds it took)."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    config = dict(msg.content[CONFIG_KEY])
+    rnd = int(config.pop(ROUND_KEY))
+    if rnd == HELLO_ROUND:
+        return hello_reply(site.name, msg)
+    arrays = record_to_states(msg.content[ARRAYS_KEY])
+    t0 = time.perf_counter()
+    out, metrics = protocol.site_round(site, rnd, arrays, config, state_dir=state_dir, memory=memory)
+    numbers, text = split_scalars(metrics)
+    numbers["train-seconds"] = float(time.perf_counter() - t0)
+    content = RecordDict({ARRAYS_KEY: states_to_record(out), METRICS_KEY: MetricRecord(numbers),
+                          CONFIG_KEY: ConfigRecord({SITE_KEY: site.name, **text})})
+    return Message(content=content, reply_to=msg)
 
 
 def make_client_app(handler: SiteApp):
@@ -136,15 +149,18 @@ def check_replies(replies: Sequence[Any], num_sites: int, rnd: int, timeout_s: f
     return good
 
 
-def identify_sites(grid, nodes: Sequence[int], timeout_s: float) -> dict[int, str]:
-    """Node id -> site name, asked of every node (round :data:`HELLO_ROUND`), for protocols that address sites.
+def identify_sites(grid, nodes: Sequence[int], timeout_s: float, hello: dict[str, Any] | None = None
+                   ) -> dict[int, str]:
+    """Node id -> site name, asked of every node (round :data:`HELLO_ROUND`), for protocols that address sites and
+    for every deployed federation (whose sites learn there what they will run: ``hello``, e.g. the protocol's spec).
 
     Raises:
         FederationError: a node did not answer within ``timeout_s``.
     """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    content = RecordDict({ARRAYS_KEY: states_to_record({}), CONFIG_KEY: ConfigRecord({ROUND_KEY: HELLO_ROUND})})
+    content = RecordDict({ARRAYS_KEY: states_to_record({}),
+                          CONFIG_KEY: ConfigRecord({**(hello or {}), ROUND_KEY: HELLO_ROUND})})
     messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
     replies = check_replies(list(grid.send_and_receive(messages, timeout=timeout_s)), len(nodes), HELLO_ROUND,
                             timeout_s)
@@ -176,12 +192,17 @@ def check_reply_sites(replies: Sequence[tuple[int, str]], site_names: Sequence[s
 
 
 def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names: list[str], checkpoint: Path,
-               bar=None) -> FederationState:
-    """The server's loop: every remaining round of ``protocol`` over the connected sites, through ``grid``."""
+               bar=None, *, hello: dict[str, Any] | None = None) -> FederationState:
+    """The server's loop: every remaining round of ``protocol`` over the connected sites, through ``grid``.
+
+    ``hello`` (a deployed federation): sent to every node in round :data:`HELLO_ROUND` (what the site is to run);
+    the nodes must then be exactly the federation's sites.
+    """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     nodes = wait_for_sites(grid, len(site_names), protocol.start_timeout_s)
-    node_site = identify_sites(grid, nodes, protocol.start_timeout_s) if protocol.per_site_messages else {}
+    identify = protocol.per_site_messages or hello is not None
+    node_site = identify_sites(grid, nodes, protocol.start_timeout_s, hello) if identify else {}
     check_reply_sites(list(node_site.items()), site_names, {}, HELLO_ROUND)
     for rnd in range(state.round + 1, protocol.rounds + 1):
         t0 = time.perf_counter()
@@ -248,5 +269,5 @@ def make_server_app(protocol: RoundProtocol, state: FederationState, site_names:
     return app
 
 
-__all__ = ["HELLO_ROUND", "ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "check_reply_sites", "identify_sites",
-           "make_client_app", "make_server_app", "run_rounds", "wait_for_sites"]
+__all__ = ["HELLO_ROUND", "ROUND_KEY", "SITE_KEY", "SiteApp", "check_replies", "check_reply_sites", "hello_reply",
+           "identify_sites", "make_client_app", "make_server_app", "run_rounds", "site_reply", "wait_for_sites"]

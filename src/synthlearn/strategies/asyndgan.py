@@ -498,8 +498,18 @@ class AsynDGANProtocol(RoundProtocol):
         self._live: tuple[ResnetGenerator, torch.optim.Adam] | None = None
         self._pending: dict[str, tuple[torch.Tensor, int]] = {}
 
+    arm_name = "asyndgan"
+
     def __getstate__(self) -> dict[str, Any]:  # what is pickled into the sites: settings only
         return {**self.__dict__, "cache": None, "_live": None, "_pending": {}, "server_masks": None}
+
+    def spec(self) -> dict[str, Any]:
+        """As :meth:`synthlearn.protocol.RoundProtocol.spec`; a protocol whose holdout the server fixed (the pooled
+        bound) is not one a site can rebuild from its settings, so it does not run deployed."""
+        if self.holdout is not None:
+            raise NotImplementedError("an AsynDGAN protocol with a server-fixed holdout (asyndgan_pooled) does not "
+                                      "run deployed")
+        return super().spec()
 
     def timeout_for(self, rnd: int) -> float:
         """Round 1 (every site reads and preprocesses its cases, its process may be starting) waits as long as the
@@ -1094,7 +1104,7 @@ def plot_samples(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], p
     return path
 
 
-ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig, needs=("catphishing",),
+ARM = ArmSpec(name="asyndgan", run=run, config=AsynDGANConfig, needs=("catphishing",), protocol=AsynDGANProtocol,
               task_kinds=("classification", "segmentation", "multitask"), spatial_dims=(2, 3),
               description="one generator at the server, a discriminator per site; adversarial gradients leave the "
               "sites every step, the server trains on generated images (paper 003)")

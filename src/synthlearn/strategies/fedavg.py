@@ -270,6 +270,8 @@ class FedAvgProtocol(TaskModelProtocol):
     ``local_epochs`` on its own cases (:func:`site_update`) and returns its weights, its training cases per network
     and its losses; the server averages each network with its own case counts (:func:`aggregate`)."""
 
+    arm_name = "fedavg"
+
     def site_round(self, site: SiteRecord, rnd: int, arrays, config, *, state_dir: Path,
                    memory: dict[str, Any]) -> tuple[dict[str, StateDict], dict[str, Any]]:
         upd = site_update(arrays, site.cases, self.setup, self.cfg, rnd, state_dir=state_dir,
@@ -448,5 +450,5 @@ def run(ctx: ArmContext) -> ArmOutput:
 
 ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig,
               task_kinds=("classification", "segmentation", "multitask"),
-              spatial_dims=(2, 3),
+              spatial_dims=(2, 3), protocol=FedAvgProtocol,
               description="Federated Averaging of the task model on Flower: weights leave each site every round")

@@ -304,6 +304,8 @@ class FedGANProtocol(RoundProtocol):
     images and returns them with its image count, the server averages each network weighted by the counts
     (:func:`synthlearn.strategies.fedavg.weighted_average`, BatchNorm statistics included)."""
 
+    arm_name = "fedgan"
+
     def __init__(self, setup: TrainingSetup, cfg: FedGANConfig, initial: Arrays | None = None,
                  cache: DatasetCache | None = None):
         self.setup = setup
@@ -556,6 +558,7 @@ def plot_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], clas
 
 
 ARM = ArmSpec(name="fedgan", run=run, config=FedGANConfig, task_kinds=("classification",), spatial_dims=(2,),
+              protocol=FedGANProtocol,
               description="a DCGAN pretrained at the server, fine-tuned by FedAvg of generator and discriminator "
               "across the sites; the task model trains on its images (paper 002)")
 

@@ -451,6 +451,8 @@ class FedKDProtocol(TaskModelProtocol):
         received_dir: the server's folder for what the sites sent (None: nothing kept).
     """
 
+    arm_name = "fedkd"
+
     def __init__(self, setup: TrainingSetup, cfg: FedKDConfig, cache=None, *, received_dir: str | Path | None = None):
         super().__init__(setup, cfg, cache)
         self.received_dir = None if received_dir is None else Path(received_dir).resolve()
@@ -681,6 +683,7 @@ def run(ctx: ArmContext) -> ArmOutput:
 
 
 ARM = ArmSpec(name="fedkd", run=run, config=FedKDConfig, task_kinds=("multitask",), spatial_dims=(2, 3),
+              protocol=FedKDProtocol,
               description="sites send compressed samples and soft labels, never images or weights; the server "
                           "trains the multi-task model on them with a distillation loss (paper 001)")
 

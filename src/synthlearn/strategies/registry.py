@@ -40,6 +40,9 @@ class ArmSpec:
         spatial_dims: the study dimensionalities it runs on (3: volumes; 2: a 2D study of images).
         generic_data: it runs on a study of any sequences and label columns (``study.json``); False: only on the
             glioma defaults (a generator that draws the four sequences), refused before anything trains otherwise.
+        protocol: ``protocol(setup, config) -> RoundProtocol``: the arm's round protocol as a deployed site builds it
+            from the settings the server names (:meth:`synthlearn.protocol.RoundProtocol.spec`); None: the arm does
+            not run across machines (``synthlearn server start`` refuses it).
     """
 
     name: str
@@ -53,6 +56,7 @@ class ArmSpec:
     task_kinds: tuple[str, ...] = ("classification",)
     spatial_dims: tuple[int, ...] = (3,)
     generic_data: bool = True
+    protocol: Callable[[Any, Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -114,4 +118,32 @@ def all_arms() -> dict[str, ArmSpec]:
     return {name: get_arm(name) for name in known_arms()}
 
 
-__all__ = ["ArmSpec", "BUILTIN_ARMS", "all_arms", "get_arm", "known_arms", "register_arm"]
+def deployable_arms() -> list[str]:
+    """The arms whose round protocol runs across machines (an ``ArmSpec.protocol``)."""
+    return [name for name, spec in all_arms().items() if spec.protocol is not None]
+
+
+def protocol_from_spec(spec: Any) -> Any:
+    """The round protocol a deployed site runs, built from what the server named (``{"arm", "setup", "config"}``,
+    :meth:`synthlearn.protocol.RoundProtocol.spec`): the arm's own class from settings read as any config is (unknown
+    keys refused, values checked), never code sent by the server.
+
+    Raises:
+        ValueError: not such a spec, an arm that does not run deployed, or settings the arm's config refuses.
+    """
+    from synthlearn.config import from_dict
+    from synthlearn.tasks.setup import TrainingSetup
+
+    if not isinstance(spec, dict) or set(spec) != {"arm", "setup", "config"}:
+        found = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise ValueError(f"a protocol spec is an object with keys arm, setup and config; found {found}")
+    arm = get_arm(str(spec["arm"]))
+    if arm.protocol is None or arm.config is None:
+        raise ValueError(f"arm {arm.name} does not run deployed; arms that do: {', '.join(deployable_arms())}")
+    setup = from_dict(TrainingSetup, spec["setup"])
+    config = from_dict(arm.config, spec["config"])
+    return arm.protocol(setup, config)
+
+
+__all__ = ["BUILTIN_ARMS", "ArmSpec", "all_arms", "deployable_arms", "get_arm", "known_arms", "protocol_from_spec",
+           "register_arm"]

@@ -1,0 +1,153 @@
+"""Deployment verbs, for a study across hospitals' machines:
+
+- ``synthlearn server credentials --out DIR --site A --site B ...``: the consortium's CA, the server's certificate
+  and one key pair per site;
+- ``synthlearn server start --config STUDY.toml --out RUN --credentials DIR``: the SuperLink (TLS, only registered
+  site keys admitted) and the study's federated arms through it;
+- ``synthlearn site join --site SITE_DIR --superlink HOST:PORT --ca ca.crt --key SITE.key``: a hospital's SuperNode
+  serving its own site folder only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from synthlearn.deployment.credentials import make_credentials
+
+    written = make_credentials(args.out, args.site, hosts=args.host or ("127.0.0.1", "localhost"), days=args.days)
+    print(f"credentials written to {args.out}:")
+    print(f"  server keeps   {written['ca.key']} (offline once done), {written['server.pem']}, {written['server.key']}")
+    for site in args.site:
+        print(f"  site {site:<8} gets {written['ca.crt']} and {written[f'site:{site}.key']}")
+    print(f"  the server registers {Path(args.out) / 'sites'}/*.pub (`synthlearn server start --credentials "
+          f"{args.out}` does)")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from synthlearn.commands import check_output
+    from synthlearn.commands.study import format_summary
+    from synthlearn.deployment.credentials import site_public_keys
+    from synthlearn.deployment.runner import deployed_federate, register_sites, start_superlink, stop_process
+    from synthlearn.strategies.registry import deployable_arms, get_arm
+    from synthlearn.study import load_study_config, run_study
+
+    overrides: dict = {}
+    if args.study:
+        overrides["study"] = args.study
+    if args.arms:
+        overrides["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
+    cfg = load_study_config(args.config, overrides)
+    local = [a for a in cfg.arms if get_arm(a).protocol is None]
+    if local:
+        raise ValueError(f"server start runs the study's federated arms across machines; arms {local} train on the "
+                         f"sites' data in one process: run them with `synthlearn study run`, or choose --arms among "
+                         f"{', '.join(deployable_arms())}")
+    check_output(args.out, "folder")
+    keys = site_public_keys(args.credentials)
+    out = Path(args.out)
+    flwr_home = Path(args.flwr_home or out / "flower")
+    superlink = start_superlink(args.address, args.credentials, flwr_home, out / "flower" / "superlink.log")
+    try:
+        register_sites(keys, flwr_home)
+        print(f"SuperLink on {args.address}; registered sites: {', '.join(keys)}. Waiting for them to join "
+              f"(`synthlearn site join`) ...", flush=True)
+        results = run_study(cfg, out, progress=not args.quiet, force=args.force, federate=deployed_federate(flwr_home))
+    finally:
+        stop_process(superlink)
+    print(format_summary(results))
+    print(f"results: {out}/results.json")
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from synthlearn.deployment.runner import check_site_files, flower_env, stop_process, supernode_command
+
+    check_site_files(args.site, args.ca, args.key)
+    state = Path(args.state or Path(args.site).resolve().parent / f".{Path(args.site).resolve().name}-synthlearn")
+    state.mkdir(parents=True, exist_ok=True)
+    allow = [a.strip() for a in (args.allow or "").split(",") if a.strip()]
+    cmd = supernode_command(args.superlink, args.ca, args.key, args.site, state, port=args.port, name=args.name,
+                            allow=allow, max_wait_s=args.max_wait)
+    env = flower_env(args.flwr_home or state / "flower")
+    print(f"site {args.name or Path(args.site).resolve().name}: serving {args.site} to {args.superlink} (state in "
+          f"{state}); Ctrl-C to leave", flush=True)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    os.environ.update(env)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_process(proc)  # with the SuperExec Flower starts detached
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    server = subparsers.add_parser(
+        "server", help="run a study's federated arms across machines (credentials, start)",
+        description="The server side of a study across hospitals: make the consortium's credentials, then start the "
+                    "SuperLink and run the study's federated arms through it.")
+    sub = server.add_subparsers(dest="server_command", metavar="SERVER_COMMAND")
+    cred = sub.add_parser("credentials", help="make the CA, the server certificate and one key pair per site",
+                          description="Write DIR/ca.crt, ca.key, server.pem, server.key and sites/<site>.key|.pub "
+                                      "(EC P-384). Nothing is overwritten.")
+    cred.add_argument("--out", required=True, help="a new folder")
+    cred.add_argument("--site", action="append", required=True, help="a site name (repeat per site)")
+    cred.add_argument("--host", action="append", help="a name or IP the sites dial (repeat; default 127.0.0.1 and "
+                                                      "localhost)")
+    cred.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
+    cred.set_defaults(handler=cmd_credentials)
+    start = sub.add_parser(
+        "start", help="start the SuperLink and run the study's federated arms through the sites that join",
+        description="Start a Flower SuperLink on --address with TLS (--credentials' CA and server certificate) and "
+                    "SuperNode authentication (only the registered site keys, --credentials' sites/*.pub, may "
+                    "join), then run the study config's federated arms, each federation a Flower run through the "
+                    "sites' SuperNodes, and write RUN/results.json as `study run` does.")
+    start.add_argument("--config", required=True, help="study config TOML")
+    start.add_argument("--out", required=True, help="run folder")
+    start.add_argument("--credentials", required=True, help="folder written by `synthlearn server credentials`")
+    start.add_argument("--address", default="127.0.0.1:9300", help="host:port to listen on (default 127.0.0.1:9300)")
+    start.add_argument("--study", help="study folder (overrides the config's `study`)")
+    start.add_argument("--arms", help="comma-separated federated arms, overriding the config's `arms`")
+    start.add_argument("--flwr-home", help="the server's Flower home (default RUN/flower)")
+    start.add_argument("--force", action="store_true", help="re-run arms that are already complete")
+    start.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    start.set_defaults(handler=cmd_start)
+    server.set_defaults(handler=lambda args: (server.print_help(), 2)[1])
+
+    site = subparsers.add_parser(
+        "site", help="a hospital's side of a study across machines (join)",
+        description="A hospital's side: `join` starts a SuperNode that serves one site folder to the server.")
+    ssub = site.add_subparsers(dest="site_command", metavar="SITE_COMMAND")
+    join = ssub.add_parser(
+        "join", help="serve one site folder to the server's SuperLink (TLS, authenticated by the site key)",
+        description="Start a Flower SuperNode that connects to --superlink over TLS (verified with --ca), "
+                    "authenticated with the site's private --key, and answers the server's rounds from --site only. "
+                    "It runs the protocol the server names only if it is one of --allow (default: every deployable "
+                    "arm), rebuilt from settings (never code from the server); what it agreed to run is kept in "
+                    "its state folder.")
+    join.add_argument("--site", required=True, help="the site folder (case folders and labels.csv)")
+    join.add_argument("--superlink", required=True, help="the server's host:port")
+    join.add_argument("--ca", required=True, help="the consortium's CA certificate (ca.crt)")
+    join.add_argument("--key", required=True, help="this site's private key (sites/<site>.key)")
+    join.add_argument("--name", default="", help="the site's name in the study (default: the folder's name)")
+    join.add_argument("--state", help="private state folder (default: .<site>-synthlearn beside the site folder)")
+    join.add_argument("--port", type=int, default=9094, help="the SuperNode's local port for its app (default 9094)")
+    join.add_argument("--allow", help="comma-separated arms this site agrees to run (default: all deployable)")
+    join.add_argument("--max-wait", type=float, help="give up after this many seconds without the server")
+    join.add_argument("--flwr-home", help="this site's Flower home (default: in the state folder)")
+    join.add_argument("--dry-run", action="store_true", help="print the SuperNode command and exit")
+    join.set_defaults(handler=cmd_join)
+    site.set_defaults(handler=lambda args: (site.print_help(), 2)[1])

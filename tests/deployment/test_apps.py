@@ -1,0 +1,81 @@
+"""What a deployed site runs: the protocol rebuilt from settings the server names, only for arms it agreed to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synthlearn.config import ConfigError
+from synthlearn.strategies.registry import deployable_arms, protocol_from_spec
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from synthlearn.study import load_study_config
+
+    return load_study_config("configs/study_tiny.toml").setup
+
+
+def test_every_federated_arm_rebuilds_its_protocol_from_json(setup):
+    from synthlearn.strategies.asyndgan import AsynDGANConfig, AsynDGANProtocol
+    from synthlearn.strategies.fedavg import FedAvgConfig, FedAvgProtocol
+    from synthlearn.strategies.fedkd import FedKDConfig, FedKDProtocol
+
+    assert set(deployable_arms()) == {"fedavg", "fedkd", "asyndgan", "fedgan"}
+    for cls, cfg in ((FedAvgProtocol, FedAvgConfig(rounds=3)), (FedKDProtocol, FedKDConfig()),
+                     (AsynDGANProtocol, AsynDGANConfig(iterations=4))):
+        spec = json.loads(json.dumps(cls(setup, cfg).spec()))  # what travels: JSON text
+        rebuilt = protocol_from_spec(spec)
+        assert type(rebuilt) is cls and rebuilt.cfg == cfg and rebuilt.setup == setup
+        assert rebuilt.rounds == cls(setup, cfg).rounds
+
+
+def test_a_spec_is_checked_like_a_config(setup):
+    from synthlearn.strategies.asyndgan import AsynDGANConfig, AsynDGANProtocol
+    from synthlearn.strategies.fedavg import FedAvgConfig, FedAvgProtocol
+
+    spec = FedAvgProtocol(setup, FedAvgConfig()).spec()
+    with pytest.raises(ConfigError, match="unknown config key"):
+        protocol_from_spec({**spec, "config": {**spec["config"], "exec": "import os"}})
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        protocol_from_spec({**spec, "config": {**spec["config"], "rounds": 0}})
+    with pytest.raises(ValueError, match="keys arm, setup and config"):
+        protocol_from_spec({**spec, "pickle": "..."})
+    with pytest.raises(ValueError, match="does not run deployed"):
+        protocol_from_spec({**spec, "arm": "centralized"})
+    with pytest.raises(NotImplementedError, match="server-fixed holdout"):  # the pooled bound is not a federation
+        AsynDGANProtocol(setup, AsynDGANConfig(), holdout={"tcga": []}).spec()
+
+
+def test_a_site_refuses_an_arm_it_did_not_agree_to(setup, tmp_path):
+    from synthlearn.deployment import apps
+    from synthlearn.strategies.fedavg import FedAvgConfig, FedAvgProtocol
+
+    text = json.dumps(FedAvgProtocol(setup, FedAvgConfig()).spec())
+    with pytest.raises(PermissionError, match=r"agreed to run only \['fedkd'\]"):
+        apps._site_protocol(1, "tcga", tmp_path / "run-1", text, ["fedkd"])
+    assert not (tmp_path / "run-1").exists()  # nothing recorded for a refused run
+    protocol = apps._site_protocol(2, "tcga", tmp_path / "run-2", text, ["fedavg"])
+    assert json.loads((tmp_path / "run-2" / "protocol.json").read_text())["arm"] == "fedavg"  # what it agreed to
+    apps._PROTOCOLS.clear()  # a fresh ClientApp process rebuilds it from the site's own record
+    assert apps._site_protocol(2, "tcga", tmp_path / "run-2", None, ["fedavg"]).cfg == protocol.cfg
+    with pytest.raises(RuntimeError, match="before its hello"):
+        apps._site_protocol(3, "tcga", tmp_path / "run-3", None, [])
+
+
+def test_open_site_reads_one_folder_and_names_its_problems(tiny_study, tmp_path):
+    import shutil
+
+    from synthlearn.data.layouts import StudyLayoutError, open_site
+
+    site = open_site(tiny_study / "tcga")
+    assert site.name == "tcga" and len(site.cases) == 6 and all(c.labels.get("idh") for c in site.cases)
+    broken = tmp_path / "tcga"
+    shutil.copytree(tiny_study / "tcga", broken)
+    victim = min(p for p in broken.iterdir() if p.is_dir())
+    (victim / "t2.nii.gz").unlink()
+    with pytest.raises(StudyLayoutError, match=r"t2\.nii\.gz.*no such file"):
+        open_site(broken)
+    with pytest.raises(FileNotFoundError):
+        open_site(tmp_path / "nowhere")

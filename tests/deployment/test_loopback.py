@@ -1,0 +1,104 @@
+"""A study across machines on one machine: a SuperLink (TLS, SuperNode authentication) and three SuperNodes as real
+processes on loopback, started by the commands a server and the hospitals type, run a tiny FedAvg study; a SuperNode
+with an unregistered key and one that trusts another CA are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "synthlearn.cli"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "SYNTHLEARN_THREADS": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen(CLI + args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    from synthlearn.deployment.runner import stop_process
+
+    stop_process(proc, timeout_s=10)
+
+
+def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
+    from synthlearn.deployment.credentials import make_credentials
+
+    train = ["tcga", "utsw", "egd"]
+    creds = tmp_path / "creds"
+    make_credentials(creds, train)
+    other = tmp_path / "other"  # another consortium: its CA and a key the server never registered
+    make_credentials(other, ["tcga"])
+    link, *ports = _free_ports(6)
+    address = f"127.0.0.1:{link}"
+    procs: list[subprocess.Popen] = []
+    try:
+        server = _start(["server", "start", "--config", "configs/study_tiny.toml", "--study", str(tiny_study),
+                         "--arms", "fedavg", "--out", str(tmp_path / "run"), "--credentials", str(creds),
+                         "--address", address, "-q"], tmp_path / "server.log")
+        procs.append(server)
+        deadline = time.monotonic() + 120
+        while "Waiting for them to join" not in (tmp_path / "server.log").read_text():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the SuperLink did not start"
+            time.sleep(0.5)
+        joins = {}
+        for i, site in enumerate(train):
+            joins[site] = _start(["site", "join", "--site", str(tiny_study / site), "--superlink", address,
+                                  "--ca", str(creds / "ca.crt"), "--key", str(creds / "sites" / f"{site}.key"),
+                                  "--port", str(ports[i]), "--state", str(tmp_path / "state" / site),
+                                  "--max-wait", "240"], tmp_path / f"{site}.log")
+        unregistered = _start(["site", "join", "--site", str(tiny_study / "tcga"), "--superlink", address,
+                               "--ca", str(creds / "ca.crt"), "--key", str(other / "sites" / "tcga.key"),
+                               "--port", str(ports[3]), "--state", str(tmp_path / "state" / "intruder"),
+                               "--max-wait", "15"], tmp_path / "unregistered.log")
+        wrong_ca = _start(["site", "join", "--site", str(tiny_study / "utsw"), "--superlink", address,
+                           "--ca", str(other / "ca.crt"), "--key", str(creds / "sites" / "utsw.key"),
+                           "--port", str(ports[4]), "--state", str(tmp_path / "state" / "wrong-ca"),
+                           "--max-wait", "15"], tmp_path / "wrong_ca.log")
+        procs += [*joins.values(), unregistered, wrong_ca]
+        try:
+            code = server.wait(timeout=480)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the deployed study did not finish in 8 min:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        assert code == 0, (tmp_path / "server.log").read_text()[-3000:] + "\n" + \
+            (tmp_path / "run" / "fedavg" / "server" / "flower-run.log").read_text()[-3000:]
+        for intruder in (unregistered, wrong_ca):
+            intruder.wait(timeout=60)
+    finally:
+        for proc in procs:
+            _stop(proc)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    block = results["arms"]["fedavg"]
+    assert block["rounds"] == 2 and block["bytes_from_sites"] > 0 and block["bytes_to_sites"] > 0
+    for site in train:  # each site ran the rounds itself and recorded what it agreed to run
+        agreed = list((tmp_path / "state" / site).glob("run-*/protocol.json"))
+        assert len(agreed) == 1 and json.loads(agreed[0].read_text())["arm"] == "fedavg"
+        assert (tmp_path / f"{site}.log").read_text().count("Receiving: train message") == 3  # hello + 2 rounds
+    for name in ("unregistered", "wrong_ca"):  # never admitted, never sent a message
+        text = (tmp_path / f"{name}.log").read_text()
+        assert "Receiving: train message" not in text and "SuperNode ID" not in text, text[-2000:]
+    assert not list((tmp_path / "state" / "intruder").glob("run-*"))
+    # refused for the right reasons (flwr 1.41's words): the SuperLink knows no such key; TLS fails the server's
+    # certificate against a CA that did not sign it
+    assert "Failed to activate SuperNode" in (tmp_path / "unregistered.log").read_text()
+    assert "No SuperNode found with the given public key" in (tmp_path / "run" / "flower" / "superlink.log").read_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "wrong_ca.log").read_text()
