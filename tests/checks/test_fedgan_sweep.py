@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthlearn.checks.fedgan_sweep import SweepConfig, format_table, realism, run_sweep, trends
+from synthlearn.checks.fedgan_sweep import (
+    SweepConfig,
+    combine_seeds,
+    format_over_seeds,
+    format_table,
+    realism,
+    run_sweep,
+    run_sweep_seeds,
+    trends,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +43,51 @@ def test_trends_and_table_read_the_rows():
     assert "| non-iid | 3 | 20 | 0.40 (0.43) | 0.004 (control -) |" in table and "falls as sites grow" in table
     with pytest.raises(ValueError, match="splits must be iid"):
         SweepConfig(splits=("mixed",))
+
+
+def _summary(realism_own: dict[int, float]) -> dict:
+    rows = {f"iid-{n}": {"split": "iid", "sites": n, "images_per_site": 60 // n, "realism": 1e-4,
+                         "realism_real": 0.3, "realism_own": r, "frechet": 1.0, "frechet_real": 0.5,
+                         "coverage": {"0": 1.0}, "arms": {"fedgan": {"acc": 0.3, "quadratic_kappa": 0.1}}}
+            for n, r in realism_own.items()}
+    cfg = SweepConfig(sizes=tuple(realism_own), splits=("iid",))
+    return {"rows": rows, "trend": trends(rows, cfg), "paper_realism": {3: 0.43, 5: 0.37}, "wall_s": 1.0}
+
+
+def test_seeds_combine_into_mean_sd_and_a_trend_counted_per_seed():
+    summary = combine_seeds({0: _summary({3: 0.40, 5: 0.30}), 1: _summary({3: 0.30, 5: 0.32}),
+                             2: _summary({3: 0.35, 5: 0.25})})
+    row = summary["rows"]["iid-3"]
+    assert row["realism_own"]["mean"] == pytest.approx(0.35) and row["realism_own"]["sd"] == pytest.approx(0.05)
+    assert row["realism_own"]["values"] == [0.40, 0.30, 0.35] and row["n_seeds"] == 3
+    assert row["arms"]["centralized"]["quadratic_kappa"]["mean"] is None  # an arm a sweep did not run
+    trend = summary["trend"]["iid"]
+    assert trend["seeds_where_realism_falls"] == 2 and trend["n_seeds"] == 3  # seed 1 rises
+    assert trend["realism_own_change_3_to_5_sites"]["mean"] == pytest.approx((-0.10 + 0.02 - 0.10) / 3)
+    table = format_over_seeds(summary)
+    assert "| iid | 3 | 20 | 0.35 +/- 0.05 (0.43) | 0.40 0.30 0.35 |" in table
+    assert "negative on 2 of 3 seeds" in table
+
+
+def test_a_seed_already_swept_with_the_same_settings_is_read_back(tmp_path, monkeypatch):
+    import dataclasses
+
+    from synthlearn.checks import fedgan_sweep
+
+    cfg = SweepConfig(sizes=(3, 5), splits=("iid",))
+    for seed, values in ((0, {3: 0.4, 5: 0.3}), (1, {3: 0.3, 5: 0.2})):
+        wanted = {k: (str(v) if isinstance(v, Path) else v)
+                  for k, v in dataclasses.asdict(dataclasses.replace(cfg, seed=seed)).items()}
+        (tmp_path / f"seed-{seed}").mkdir()
+        (tmp_path / f"seed-{seed}" / "check.json").write_text(json.dumps({**_summary(values), "config": wanted}))
+    ran = []
+    monkeypatch.setattr(fedgan_sweep, "run_sweep", lambda out, c, progress=True: ran.append(c.seed) or _summary(
+        {3: 0.5, 5: 0.5}))
+    summary = run_sweep_seeds(tmp_path, cfg, [0, 1, 2], progress=False)
+    assert ran == [2]  # seeds 0 and 1 were complete
+    assert summary["rows"]["iid-3"]["realism_own"]["values"] == [0.4, 0.3, 0.5]
+    for name in ("check.json", "table.md", "sweep.png"):
+        assert (tmp_path / name).is_file()
 
 
 def test_the_sweep_runs_two_tiny_federations_and_reuses_the_pretrained_pair(tmp_path):

@@ -278,6 +278,138 @@ def run_sweep(out_dir: str | Path, cfg: SweepConfig = SweepConfig(), *, progress
     return summary
 
 
+def run_sweep_seeds(out_dir: str | Path, cfg: SweepConfig, seeds: Sequence[int], *, progress: bool = True
+                    ) -> dict[str, Any]:
+    """The sweep once per seed (phantoms, studies and scores all seeded), each in ``out_dir/seed-<k>`` (a seed whose
+    ``check.json`` was written with the same settings is read back, not re-run), then their figures over the seeds
+    (:func:`combine_seeds`) in ``out_dir``: ``check.json``, ``table.md``, ``sweep.png``."""
+    from synthlearn.data.io import atomic_write_text, write_json
+
+    out = Path(out_dir)
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        seed_cfg = dataclasses.replace(cfg, seed=int(seed))
+        folder = out / f"seed-{seed}"
+        done = folder / "check.json"
+        wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(seed_cfg).items()}
+        if done.is_file() and json.loads(done.read_text()).get("config") == json.loads(json.dumps(wanted)):
+            log.info("fedgan sweep seed %d: complete in %s, read back", seed, folder)
+            per_seed[int(seed)] = json.loads(done.read_text())
+        else:
+            per_seed[int(seed)] = run_sweep(folder, seed_cfg, progress=progress)
+    summary = combine_seeds(per_seed)
+    write_json(out / "check.json", summary)
+    atomic_write_text(out / "table.md", format_over_seeds(summary))
+    plot_over_seeds(summary, out / "sweep.png")
+    return summary
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    vals = [float(v) for v in values if v is not None]
+    return {"mean": float(np.mean(vals)) if vals else None,
+            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "values": vals}
+
+
+def combine_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One sweep's figures over seeds: per federation the mean, SD (n - 1) and values of both realism readings, the
+    Frechet distances and each arm's kappa and accuracy; per split the realism (own D) slope per seed, its mean and
+    SD, how many seeds it falls on, and the drop from the smallest to the next federation per seed.
+
+    Args:
+        per_seed: seed -> a :func:`run_sweep` summary.
+    """
+    seeds = sorted(per_seed)
+    keys = list(per_seed[seeds[0]]["rows"])
+    rows: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        got = [per_seed[s]["rows"][key] for s in seeds if key in per_seed[s]["rows"]]
+        row: dict[str, Any] = {"split": got[0]["split"], "sites": got[0]["sites"],
+                               "images_per_site": got[0]["images_per_site"], "n_seeds": len(got)}
+        for name in ("realism_own", "realism", "realism_real", "frechet", "frechet_real"):
+            row[name] = _stats([r.get(name) for r in got])
+        row["arms"] = {arm: {m: _stats([r["arms"].get(arm, {}).get(m) for r in got])
+                             for m in ("quadratic_kappa", "acc")} for arm in ARMS}
+        row["coverage"] = {g: _stats([(r.get("coverage") or {}).get(g) for r in got])
+                           for g in (got[0].get("coverage") or {})}
+        rows[key] = row
+    trend: dict[str, Any] = {}
+    for split in sorted({r["split"] for r in rows.values()}):
+        slopes = [per_seed[s]["trend"].get(split, {}).get("realism_own_slope_per_site") for s in seeds]
+        sizes = sorted(r["sites"] for r in rows.values() if r["split"] == split)
+        drops = []
+        if len(sizes) > 1:
+            first, second = f"{split}-{sizes[0]}", f"{split}-{sizes[1]}"
+            drops = [per_seed[s]["rows"][second]["realism_own"] - per_seed[s]["rows"][first]["realism_own"]
+                     for s in seeds if per_seed[s]["rows"].get(first, {}).get("realism_own") is not None
+                     and per_seed[s]["rows"].get(second, {}).get("realism_own") is not None]
+        change = f"realism_own_change_{sizes[0]}_to_{sizes[1]}_sites" if len(sizes) > 1 else "realism_own_change"
+        trend[split] = {"realism_own_slope_per_site": _stats(slopes),
+                        "seeds_where_realism_falls": int(sum(1 for v in slopes if v is not None and v < 0)),
+                        "n_seeds": len(seeds), change: _stats(drops)}
+    return {"seeds": seeds, "rows": rows, "trend": trend, "paper_realism": per_seed[seeds[0]]["paper_realism"],
+            "wall_s_per_seed": {s: per_seed[s].get("wall_s") for s in seeds}}
+
+
+def format_over_seeds(summary: dict[str, Any]) -> str:
+    """:func:`combine_seeds` as a Markdown table (mean +/- SD over the seeds) and one line per split on the trend."""
+    def ms(st: dict[str, Any], d: int = 2) -> str:
+        if st.get("mean") is None:
+            return "-"
+        return f"{st['mean']:.{d}f}" + (f" +/- {st['sd']:.{d}f}" if st.get("sd") is not None else "")
+
+    header = ("| split | sites | images a site | realism, own D (paper) | per seed | Frechet | kappa centralized | "
+              "kappa FedAvg | kappa FedGAN |")
+    lines = [f"over seeds {', '.join(map(str, summary['seeds']))} (mean +/- SD)", "", header,
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"].values():
+        paper = summary["paper_realism"].get(row["sites"], summary["paper_realism"].get(str(row["sites"])))
+        per_seed = " ".join(f"{v:.2f}" for v in row["realism_own"]["values"])
+        lines.append(f"| {row['split']} | {row['sites']} | {row['images_per_site']} | {ms(row['realism_own'])} "
+                     f"({paper if paper is not None else '-'}) | {per_seed} | {ms(row['frechet'])} | "
+                     f"{ms(row['arms']['centralized']['quadratic_kappa'])} | "
+                     f"{ms(row['arms']['fedavg']['quadratic_kappa'])} | "
+                     f"{ms(row['arms']['fedgan']['quadratic_kappa'])} |")
+    for split, t in summary["trend"].items():
+        change = next((v for k, v in t.items() if k.startswith("realism_own_change")), {})
+        name = next((k for k in t if k.startswith("realism_own_change")), "realism_own_change")
+        lines += ["", (f"{split}: realism (own D) slope {ms(t['realism_own_slope_per_site'], 4)} per site, negative "
+                       f"on {t['seeds_where_realism_falls']} of {t['n_seeds']} seeds; {name.replace('_', ' ')}: "
+                       f"{ms(change, 3)}")]
+    return "\n".join(lines) + "\n"
+
+
+def plot_over_seeds(summary: dict[str, Any], path: str | Path) -> Path:
+    """Realism (own D) and FedGAN's kappa against the sites, mean +/- SD over the seeds per split, with the paper's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for split, style in (("non-iid", "-"), ("iid", "--")):
+        rows = sorted((r for r in summary["rows"].values() if r["split"] == split), key=lambda r: r["sites"])
+        if not rows:
+            continue
+        n = [r["sites"] for r in rows]
+        for ax, get in ((axes[0], lambda r: r["realism_own"]),
+                        (axes[1], lambda r: r["arms"]["fedgan"]["quadratic_kappa"])):
+            ax.errorbar(n, [get(r)["mean"] for r in rows], yerr=[get(r)["sd"] or 0.0 for r in rows], fmt=style,
+                        marker="o", capsize=3, label=f"FedGAN {split}")
+    paper = sorted((int(k), v) for k, v in summary["paper_realism"].items())
+    axes[0].plot([k for k, _ in paper], [v for _, v in paper], "k:", marker="x", label="paper 002")
+    seeds = ", ".join(map(str, summary["seeds"]))
+    for ax, title in zip(axes, (f"realism, own D (mean +/- SD, seeds {seeds})", "FedGAN grade model's kappa")):
+        ax.set_xlabel("sites")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_sweep_report(summary: dict[str, Any], out: Path) -> Path:
     """``out/report.html`` (and ``report.md``): the table, the sweep's figure, and per federation FedGAN's
     generated images per grade and its loss curves."""
@@ -394,5 +526,6 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["ARMS", "PAPER_REALISM", "SweepConfig", "coverage", "format_table", "model_features", "plot_sweep",
-           "realism", "run_fedgan_config", "run_sweep", "score_run", "trends", "write_sweep_report"]
+__all__ = ["ARMS", "PAPER_REALISM", "SweepConfig", "combine_seeds", "coverage", "format_over_seeds", "format_table",
+           "model_features", "plot_over_seeds", "plot_sweep", "realism", "run_fedgan_config", "run_sweep",
+           "run_sweep_seeds", "score_run", "trends", "write_sweep_report"]

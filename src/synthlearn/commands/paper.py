@@ -43,21 +43,32 @@ def cmd_paper_check(args: argparse.Namespace) -> int:
     if args.name == "fedgan-sweep":
         import dataclasses
 
-        from synthlearn.checks.fedgan_sweep import SweepConfig, format_table, run_sweep
+        from synthlearn.checks.fedgan_sweep import (
+            SweepConfig,
+            format_over_seeds,
+            format_table,
+            run_sweep,
+            run_sweep_seeds,
+        )
 
-        if args.study or args.seeds and len(args.seeds) > 1:
-            raise ValueError("fedgan-sweep writes its own phantoms (no --study) and runs one seed (--seeds K)")
+        if args.study:
+            raise ValueError("fedgan-sweep writes its own phantoms (no --study)")
         cfg = SweepConfig()
         changes = {}
         if args.config:
             changes["config"] = Path(args.config)
         if args.sizes:
             changes["sizes"] = tuple(args.sizes)
-        if args.seeds:
+        if args.seeds and len(args.seeds) == 1:
             changes["seed"] = args.seeds[0]
         cfg = dataclasses.replace(cfg, **changes)
         if not cfg.config.is_file():
             raise FileNotFoundError(f"--config {cfg.config}: no such config file")
+        if args.seeds and len(args.seeds) > 1:  # one sweep per seed in OUT/seed-K, then mean +/- SD over them
+            summary = run_sweep_seeds(out, cfg, args.seeds, progress=not args.quiet)
+            print(format_over_seeds(summary), end="")
+            print(f"results: {out / 'check.json'}; figure: {out / 'sweep.png'}; each seed's in {out}/seed-K")
+            return 0
         summary = run_sweep(out, cfg, progress=not args.quiet)
         print(format_table(summary), end="")
         print(f"results: {out / 'check.json'}; figure: {out / 'sweep.png'} ({summary['wall_s'] / 60:.1f} min)")
@@ -84,7 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     + ". Documented times on 2 CPU cores: docs/benchmarks.md.")
     p.add_argument("name", choices=sorted(CHECKS), help="the check")
     p.add_argument("--out", required=True, help="folder to write results, tables and figures into")
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="seeds (default: the check's, 0 1 2)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=None,
+                   help="seeds (default: the check's, 0 1 2; fedgan-sweep: 0, and several run one sweep each, "
+                        "OUT/seed-K, combined as mean +/- SD)")
     p.add_argument("--iterations", type=positive_int, default=None, help="asyndgan-mog: generator steps (default 2000)")
     p.add_argument("--study", default=None, help="asyndgan-slices / -nuclei: the 2D study (default: the config's, "
                                                  "data/phantom_slices2d / data/phantom_nuclei)")
