@@ -786,7 +786,7 @@ def _run_arm_seed(cfg: StudyConfig, arm: str, index: int, seed: int, out: Path, 
 
 # ------------------------------------------------------------------------------------------------ runner
 def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force: bool = False,
-              federate: Federate | None = None) -> dict:
+              federate: Federate | None = None, remote_sites: bool = False) -> dict:
     """Run every arm of ``cfg`` into ``out`` and return the results (also ``out/results.json``).
 
     Args:
@@ -796,6 +796,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
         force: re-run arms even when complete (their folders are replaced).
         federate: how federated arms reach their sites (default: Flower's simulation engine on this machine;
             ``synthlearn server start`` hands over :func:`synthlearn.deployment.runner.deployed_federate`).
+        remote_sites: the training sites' cases live on their own machines (a deployed study): this process reads
+            only the test sites' files; the training sites are names from ``study.json`` (their folders may be
+            absent here), their cases are neither checked nor fingerprinted here, and the arms see them empty.
 
     Raises:
         ValueError: no training or test sites, structural problems in the study, an arm already complete
@@ -810,6 +813,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
 
     configure_threads(cfg.threads)
     study = open_study(cfg.study)
+    if remote_sites:  # a training site's folder is on its own machine: its absence here is no problem
+        remote = {s.name for s in _split_sites(study, cfg)[0]}
+        study = dataclasses.replace(study, problems=tuple(p for p in study.problems if p.site not in remote))
     if study.problems:
         listing = "\n".join(f"  {p}" for p in study.problems[:20])
         raise ValueError(f"study {cfg.study} has {len(study.problems)} problem(s):\n{listing}\n"
@@ -838,13 +844,17 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
         if spec.check is not None:
             spec.check(cfg.arm_config(arm), cfg.task)
     train_sites, test_sites = _split_sites(study, cfg)
+    if remote_sites:
+        train_sites = tuple(dataclasses.replace(s, cases=()) for s in train_sites)
     if not train_sites or not test_sites:
         raise ValueError(f"study {cfg.study}: need sites with role 'train' and 'test' in study.json, found "
                          f"{[(s.name, s.role) for s in study.sites]}")
     # every array of the run's sites read once in full before anything trains: a NaN voxel, a truncated file or a
     # shape mismatch found after an hour of training (or turned into a null AUC) is a study that should not have run
-    log.info("checking every file of the %d training and %d test sites", len(train_sites), len(test_sites))
-    problems, summaries = check_sites((*train_sites, *test_sites), progress=progress, label_columns=study.labels.names)
+    checked = test_sites if remote_sites else (*train_sites, *test_sites)
+    log.info("checking every file of the %s%d test sites", "" if remote_sites else f"{len(train_sites)} training and ",
+             len(test_sites))
+    problems, summaries = check_sites(checked, progress=progress, label_columns=study.labels.names)
     found = {f"{len(shape.split('x'))}D": site.name for site in summaries for shape in site.shapes}
     if not problems and set(found) != {f"{dims}D"}:
         raise ValueError(f"study {cfg.study}: preprocess.shape = {list(cfg.preprocess.shape)} takes {dims}D cases; found "
@@ -861,7 +871,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, force
     fingerprint = data_fingerprint(train_cases + test_cases)
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, config=cfg.as_dict(), seed=cfg.run_seeds[0], fingerprint=fingerprint,
-                   extra={"study": str(Path(cfg.study).resolve()), "seeds": list(cfg.run_seeds)})
+                   extra={"study": str(Path(cfg.study).resolve()), "seeds": list(cfg.run_seeds),
+                          **({"remote_training_sites": [s.name for s in train_sites]} if remote_sites else {})})
     write_json(out / "splits.json", {"train": [s.name for s in train_sites], "test": [s.name for s in test_sites],
                                      "n_folds": cfg.n_folds, "sequences": list(study.sequences),
                                      "labels": study.labels.to_json()})

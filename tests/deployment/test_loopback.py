@@ -1,6 +1,7 @@
 """A study across machines on one machine: a SuperLink (TLS, SuperNode authentication) and three SuperNodes as real
-processes on loopback, started by the commands a server and the hospitals type, run a tiny FedAvg study; a SuperNode
-with an unregistered key and one that trusts another CA are refused."""
+processes on loopback, started by the commands a server and the hospitals type, run a tiny FedAvg study whose
+server holds no training site's folder; a SuperNode with an unregistered key and one that trusts another CA are
+refused."""
 
 from __future__ import annotations
 
@@ -42,7 +43,14 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     from synthlearn.deployment.credentials import make_credentials
 
+    import shutil
+
     train = ["tcga", "utsw", "egd"]
+    server_study = tmp_path / "server_study"  # what the server holds: study.json and the test sites, no training site
+    server_study.mkdir()
+    shutil.copy(tiny_study / "study.json", server_study)
+    for site in ("nyu", "ucsf"):
+        shutil.copytree(tiny_study / site, server_study / site)
     creds = tmp_path / "creds"
     make_credentials(creds, train)
     other = tmp_path / "other"  # another consortium: its CA and a key the server never registered
@@ -51,7 +59,7 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     address = f"127.0.0.1:{link}"
     procs: list[subprocess.Popen] = []
     try:
-        server = _start(["server", "start", "--config", "configs/study_tiny.toml", "--study", str(tiny_study),
+        server = _start(["server", "start", "--config", "configs/study_tiny.toml", "--study", str(server_study),
                          "--arms", "fedavg", "--out", str(tmp_path / "run"), "--credentials", str(creds),
                          "--address", address, "-q"], tmp_path / "server.log")
         procs.append(server)
@@ -88,6 +96,7 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
             _stop(proc)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     block = results["arms"]["fedavg"]
+    assert "test" in block and block["test"]["combined"]["auc"] is not None
     assert block["rounds"] == 2 and block["bytes_from_sites"] > 0 and block["bytes_to_sites"] > 0
     for site in train:  # each site ran the rounds itself and recorded what it agreed to run
         agreed = list((tmp_path / "state" / site).glob("run-*/protocol.json"))

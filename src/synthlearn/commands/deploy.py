@@ -58,7 +58,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         register_sites(keys, flwr_home)
         print(f"SuperLink on {args.address}; registered sites: {', '.join(keys)}. Waiting for them to join "
               f"(`synthlearn site join`) ...", flush=True)
-        results = run_study(cfg, out, progress=not args.quiet, force=args.force, federate=deployed_federate(flwr_home))
+        results = run_study(cfg, out, progress=not args.quiet, force=args.force, federate=deployed_federate(flwr_home),
+                            remote_sites=True)
     finally:
         stop_process(superlink)
     print(format_summary(results))
