@@ -22,7 +22,7 @@ def test_every_federated_arm_rebuilds_its_protocol_from_json(setup):
     from synthlearn.strategies.fedavg import FedAvgConfig, FedAvgProtocol
     from synthlearn.strategies.fedkd import FedKDConfig, FedKDProtocol
 
-    assert set(deployable_arms()) == {"fedavg", "fedkd", "asyndgan", "fedgan"}
+    assert set(deployable_arms()) == {"fedavg", "catphishing", "fedkd", "asyndgan", "fedgan"}
     for cls, cfg in ((FedAvgProtocol, FedAvgConfig(rounds=3)), (FedKDProtocol, FedKDConfig()),
                      (AsynDGANProtocol, AsynDGANConfig(iterations=4))):
         spec = json.loads(json.dumps(cls(setup, cfg).spec()))  # what travels: JSON text

@@ -1,6 +1,6 @@
 """A study across machines on one machine: a SuperLink (TLS, SuperNode authentication) and three SuperNodes as real
-processes on loopback, started by the commands a server and the hospitals type, run a tiny FedAvg study whose
-server holds no training site's folder; a SuperNode with an unregistered key and one that trusts another CA are
+processes on loopback, started by the commands a server and the hospitals type, run a tiny FedAvg study and
+CATphishing's artifact upload, the server holding no training site's folder; a SuperNode with an unregistered key and one that trusts another CA are
 refused."""
 
 from __future__ import annotations
@@ -55,12 +55,14 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     make_credentials(creds, train)
     other = tmp_path / "other"  # another consortium: its CA and a key the server never registered
     make_credentials(other, ["tcga"])
+    config = tmp_path / "study.toml"  # FedAvg, and CATphishing's artifacts uploaded over the same channel
+    config.write_text(f'base = "{Path("configs/study_tiny.toml").resolve()}"\narms = ["fedavg", "catphishing"]\n'
+                      '[catphishing]\ntransport = "flower"\naudit = false\nper_class = 2\n')
     link, *ports = _free_ports(6)
     address = f"127.0.0.1:{link}"
     procs: list[subprocess.Popen] = []
     try:
-        server = _start(["server", "start", "--config", "configs/study_tiny.toml", "--study", str(server_study),
-                         "--arms", "fedavg", "--out", str(tmp_path / "run"), "--credentials", str(creds),
+        server = _start(["server", "start", "--config", str(config), "--study", str(server_study), "--out", str(tmp_path / "run"), "--credentials", str(creds),
                          "--address", address, "-q"], tmp_path / "server.log")
         procs.append(server)
         deadline = time.monotonic() + 120
@@ -98,10 +100,18 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     block = results["arms"]["fedavg"]
     assert "test" in block and block["test"]["combined"]["auc"] is not None
     assert block["rounds"] == 2 and block["bytes_from_sites"] > 0 and block["bytes_to_sites"] > 0
+    cat = results["arms"]["catphishing"]
+    assert cat["test"]["combined"]["auc"] is not None and cat["bytes_from_sites"] > 0
+    arm = json.loads((tmp_path / "run" / "catphishing" / "arm.json").read_text())["extra"]
+    assert arm["transport"] == "flower" and arm["upload_message_bytes"] > 0
     for site in train:  # each site ran the rounds itself and recorded what it agreed to run
-        agreed = list((tmp_path / "state" / site).glob("run-*/protocol.json"))
-        assert len(agreed) == 1 and json.loads(agreed[0].read_text())["arm"] == "fedavg"
-        assert (tmp_path / f"{site}.log").read_text().count("Receiving: train message") == 3  # hello + 2 rounds
+        agreed = sorted(json.loads(p.read_text())["arm"]
+                        for p in (tmp_path / "state" / site).glob("run-*/protocol.json"))
+        assert agreed == ["catphishing", "fedavg"]
+        # FedAvg: hello + 2 rounds; CATphishing: hello + the upload
+        assert (tmp_path / f"{site}.log").read_text().count("Receiving: train message") == 5
+        assert (tmp_path / "run" / "catphishing" / "artifacts" / site / "manifest.json").is_file()
+        assert list((tmp_path / "state" / site).glob("run-*/*/holdout.json"))  # the holdout stayed at the site
     for name in ("unregistered", "wrong_ca"):  # never admitted, never sent a message
         text = (tmp_path / f"{name}.log").read_text()
         assert "Receiving: train message" not in text and "SuperNode ID" not in text, text[-2000:]

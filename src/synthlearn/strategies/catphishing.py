@@ -124,6 +124,13 @@ class CatphishingConfig:
         privacy_control_decoder_steps: its decoder fine-tuning steps on those cases (0 = the shipped decoder).
         privacy_control_steps: its diffusion fine-tuning steps on their latents.
         privacy_control_per_class: samples per class it draws (at the arm's steps and guidance).
+        transport: how an artifact reaches the server: ``folder`` (each site's generator trained in a process of
+            its own here, the artifact copied as a folder) or ``flower`` (one round over the federation's channel,
+            :class:`synthlearn.strategies.catphishing_upload.ArtifactUploadProtocol`: in simulation, or across
+            machines with ``synthlearn server start``; verified on arrival).
+        start_timeout_s: ``flower``: seconds the server waits for every site to connect.
+        upload_timeout_s: ``flower``: seconds the server waits for the artifacts (the sites' generator training
+            counts in it).
     """
 
     generator: str = "configs/generator_cpu.toml"
@@ -150,8 +157,15 @@ class CatphishingConfig:
     privacy_control_decoder_steps: int = 60
     privacy_control_steps: int = 600
     privacy_control_per_class: int = 4
+    transport: Literal["folder", "flower"] = "folder"
+    start_timeout_s: float = 120.0
+    upload_timeout_s: float = 172800.0
 
     def __post_init__(self) -> None:
+        if self.transport not in ("folder", "flower"):
+            raise ValueError(f"catphishing.transport must be folder or flower, found {self.transport!r}")
+        if self.start_timeout_s <= 0 or self.upload_timeout_s <= 0:
+            raise ValueError("catphishing.start_timeout_s and upload_timeout_s must be > 0")
         if self.per_class < 1:
             raise ValueError(f"catphishing.per_class must be >= 1, found {self.per_class}")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -532,8 +546,15 @@ def run(ctx: ArmContext) -> ArmOutput:
     # run (ctx.primary_dir) reuses the primary seed's holdout and generators: only the synthetic draw and the task
     # model depend on the seed.
     primary = ctx.primary_dir
+    remote = not any(s.cases for s in ctx.train_sites)  # a deployed study: the sites' cases are on their machines
+    if remote and (cfg.transport != "flower" or cfg.audit):
+        raise ValueError("catphishing across machines (the training sites' cases are not here) needs "
+                         "catphishing.transport = 'flower' and audit = false: the audits read each site's cases")
     members, holdout = {}, {}
     for name, site in sites.items():
+        if remote:
+            members[name], holdout[name] = [], []  # the site keeps its split
+            continue
         if primary is not None:
             split = json.loads((primary / "holdout" / f"{name}.json").read_text())
             members[name], holdout[name] = list(split["members"]), list(split["holdout"])
@@ -547,20 +568,39 @@ def run(ctx: ArmContext) -> ArmOutput:
         missing = [str(a) for a in artifacts.values() if not (a / "manifest.json").is_file()]
         if missing:
             raise ValueError(f"catphishing (seed {seed}): the primary seed's generator artifacts are missing: {missing}")
-    jobs = {name: (str(sites[name].path), gcfg, str(artifacts[name]), seed, members[name], cfg.threads_per_site)
-            for name in sites if not (artifacts[name] / "manifest.json").is_file()}
-    log.info("catphishing: training %d site generator(s) (%d already done)", len(jobs), len(sites) - len(jobs))
+    todo = [name for name in sites if not (artifacts[name] / "manifest.json").is_file()]
+    log.info("catphishing: training %d site generator(s) (%d already done)", len(todo), len(sites) - len(todo))
     t0 = time.perf_counter()
-    learned_ae = gcfg.autoencoder.kind != "space_to_depth"  # a space-to-depth stage 1 has nothing to train
-    stage_epochs = gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
-    walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
+    upload: dict[str, dict[str, Any]] = {}
+    upload_bytes = 0
+    if cfg.transport == "flower":
+        if todo:  # one round over the federation's channel: every site trains and sends its artifact
+            if ctx.federate is None:
+                raise ValueError("catphishing.transport = 'flower' needs the study runner's Flower runner "
+                                 "(ctx.federate); run the arm through `synthlearn study run` or `server start`")
+            from synthlearn.strategies.catphishing_upload import ArtifactUploadProtocol
+
+            final = ctx.federate(ArtifactUploadProtocol(ctx.setup, cfg, received_dir=arm_dir / "artifacts"),
+                                 ctx.train_sites, arm_dir / "upload", progress=ctx.progress)
+            upload = final.history[-1]["artifacts"] if final.history else {}
+            upload_bytes = final.bytes_from_sites
+        walls = {name: entry["wall_s"] for name, entry in upload.items()}
+    else:
+        jobs = {name: (str(sites[name].path), gcfg, str(artifacts[name]), seed, members[name], cfg.threads_per_site)
+                for name in todo}
+        learned_ae = gcfg.autoencoder.kind != "space_to_depth"  # a space-to-depth stage 1 has nothing to train
+        stage_epochs = gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
+        walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
     generator_wall = time.perf_counter() - t0
     shipped = {}
     for name in sites:
         verify_artifact(artifacts[name])  # what arrives at the server is checked before use
         manifest = read_manifest(artifacts[name])
-        shipped[name] = {"bytes": artifact_bytes(artifacts[name]), "training_cases": len(members[name]),
-                         "holdout_cases": len(holdout[name]), "class_counts": manifest["class_counts"],
+        counts = upload.get(name, {})
+        shipped[name] = {"bytes": artifact_bytes(artifacts[name]),
+                         "training_cases": counts.get("training_cases", len(members[name])),
+                         "holdout_cases": counts.get("holdout_cases", len(holdout[name])),
+                         "class_counts": manifest["class_counts"],
                          "wall_s": walls.get(name, manifest["training"]["wall_time_s"])}
 
     # 2. at the server: synthesize, filter, train the task model on the pooled kept cases
@@ -609,6 +649,8 @@ def run(ctx: ArmContext) -> ArmOutput:
         "diversity": {n: {"generated": synthetic[n]["generated"], "kept": synthetic[n]["kept"],
                           "kept_share": synthetic[n]["kept"] / max(1, synthetic[n]["generated"])} for n in sites},
         "holdout_fraction": cfg.holdout_fraction,
+        "transport": cfg.transport,
+        **({"upload_message_bytes": upload_bytes} if upload_bytes else {}),
         "stage_wall_s": {"site_generators": generator_wall, "synthesis_and_filter": synthesis_wall,
                          "task_model": task_wall},
     }
@@ -645,6 +687,13 @@ def run(ctx: ArmContext) -> ArmOutput:
                      rounds=1, extra=extra)
 
 
+def _upload_protocol(setup, cfg: CatphishingConfig):
+    """The arm's round protocol at a deployed site: the artifact upload (``transport = "flower"``)."""
+    from synthlearn.strategies.catphishing_upload import ArtifactUploadProtocol
+
+    return ArtifactUploadProtocol(setup, cfg)
+
+
 def _check(cfg: CatphishingConfig, task: str) -> None:
     load_generator_for_task(cfg.generator, task)  # a missing or bad generator config fails before any training
 
@@ -654,7 +703,7 @@ def _signature(cfg: CatphishingConfig, task: str) -> dict[str, Any]:
 
 
 ARM = ArmSpec(name="catphishing", run=run, config=CatphishingConfig, needs=(RECOGNITION_REFERENCE,), check=_check,
-              signature=_signature, generic_data=False,
+              signature=_signature, generic_data=False, protocol=_upload_protocol,
               description="a generator trained at each site, shipped once; the server trains on its synthetic cases only "
               "(paper 000)")
 
