@@ -1,7 +1,7 @@
 """A study across machines on one machine: a SuperLink (TLS, SuperNode authentication) and three SuperNodes as real
 processes on loopback, started by the commands a server and the hospitals type, run a tiny FedAvg study and
-CATphishing's artifact upload, the server holding no training site's folder; a SuperNode with an unregistered key and one that trusts another CA are
-refused."""
+CATphishing's artifact upload, the server holding no training site's folder; a SuperNode with an unregistered key
+and one that trusts another CA are refused."""
 
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
-    from synthlearn.deployment.credentials import make_credentials
-
     import shutil
+
+    from synthlearn.deployment.credentials import make_credentials
 
     train = ["tcga", "utsw", "egd"]
     server_study = tmp_path / "server_study"  # what the server holds: study.json and the test sites, no training site
@@ -62,7 +62,8 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     address = f"127.0.0.1:{link}"
     procs: list[subprocess.Popen] = []
     try:
-        server = _start(["server", "start", "--config", str(config), "--study", str(server_study), "--out", str(tmp_path / "run"), "--credentials", str(creds),
+        server = _start(["server", "start", "--config", str(config), "--study", str(server_study),
+                         "--out", str(tmp_path / "run"), "--credentials", str(creds),
                          "--address", address, "-q"], tmp_path / "server.log")
         procs.append(server)
         deadline = time.monotonic() + 120

@@ -57,12 +57,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from synthlearn.audits.privacy import stratified_holdout
 from synthlearn.audits.recognition import recognition_audit
 from synthlearn.config import to_dict
 from synthlearn.data.contract import CaseRecord, SiteRecord
 from synthlearn.data.io import write_json
 from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.catphishing_site import (
+    GENERATOR_LABEL,
+    ArtifactUploadProtocol,
+    load_generator_for_task,
+    privacy_holdout,
+)
 from synthlearn.strategies.registry import ArmSpec
 from synthlearn.tasks.model import train_task_model
 from synthlearn.training.seeding import derive_seed, numpy_generator
@@ -72,11 +77,6 @@ log = logging.getLogger(__name__)
 #: the arm whose real-data model :func:`recognition_audit` applies to the synthetic cases
 RECOGNITION_REFERENCE = "centralized"
 
-#: the repository (relative generator-config paths are looked up in the working directory, then here)
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-#: the task -> the label the generators are conditioned on
-GENERATOR_LABEL = {"idh": "idh", "tumor_type": "tumor_type"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +126,7 @@ class CatphishingConfig:
         privacy_control_per_class: samples per class it draws (at the arm's steps and guidance).
         transport: how an artifact reaches the server: ``folder`` (each site's generator trained in a process of
             its own here, the artifact copied as a folder) or ``flower`` (one round over the federation's channel,
-            :class:`synthlearn.strategies.catphishing_upload.ArtifactUploadProtocol`: in simulation, or across
+            :class:`synthlearn.strategies.catphishing_site.ArtifactUploadProtocol`: in simulation, or across
             machines with ``synthlearn server start``; verified on arrival).
         start_timeout_s: ``flower``: seconds the server waits for every site to connect.
         upload_timeout_s: ``flower``: seconds the server waits for the artifacts (the sites' generator training
@@ -196,37 +196,6 @@ class CatphishingConfig:
         if self.fidelity_extractor == "torch" and not self.fidelity_weights:
             raise ValueError("catphishing.fidelity_extractor = 'torch' needs fidelity_weights = '<path to a feature "
                              "network>' (synthlearn never downloads weights); or use 'radiomics'")
-
-
-def load_generator_for_task(path: str | Path, task: str):
-    """The generator config at ``path`` with its ``label`` set from the study task.
-
-    Raises:
-        FileNotFoundError: no such file (names the fix).
-    """
-    from synthlearn.generators.ldm.config import load_generator_config
-
-    given = Path(path)
-    candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"catphishing.generator = {str(given)!r}: no such generator config (looked in "
-                                f"{', '.join(str(p.parent.resolve()) for p in candidates)}; see configs/generator_*.toml)")
-    gcfg = load_generator_config(found)
-    label = GENERATOR_LABEL[task]
-    return gcfg if gcfg.label == label else dataclasses.replace(gcfg, label=label)
-
-
-def privacy_holdout(site: SiteRecord, fraction: float, label: str, seed: int) -> tuple[list[str], list[str]]:
-    """Split a site's cases into generator-training members and held-out non-members, stratified by the class
-    of ``label`` (:func:`synthlearn.audits.privacy.stratified_holdout`: within each class, unknown labels forming
-    their own group, cases sorted by id are shuffled with ``numpy_generator(seed, "privacy-holdout", site,
-    class)`` and the first ``floor(fraction * n)`` held out).
-
-    Returns:
-        ``(member_ids, holdout_ids)``, both sorted.
-    """
-    return stratified_holdout(site, fraction, lambda case: case.labels.get(label), seed)
 
 
 # ------------------------------------------------------------------------------------ site and server steps
@@ -578,8 +547,6 @@ def run(ctx: ArmContext) -> ArmOutput:
             if ctx.federate is None:
                 raise ValueError("catphishing.transport = 'flower' needs the study runner's Flower runner "
                                  "(ctx.federate); run the arm through `synthlearn study run` or `server start`")
-            from synthlearn.strategies.catphishing_upload import ArtifactUploadProtocol
-
             final = ctx.federate(ArtifactUploadProtocol(ctx.setup, cfg, received_dir=arm_dir / "artifacts"),
                                  ctx.train_sites, arm_dir / "upload", progress=ctx.progress)
             upload = final.history[-1]["artifacts"] if final.history else {}
@@ -689,8 +656,6 @@ def run(ctx: ArmContext) -> ArmOutput:
 
 def _upload_protocol(setup, cfg: CatphishingConfig):
     """The arm's round protocol at a deployed site: the artifact upload (``transport = "flower"``)."""
-    from synthlearn.strategies.catphishing_upload import ArtifactUploadProtocol
-
     return ArtifactUploadProtocol(setup, cfg)
 
 

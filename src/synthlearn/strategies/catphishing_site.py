@@ -1,8 +1,10 @@
-"""CATphishing's site step as a one-round protocol (``[catphishing] transport = "flower"``): each site trains its
-generator on its own cases minus its privacy holdout and sends the artifact to the server in one message over the
-federation's channel (in simulation, or across machines through an authenticated SuperLink); the server writes each
-artifact into the arm folder and verifies it on arrival (:func:`synthlearn.generators.artifact.verify_artifact`:
-manifest digest, every file's size and SHA-256, no pickle or unlisted file), refusing the round otherwise.
+"""CATphishing at a site: the generator's settings for the study's task (:func:`load_generator_for_task`), the site's
+privacy holdout (:func:`privacy_holdout`), and its step as a one-round protocol (``[catphishing] transport =
+"flower"``): each site trains its generator on its own cases minus its privacy holdout and sends the artifact to
+the server in one message over the federation's channel (in simulation, or across machines through an
+authenticated SuperLink); the server writes each artifact into the arm folder and verifies it on arrival
+(:func:`synthlearn.generators.artifact.verify_artifact`: manifest digest, every file's size and SHA-256, no pickle
+or unlisted file), refusing the round otherwise.
 
 What travels: the artifact's files as byte tensors (group ``artifact``, one tensor per file name) and the site's
 counts of training and held-out cases. The holdout's case ids stay at the site (its state folder).
@@ -10,6 +12,7 @@ counts of training and held-out cases. The holdout's case ids stay at the site (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -21,15 +24,54 @@ from typing import Any
 
 import torch
 
+from synthlearn.audits.privacy import stratified_holdout
 from synthlearn.data.contract import SiteRecord
 from synthlearn.protocol import Arrays, FederationError, RoundProtocol, SiteReply
 from synthlearn.tasks.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
 
+#: the repository (relative generator-config paths are looked up in the working directory, then here)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+#: the task -> the label the generators are conditioned on
+GENERATOR_LABEL = {"idh": "idh", "tumor_type": "tumor_type"}
+
 #: the reply's tensor group holding the artifact's files
 GROUP = "artifact"
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def load_generator_for_task(path: str | Path, task: str):
+    """The generator config at ``path`` with its ``label`` set from the study task.
+
+    Raises:
+        FileNotFoundError: no such file (names the fix).
+    """
+    from synthlearn.generators.ldm.config import load_generator_config
+
+    given = Path(path)
+    candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        looked = ", ".join(str(p.parent.resolve()) for p in candidates)
+        raise FileNotFoundError(f"catphishing.generator = {str(given)!r}: no such generator config (looked in "
+                                f"{looked}; see configs/generator_*.toml)")
+    gcfg = load_generator_config(found)
+    label = GENERATOR_LABEL[task]
+    return gcfg if gcfg.label == label else dataclasses.replace(gcfg, label=label)
+
+
+def privacy_holdout(site: SiteRecord, fraction: float, label: str, seed: int) -> tuple[list[str], list[str]]:
+    """Split a site's cases into generator-training members and held-out non-members, stratified by the class
+    of ``label`` (:func:`synthlearn.audits.privacy.stratified_holdout`: within each class, unknown labels forming
+    their own group, cases sorted by id are shuffled with ``numpy_generator(seed, "privacy-holdout", site,
+    class)`` and the first ``floor(fraction * n)`` held out).
+
+    Returns:
+        ``(member_ids, holdout_ids)``, both sorted.
+    """
+    return stratified_holdout(site, fraction, lambda case: case.labels.get(label), seed)
 
 
 def pack_artifact(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -104,7 +146,6 @@ class ArtifactUploadProtocol(RoundProtocol):
         """Holdout, generator, artifact: at the site, on its cases only; a finished artifact in the site's state
         folder is sent again rather than retrained (a repeated round after a lost reply)."""
         from synthlearn.generators.ldm.train import train_generator
-        from synthlearn.strategies.catphishing import GENERATOR_LABEL, load_generator_for_task, privacy_holdout
 
         if site.path is None:
             raise ValueError(f"catphishing: site {site.name} has no folder to train its generator on")
@@ -140,4 +181,5 @@ class ArtifactUploadProtocol(RoundProtocol):
         return {}, {"artifacts": entry}
 
 
-__all__ = ["GROUP", "ArtifactUploadProtocol", "pack_artifact", "unpack_artifact"]
+__all__ = ["GENERATOR_LABEL", "GROUP", "REPO_ROOT", "ArtifactUploadProtocol", "load_generator_for_task",
+           "pack_artifact", "privacy_holdout", "unpack_artifact"]

@@ -11,7 +11,7 @@ import torch
 
 from synthlearn.generators.artifact import WEIGHT_FILES, write_artifact
 from synthlearn.protocol import FederationError, SiteReply
-from synthlearn.strategies.catphishing_upload import GROUP, ArtifactUploadProtocol, pack_artifact, unpack_artifact
+from synthlearn.strategies.catphishing_site import GROUP, ArtifactUploadProtocol, pack_artifact, unpack_artifact
 
 
 @pytest.fixture
