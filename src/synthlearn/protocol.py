@@ -73,6 +73,12 @@ class FederationState:
         save_checkpoint(path, {"round": self.round, "states": self.states, "bytes_from_sites": self.bytes_from_sites,
                                "bytes_to_sites": self.bytes_to_sites, "history": json.dumps(self.history)})
 
+    def events(self) -> list[dict[str, Any]]:
+        """What went wrong and was survived: ``[{"round", "missing_sites"}]`` for every round that went on without
+        some sites (a protocol that tolerates missing replies)."""
+        return [{"round": int(h["round"]), "missing_sites": list(h["missing_sites"])}
+                for h in self.history if h.get("missing_sites")]
+
     @classmethod
     def load_or_start(cls, path: str | Path, initial: Callable[[], Arrays]) -> FederationState:
         """The state saved at ``path``, or round 0 with ``initial()``."""

@@ -38,6 +38,12 @@ def test_a_changed_pickled_or_misnamed_artifact_is_refused_and_nothing_kept(arti
     flipped["diffusion.safetensors"] = data
     with pytest.raises(FederationError, match="site tcga: its artifact was refused on arrival.*SHA-256"):
         unpack_artifact(flipped, target, "tcga")
+    partial = {**good, "diffusion.safetensors": good["diffusion.safetensors"][:-7].clone()}  # an upload cut short
+    with pytest.raises(FederationError, match="refused on arrival.*bytes"):
+        unpack_artifact(partial, target, "tcga")
+    missing = {k: v for k, v in good.items() if k != "superres.safetensors"}
+    with pytest.raises(FederationError, match="refused on arrival"):
+        unpack_artifact(missing, target, "tcga")
     pickled = {**good, "model.pkl": torch.frombuffer(bytearray(pickle.dumps({"a": 1})), dtype=torch.uint8)}
     with pytest.raises(FederationError, match="not listed"):
         unpack_artifact(pickled, target, "tcga")

@@ -242,8 +242,8 @@ def run_rounds(grid, protocol: RoundProtocol, state: FederationState, site_names
         state.states, entry = protocol.aggregate(rnd, state.states, parsed)
         missing = [s for s in site_names if s not in {r.site for r in parsed}]
         if missing:
-            log.warning("round %d: no reply from %s within %g s; the round went on without", rnd, ", ".join(missing),
-                        timeout)
+            log.warning("round %d: no reply from %s (failed, or not within %g s); the round went on without",
+                        rnd, ", ".join(missing), timeout)
             entry = {**entry, "missing_sites": missing}
         state.round = rnd
         state.history.append({"round": rnd, "wall_s": time.perf_counter() - t0, **entry})

@@ -551,6 +551,18 @@ def _figure_caption(path: Path, run_dir: Path) -> str:
     return rel.replace("/", " / ").replace("_", " ")
 
 
+def _federation_events(doc: _Doc, results: dict) -> None:
+    """The rounds a federated arm went on without some sites (``federation_events``), one row per round."""
+    rows = [[name, str(e["round"]), ", ".join(e["missing_sites"])]
+            for name, arm in sorted(results["arms"].items(), key=lambda kv: _arm_sort_key(kv[0]))
+            for e in arm.get("federation_events") or []]
+    if rows:
+        doc.h(2, "Federation events")
+        doc.p("Rounds that went on without some sites (a site failed or did not answer within the round timeout; "
+              "the arm's `tolerate_missing` let the others' round stand). Every other round had every site.")
+        doc.table(["arm", "round", "sites left out"], rows)
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``run_dir`` from its ``results.json`` and PNGs.
 
@@ -580,6 +592,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     meta.append(f"written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}")
     doc.p("; ".join(meta))
     _comparison(doc, results)
+    _federation_events(doc, results)
     figures = sorted(p for p in run_dir.rglob("*.png") if not p.name.startswith("."))
     if figures:
         doc.h(2, "Figures")

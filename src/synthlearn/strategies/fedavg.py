@@ -67,7 +67,11 @@ class FedAvgConfig:
         round_timeout_s: seconds to wait for the sites' replies in a round before failing.
         threads_per_site: torch threads in each site's worker.
         parallel_sites: sites training at the same time (0 = as many as CPU cores allow).
-        keep_site_optimizer_state: a site keeps its SGD momentum between rounds (on its own disk).
+        keep_site_optimizer_state: a site keeps its SGD momentum between rounds (on its own disk; the state of
+            the round before is kept too, so that a round repeated after a server crash starts from the same state).
+        tolerate_missing: a site that fails or does not answer within ``round_timeout_s`` is left out of that
+            round (the others' average goes on; at least one must answer) instead of stopping the study; the
+            results name every round and site left out (``federation_events``).
     """
 
     rounds: int = 2
@@ -78,6 +82,7 @@ class FedAvgConfig:
     threads_per_site: int = 1
     parallel_sites: int = 0
     keep_site_optimizer_state: bool = True
+    tolerate_missing: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -169,6 +174,12 @@ def initial_states(setup: TrainingSetup) -> dict[str, StateDict]:
             for name in model_names(setup)}
 
 
+def _optimizer_file(state_dir: str | Path | None, name: str, rnd: int) -> Path | None:
+    """A site's optimizer state of network ``name`` after round ``rnd``: one file per round, so that a round
+    repeated after a server crash starts again from the state of the round before it."""
+    return None if state_dir is None else Path(state_dir) / f"optimizer-{name.replace('/', '-')}-r{rnd}.pt"
+
+
 def site_update(global_states: Mapping[str, Mapping[str, torch.Tensor]], site_cases: Sequence[CaseRecord],
                 setup: TrainingSetup, cfg: FedAvgConfig, server_round: int, *, state_dir: str | Path | None = None,
                 cache: DatasetCache | None = None, progress: bool = False) -> SiteUpdate:
@@ -201,22 +212,26 @@ def site_update(global_states: Mapping[str, Mapping[str, torch.Tensor]], site_ca
             continue
         net = init_model(setup, name)
         net.load_state_dict({k: torch.as_tensor(v) for k, v in global_states[name].items()})
-        opt_path = Path(state_dir) / f"optimizer-{name.replace('/', '-')}.pt" if state_dir is not None else None
         opt_state = None
-        if cfg.keep_site_optimizer_state and opt_path is not None and opt_path.is_file():
-            saved = load_checkpoint(opt_path, restore_rng=False)
-            if int(saved["round"]) == server_round - 1:
-                opt_state = saved["optimizer"]
+        before = _optimizer_file(state_dir, name, server_round - 1)
+        if cfg.keep_site_optimizer_state and before is not None and server_round > 1:
+            if before.is_file():
+                opt_state = load_checkpoint(before, restore_rng=False)["optimizer"]
             else:
-                log.warning("%s: optimizer state of round %s ignored in round %d", opt_path, saved["round"],
-                            server_round)
+                log.warning("%s: no optimizer state of round %d; round %d starts a fresh optimizer", state_dir,
+                            server_round - 1, server_round)
         outcome = train_model(net, cache.dataset([sd.cases[i] for i in idx]), [sd.targets[i] for i in idx],
                               setup.train, seed=setup.seed, name=name, total_epochs=cfg.total_epochs,
                               start_epoch=start, stop_epoch=stop, optimizer_state=opt_state, progress=progress,
                               num_classes=sd.stage.num_classes, segmentation=sd.stage.segmentation,
                               heads=sd.stage.head_sizes)
-        if cfg.keep_site_optimizer_state and opt_path is not None:
-            save_checkpoint(opt_path, {"round": server_round, "optimizer": outcome.optimizer_state})
+        if cfg.keep_site_optimizer_state and state_dir is not None:
+            save_checkpoint(_optimizer_file(state_dir, name, server_round),
+                            {"round": server_round, "optimizer": outcome.optimizer_state})
+            keep = {_optimizer_file(state_dir, name, server_round), before}  # this round's and the one before
+            for old in Path(state_dir).glob(f"optimizer-{name.replace('/', '-')}-r*.pt"):
+                if old not in keep:
+                    old.unlink(missing_ok=True)
         states[name] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         counts[name] = len(idx)
         losses[name] = outcome.losses[-1] if outcome.losses else float("nan")
@@ -253,6 +268,7 @@ class TaskModelProtocol(RoundProtocol):
         self.round_timeout_s = cfg.round_timeout_s
         self.threads_per_site = cfg.threads_per_site
         self.parallel_sites = cfg.parallel_sites
+        self.tolerate_missing = bool(getattr(cfg, "tolerate_missing", False))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "cache": None}
@@ -444,8 +460,12 @@ def run(ctx: ArmContext) -> ArmOutput:
     checks = federated_learning_check(model, ctx.train_sites, ctx.setup, final.history, ctx.cache)
     model.info.update(learning_check=checks, learning_summary=summarise_checks(checks))
     model.save(ctx.arm_dir / "model")
+    extra = {"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend}
+    events = final.events()
+    if events:
+        extra["federation_events"] = events
     return ArmOutput(models={ctx.name: model}, bytes_from_sites=final.bytes_from_sites, rounds=final.round,
-                     extra={"bytes_to_sites": final.bytes_to_sites, "backend": cfg.backend})
+                     extra=extra)
 
 
 ARM = ArmSpec(name="fedavg", run=run, config=FedAvgConfig,
