@@ -79,3 +79,16 @@ def test_open_site_reads_one_folder_and_names_its_problems(tiny_study, tmp_path)
         open_site(broken)
     with pytest.raises(FileNotFoundError):
         open_site(tmp_path / "nowhere")
+
+
+def test_server_start_refuses_what_would_need_the_sites_cases_before_starting(tmp_path, capsys):
+    from synthlearn.cli import main
+
+    out = tmp_path / "run"
+    assert main(["server", "start", "--config", "configs/study_tiny.toml", "--arms", "centralized,fedavg",
+                 "--out", str(out), "--credentials", str(tmp_path / "creds")]) == 2
+    assert "arms ['centralized'] train on the sites' data in one process" in capsys.readouterr().err
+    assert main(["server", "start", "--config", "configs/study_tiny.toml", "--arms", "catphishing",
+                 "--out", str(out), "--credentials", str(tmp_path / "creds")]) == 2
+    assert "transport = 'flower' and audit = false" in capsys.readouterr().err
+    assert not out.exists()

@@ -12,7 +12,7 @@ import torch
 
 from synthlearn.protocol import FederationState, RoundProtocol, run_protocol_inprocess
 
-STALL_S = 40.0
+STALL_S = 25.0
 
 
 class _FaultySites(RoundProtocol):

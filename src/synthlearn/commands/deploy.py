@@ -49,6 +49,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise ValueError(f"server start runs the study's federated arms across machines; arms {local} train on the "
                          f"sites' data in one process: run them with `synthlearn study run`, or choose --arms among "
                          f"{', '.join(deployable_arms())}")
+    for arm in cfg.arms:  # settings that would need the sites' cases here fail before anything starts
+        spec = get_arm(arm)
+        if spec.deploy_check is not None:
+            spec.deploy_check(cfg.arm_config(arm))
     check_output(args.out, "folder")
     keys = site_public_keys(args.credentials)
     out = Path(args.out)

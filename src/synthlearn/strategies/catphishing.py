@@ -516,9 +516,8 @@ def run(ctx: ArmContext) -> ArmOutput:
     # model depend on the seed.
     primary = ctx.primary_dir
     remote = not any(s.cases for s in ctx.train_sites)  # a deployed study: the sites' cases are on their machines
-    if remote and (cfg.transport != "flower" or cfg.audit):
-        raise ValueError("catphishing across machines (the training sites' cases are not here) needs "
-                         "catphishing.transport = 'flower' and audit = false: the audits read each site's cases")
+    if remote:
+        _deploy_check(cfg)
     members, holdout = {}, {}
     for name, site in sites.items():
         if remote:
@@ -659,6 +658,13 @@ def _upload_protocol(setup, cfg: CatphishingConfig):
     return ArtifactUploadProtocol(setup, cfg)
 
 
+def _deploy_check(cfg: CatphishingConfig) -> None:
+    if cfg.transport != "flower" or cfg.audit:
+        raise ValueError("catphishing across machines (the training sites' cases are not at the server) needs "
+                         f"[catphishing] transport = 'flower' and audit = false (found transport = {cfg.transport!r}, "
+                         f"audit = {cfg.audit}): the audits read each site's cases")
+
+
 def _check(cfg: CatphishingConfig, task: str) -> None:
     load_generator_for_task(cfg.generator, task)  # a missing or bad generator config fails before any training
 
@@ -668,7 +674,7 @@ def _signature(cfg: CatphishingConfig, task: str) -> dict[str, Any]:
 
 
 ARM = ArmSpec(name="catphishing", run=run, config=CatphishingConfig, needs=(RECOGNITION_REFERENCE,), check=_check,
-              signature=_signature, generic_data=False, protocol=_upload_protocol,
+              signature=_signature, generic_data=False, protocol=_upload_protocol, deploy_check=_deploy_check,
               description="a generator trained at each site, shipped once; the server trains on its synthetic cases only "
               "(paper 000)")
 

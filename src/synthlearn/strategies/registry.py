@@ -43,6 +43,8 @@ class ArmSpec:
         protocol: ``protocol(setup, config) -> RoundProtocol``: the arm's round protocol as a deployed site builds it
             from the settings the server names (:meth:`synthlearn.protocol.RoundProtocol.spec`); None: the arm does
             not run across machines (``synthlearn server start`` refuses it).
+        deploy_check: ``deploy_check(config)``: refuse (``ValueError``) settings that need the training sites' cases
+            at the server, before a deployed study starts.
     """
 
     name: str
@@ -57,6 +59,7 @@ class ArmSpec:
     spatial_dims: tuple[int, ...] = (3,)
     generic_data: bool = True
     protocol: Callable[[Any, Any], Any] | None = None
+    deploy_check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
