@@ -61,7 +61,10 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid, context) -> None:
     """Every remaining round of the job's protocol over the registered sites."""
+    from synthlearn.runtime import configure_threads
+
     job = read_job(str(context.run_config["job"]))
+    configure_threads(int(job.get("threads", 1)))  # the server's aggregation and training as in the study process
     protocol, names, checkpoint = job["protocol"], list(job["site_names"]), Path(job["checkpoint"])
     state = FederationState.load_or_start(checkpoint, protocol.initial_state)
     hello = {SPEC_KEY: json.dumps(protocol.spec())}

@@ -292,7 +292,8 @@ def deployed_federate(flwr_home: str | Path, *, submit_timeout_s: float | None =
             raise FederationError(f"{exc}") from exc
         state.save(checkpoint)  # the ServerApp starts from this state (also round 0's: a protocol's initial state)
         job = work_dir / "server" / "deploy_job.pt"
-        torch.save({"protocol": protocol, "site_names": [s.name for s in sites], "checkpoint": str(checkpoint)}, job)
+        torch.save({"protocol": protocol, "site_names": [s.name for s in sites], "checkpoint": str(checkpoint),
+                    "threads": torch.get_num_threads()}, job)  # the server's own work as in this process
         app_dir = write_flower_app(flwr_home / "app")
         limit = submit_timeout_s or protocol.start_timeout_s + protocol.rounds * protocol.round_timeout_s + 60.0
         log_file = work_dir / "server" / "flower-run.log"
