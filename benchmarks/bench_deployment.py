@@ -17,23 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "synthlearn.cli"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -45,7 +34,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 def deployed(config: Path, study: Path, arms: str, out: Path, timeout_s: float) -> tuple[dict, float]:
     from synthlearn.data.layouts import open_study
     from synthlearn.deployment.credentials import make_credentials
-    from synthlearn.deployment.runner import stop_process
+    from synthlearn.deployment.runner import free_local_ports, stop_process
 
     opened = open_study(study)
     train = [s.name for s in opened.sites_with_role("train")]
@@ -55,7 +44,7 @@ def deployed(config: Path, study: Path, arms: str, out: Path, timeout_s: float) 
     for site in opened.sites_with_role("test"):
         shutil.copytree(study / site.name, server_study / site.name)
     make_credentials(out / "creds", train)
-    link, *ports = _free_ports(1 + len(train))
+    link, *ports = free_local_ports(1 + len(train))
     address = f"127.0.0.1:{link}"
     t0 = time.perf_counter()
     server = _start(["server", "start", "--config", str(config), "--study", str(server_study), "--arms", arms,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,6 @@ from pathlib import Path
 import pytest
 
 CLI = [sys.executable, "-m", "synthlearn.cli"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -44,6 +33,7 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     import shutil
 
     from synthlearn.deployment.credentials import make_credentials
+    from synthlearn.deployment.runner import free_local_ports
 
     train = ["tcga", "utsw", "egd"]
     server_study = tmp_path / "server_study"  # what the server holds: study.json and the test sites, no training site
@@ -58,7 +48,7 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     config = tmp_path / "study.toml"  # FedAvg, and CATphishing's artifacts uploaded over the same channel
     config.write_text(f'base = "{Path("configs/study_tiny.toml").resolve()}"\narms = ["fedavg", "catphishing"]\n'
                       '[catphishing]\ntransport = "flower"\naudit = false\nper_class = 2\n')
-    link, *ports = _free_ports(6)
+    link, *ports = free_local_ports(6)
     address = f"127.0.0.1:{link}"
     procs: list[subprocess.Popen] = []
     try:

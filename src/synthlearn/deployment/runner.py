@@ -116,6 +116,21 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def free_local_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on 127.0.0.1 now (for a deployment tried on one machine: the SuperLink and each
+    SuperNode's local port)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` -> (host, port).
 
@@ -318,6 +333,7 @@ def deployed_federate(flwr_home: str | Path, *, submit_timeout_s: float | None =
     return federate
 
 
-__all__ = ["APP_MODULE", "CONNECTION", "deployed_federate", "flower_command", "flower_env", "register_sites",
+__all__ = ["APP_MODULE", "CONNECTION", "deployed_federate", "flower_command", "flower_env", "free_local_ports",
+           "register_sites",
            "split_address", "start_superlink", "start_supernode", "stop_process", "supernode_command",
            "write_connection", "write_flower_app"]
