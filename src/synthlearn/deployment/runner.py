@@ -13,6 +13,7 @@ every Flower command from this Python's environment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -317,13 +318,30 @@ def deployed_federate(flwr_home: str | Path, *, submit_timeout_s: float | None =
         log.info("federation: submitting %s over %d sites to the SuperLink (log %s)", protocol.arm_name, len(sites),
                  log_file)
         t0 = time.perf_counter()
-        with open(log_file, "ab") as out:
-            try:
-                subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=flower_env(flwr_home), timeout=limit,
-                               check=False)
-            except subprocess.TimeoutExpired:
-                raise FederationError(f"the deployed federation did not finish within {limit:g} s; its log "
-                                      f"{log_file}:\n{_tail(log_file)}") from None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=protocol.rounds, initial=state.round, desc=f"federation ({protocol.arm_name}, deployed)",
+                       unit="round", leave=False)
+        seen = checkpoint.stat().st_mtime_ns
+        try:
+            with open(log_file, "ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=flower_env(flwr_home),
+                                        start_new_session=True)
+                while proc.poll() is None:
+                    if time.perf_counter() - t0 > limit:
+                        stop_process(proc)
+                        raise FederationError(f"the deployed federation did not finish within {limit:g} s; its log "
+                                              f"{log_file}:\n{_tail(log_file)}")
+                    time.sleep(1.0)
+                    if bar is not None and checkpoint.stat().st_mtime_ns != seen:  # the ServerApp saved a round
+                        seen = checkpoint.stat().st_mtime_ns
+                        with contextlib.suppress(Exception):  # a progress bar never stops a federation
+                            bar.update(FederationState.load_or_start(checkpoint, dict).round - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
         state = FederationState.load_or_start(checkpoint, protocol.initial_state)
         if state.round < protocol.rounds:
             raise FederationError(f"the deployed federation stopped after round {state.round} of {protocol.rounds} "
