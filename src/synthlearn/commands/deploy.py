@@ -74,6 +74,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     import os
     import subprocess
+    import sys
 
     from synthlearn.deployment.runner import check_site_files, flower_env, stop_process, supernode_command
 
@@ -90,8 +91,14 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     os.environ.update(env)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
+        for line in proc.stdout:  # relayed; flwr 1.41's SuperNode logs that it gave up but keeps running
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "Giving up reconnection" in line:
+                print(f"site join: no server for {args.max_wait or 0:g} s (--max-wait); leaving", flush=True)
+                return 1
         return proc.wait()
     except KeyboardInterrupt:
         return 130
