@@ -75,6 +75,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     import os
     import subprocess
     import sys
+    import threading
 
     from synthlearn.deployment.runner import check_site_files, flower_env, stop_process, supernode_command
 
@@ -92,14 +93,22 @@ def cmd_join(args: argparse.Namespace) -> int:
         return 0
     os.environ.update(env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    try:
-        for line in proc.stdout:  # relayed; flwr 1.41's SuperNode logs that it gave up but keeps running
+    gave_up = threading.Event()
+
+    def relay() -> None:  # the SuperNode's log, watched: flwr 1.41's SuperNode logs that it gave up but keeps running
+        for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             if "Giving up reconnection" in line:
+                gave_up.set()
+
+    threading.Thread(target=relay, daemon=True).start()  # the pipe stays open while Flower's SuperExec lives
+    try:
+        while proc.poll() is None:
+            if gave_up.wait(0.5):
                 print(f"site join: no server for {args.max_wait or 0:g} s (--max-wait); leaving", flush=True)
                 return 1
-        return proc.wait()
+        return proc.returncode
     except KeyboardInterrupt:
         return 130
     finally:
