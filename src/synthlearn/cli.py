@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"synthlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from synthlearn.protocol import FederationError
+
+        if args.verbose or not isinstance(exc, FederationError):
+            raise
+        print(f"synthlearn {args.command}: the federation failed: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -92,3 +92,24 @@ def test_server_start_refuses_what_would_need_the_sites_cases_before_starting(tm
                  "--out", str(out), "--credentials", str(tmp_path / "creds")]) == 2
     assert "transport = 'flower' and audit = false" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_failed_federation_is_one_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
+    """A SuperLink that cannot start (its port taken) ends `server start` with one line naming it, not a traceback."""
+    import socket
+
+    from synthlearn.cli import main
+    from synthlearn.deployment.credentials import make_credentials
+
+    make_credentials(tmp_path / "creds", ["tcga"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["server", "start", "--config", "configs/study_tiny.toml", "--arms", "fedavg", "--out",
+                     str(tmp_path / "run"), "--credentials", str(tmp_path / "creds"), "--address",
+                     f"127.0.0.1:{port}", "-q"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "the federation failed: the SuperLink cannot listen on 127.0.0.1" in err and "another process" in err
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -95,8 +96,6 @@ def write_flower_app(folder: str | Path) -> Path:
 
 
 def _wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float, log_file: Path) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -120,8 +119,6 @@ def _tail(path: Path, lines: int = 30) -> str:
 def free_local_ports(n: int) -> list[int]:
     """``n`` TCP ports free on 127.0.0.1 now (for a deployment tried on one machine: the SuperLink and each
     SuperNode's local port)."""
-    import socket
-
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -159,6 +156,12 @@ def start_superlink(address: str, credentials: str | Path, flwr_home: str | Path
             raise FileNotFoundError(f"{credentials / name}: missing; make the consortium's credentials with "
                                     "`synthlearn server credentials --out DIR --site NAME ...`")
     host, port = split_address(address)
+    with socket.socket() as probe:  # another process on the port would answer in the SuperLink's place
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise FederationError(f"the SuperLink cannot listen on {address}: {exc.strerror or exc} (another "
+                                  "process holds it; choose another --address port)") from None
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [flower_command("flower-superlink"), "--ssl-ca-certfile", str(credentials / CA_CERT),
