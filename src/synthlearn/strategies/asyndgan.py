@@ -80,7 +80,7 @@ from synthlearn.protocol import (
     SiteReply,
     run_protocol_inprocess,
 )
-from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.base import REMOTE_SITE_SKIP, ArmContext, ArmOutput
 from synthlearn.strategies.catphishing import plot_fid_matrix
 from synthlearn.strategies.registry import ArmSpec
 from synthlearn.tasks.cache import DatasetCache
@@ -960,6 +960,9 @@ def privacy_audit(ctx: ArmContext, cfg: AsynDGANConfig, real: Mapping[str, tuple
     out: dict[str, Any] = {}
     for site, (keys, members) in real.items():
         held, syn = holdout.get(site, []), synthetic.get(site, [])
+        if not held and not members:
+            out[site] = {"skipped": REMOTE_SITE_SKIP}
+            continue
         if len(held) < 2 or len(members) < 2:
             out[site] = {"skipped": f"needs >= 2 held-out and >= 2 member cases (audit_holdout {cfg.audit_holdout}; "
                                    f"found {len(held)} and {len(members)})"}

@@ -54,6 +54,11 @@ class ArmContext:
         return tuple(c for s in self.train_sites for c in s.cases)
 
 
+#: an audit's entry for a site whose cases are not at the server (a deployed study: ``synthlearn server start``)
+REMOTE_SITE_SKIP = ("the site's cases are not at this server (a deployed study): a membership audit reads them, "
+                    "so it runs where they are")
+
+
 @dataclasses.dataclass
 class ArmOutput:
     """What an arm returns.
@@ -73,4 +78,4 @@ class ArmOutput:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-__all__ = ["ArmContext", "ArmOutput"]
+__all__ = ["REMOTE_SITE_SKIP", "ArmContext", "ArmOutput"]

@@ -70,7 +70,7 @@ from synthlearn.data.contract import SEQUENCES, CaseRecord, SiteRecord
 from synthlearn.data.io import CaseArrays, write_json
 from synthlearn.evaluate.radiomics import case_id_of
 from synthlearn.protocol import SiteReply, run_protocol_inprocess
-from synthlearn.strategies.base import ArmContext, ArmOutput
+from synthlearn.strategies.base import REMOTE_SITE_SKIP, ArmContext, ArmOutput
 from synthlearn.strategies.fedavg import TaskModelProtocol, federated_learning_check, task_model_from_states
 from synthlearn.strategies.registry import ArmSpec
 from synthlearn.tasks.folds import stage_data
@@ -611,6 +611,9 @@ def privacy_audit(ctx: ArmContext, cfg: FedKDConfig, states: Mapping[str, Mappin
         control_net.load_state_dict({k: torch.as_tensor(v) for k, v in states[name].items()})
     out: dict[str, Any] = {}
     for site in ctx.train_sites:
+        if not site.cases:
+            out[site.name] = {"skipped": REMOTE_SITE_SKIP}
+            continue
         member_ids, holdout_ids = audit_split(site, cfg.audit_holdout, setup)
         by_id = {c.case_id: c for c in site.cases}
         # only cases with a known first-head class enter the compression: the others are neither group
