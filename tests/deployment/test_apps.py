@@ -54,14 +54,19 @@ def test_a_site_refuses_an_arm_it_did_not_agree_to(setup, tmp_path):
 
     text = json.dumps(FedAvgProtocol(setup, FedAvgConfig()).spec())
     with pytest.raises(PermissionError, match=r"agreed to run only \['fedkd'\]"):
-        apps._site_protocol(1, "tcga", tmp_path / "run-1", text, ["fedkd"])
-    assert not (tmp_path / "run-1").exists()  # nothing recorded for a refused run
-    protocol = apps._site_protocol(2, "tcga", tmp_path / "run-2", text, ["fedavg"])
-    assert json.loads((tmp_path / "run-2" / "protocol.json").read_text())["arm"] == "fedavg"  # what it agreed to
+        apps._site_protocol(1, "tcga", tmp_path / "state", text, ["fedkd"])
+    assert not (tmp_path / "state").exists()  # nothing recorded for a refused run
+    protocol, folder = apps._site_protocol(2, "tcga", tmp_path / "state", text, ["fedavg"])
+    assert json.loads((folder / "protocol.json").read_text())["arm"] == "fedavg"  # what it agreed to
     apps._PROTOCOLS.clear()  # a fresh ClientApp process rebuilds it from the site's own record
-    assert apps._site_protocol(2, "tcga", tmp_path / "run-2", None, ["fedavg"]).cfg == protocol.cfg
+    again, same = apps._site_protocol(2, "tcga", tmp_path / "state", None, ["fedavg"])
+    assert again.cfg == protocol.cfg and same == folder
+    # a resumed federation is a new Flower run of the same spec: the same state folder (e.g. its optimizer state)
+    assert apps._site_protocol(7, "tcga", tmp_path / "state", text, ["fedavg"])[1] == folder
+    other = json.dumps(FedAvgProtocol(setup, FedAvgConfig(rounds=3)).spec())
+    assert apps._site_protocol(8, "tcga", tmp_path / "state", other, [])[1] != folder
     with pytest.raises(RuntimeError, match="before its hello"):
-        apps._site_protocol(3, "tcga", tmp_path / "run-3", None, [])
+        apps._site_protocol(3, "tcga", tmp_path / "state", None, [])
 
 
 def test_open_site_reads_one_folder_and_names_its_problems(tiny_study, tmp_path):

@@ -97,16 +97,16 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     assert arm["transport"] == "flower" and arm["upload_message_bytes"] > 0
     for site in train:  # each site ran the rounds itself and recorded what it agreed to run
         agreed = sorted(json.loads(p.read_text())["arm"]
-                        for p in (tmp_path / "state" / site).glob("run-*/protocol.json"))
+                        for p in (tmp_path / "state" / site).glob("protocol-*/protocol.json"))
         assert agreed == ["catphishing", "fedavg"]
         # FedAvg: hello + 2 rounds; CATphishing: hello + the upload
         assert (tmp_path / f"{site}.log").read_text().count("Receiving: train message") == 5
         assert (tmp_path / "run" / "catphishing" / "artifacts" / site / "manifest.json").is_file()
-        assert list((tmp_path / "state" / site).glob("run-*/*/holdout.json"))  # the holdout stayed at the site
+        assert list((tmp_path / "state" / site).glob("protocol-*/*/holdout.json"))  # the holdout stayed at the site
     for name in ("unregistered", "wrong_ca"):  # never admitted, never sent a message
         text = (tmp_path / f"{name}.log").read_text()
         assert "Receiving: train message" not in text and "SuperNode ID" not in text, text[-2000:]
-    assert not list((tmp_path / "state" / "intruder").glob("run-*"))
+    assert not list((tmp_path / "state" / "intruder").glob("protocol-*"))
     # refused for the right reasons (flwr 1.41's words): the SuperLink knows no such key; TLS fails the server's
     # certificate against a CA that did not sign it
     assert "Failed to activate SuperNode" in (tmp_path / "unregistered.log").read_text()

@@ -35,7 +35,7 @@ SPEC_KEY = "protocol-spec"
 #: node config keys of a deployed site
 SITE_DIR, STATE_DIR, ALLOW, SITE_NAME = "site-dir", "state-dir", "allow", "site-name"
 
-_PROTOCOLS: dict[tuple[int, str], Any] = {}  # per ClientApp process: (run id, site) -> its protocol
+_PROTOCOLS: dict[tuple[int, str], tuple[Any, Path]] = {}  # per ClientApp process: (run id, site) -> protocol, folder
 _MEMORY: dict[tuple[int, str], dict[str, Any]] = {}  # per ClientApp process: what a site keeps between rounds
 
 
@@ -71,26 +71,42 @@ def server_main(grid, context) -> None:
     run_rounds(grid, protocol, state, names, checkpoint, hello=hello)
 
 
-def _site_protocol(run_id: int, site: str, state_root: Path, spec_text: str | None, allowed: list[str]):
-    """The protocol of ``run_id`` at this site: built from the hello's spec (and kept in the site's state folder),
-    or rebuilt from that file in a later round."""
+def _site_protocol(run_id: int, site: str, state: Path, spec_text: str | None, allowed: list[str]):
+    """The protocol of ``run_id`` at this site and its state folder: built from the hello's spec, or rebuilt in a
+    later round from what the site recorded at the hello.
+
+    The state folder is the spec's (``state/protocol-<sha256 of the spec>/``, with ``protocol.json``, what the site
+    agreed to run), not the run's: a federation the server resumes is a new Flower run of the same spec, and finds
+    the site's state of its earlier rounds (e.g. FedAvg's optimizer) again. ``state/runs/<run id>`` names it.
+
+    Returns:
+        ``(protocol, its state folder)``.
+    """
+    import hashlib
+
     from synthlearn.strategies.registry import protocol_from_spec
 
     key = (run_id, site)
-    spec_file = state_root / "protocol.json"
+    pointer = state / "runs" / str(run_id)
     if spec_text is not None:
         spec = json.loads(spec_text)
         arm = spec.get("arm") if isinstance(spec, dict) else None
         if allowed and arm not in allowed:
             raise PermissionError(f"site {site}: the server asked for arm {arm!r}; this site agreed to run only "
                                   f"{allowed} (site join --allow)")
-        _PROTOCOLS[key] = protocol_from_spec(spec)
-        state_root.mkdir(parents=True, exist_ok=True)
-        spec_file.write_text(json.dumps(spec, indent=1, sort_keys=True))
+        protocol = protocol_from_spec(spec)
+        text = json.dumps(spec, indent=1, sort_keys=True)
+        folder = state / f"protocol-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "protocol.json").write_text(text)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(folder.name)
+        _PROTOCOLS[key] = (protocol, folder)
     elif key not in _PROTOCOLS:
-        if not spec_file.is_file():
-            raise RuntimeError(f"site {site}: round message of run {run_id} before its hello (no {spec_file})")
-        _PROTOCOLS[key] = protocol_from_spec(json.loads(spec_file.read_text()))
+        if not pointer.is_file():
+            raise RuntimeError(f"site {site}: round message of run {run_id} before its hello (no {pointer})")
+        folder = state / pointer.read_text().strip()
+        _PROTOCOLS[key] = (protocol_from_spec(json.loads((folder / "protocol.json").read_text())), folder)
     return _PROTOCOLS[key]
 
 
@@ -110,11 +126,10 @@ def site_main(msg: Message, context) -> Message:
     name = str(node.get(SITE_NAME) or site_dir.resolve().name)
     allowed = [a for a in str(node.get(ALLOW, "")).split(",") if a]
     run_id = int(msg.metadata.run_id)
-    state_root = Path(str(node[STATE_DIR])) / f"run-{run_id}"
     config = msg.content[CONFIG_KEY]
     hello = int(config[ROUND_KEY]) == HELLO_ROUND
-    protocol = _site_protocol(run_id, name, state_root, str(config[SPEC_KEY]) if hello and SPEC_KEY in config
-                              else None, allowed)
+    protocol, state_root = _site_protocol(run_id, name, Path(str(node[STATE_DIR])),
+                                          str(config[SPEC_KEY]) if hello and SPEC_KEY in config else None, allowed)
     if hello:
         log.info("site %s: run %d agreed (%s)", name, run_id, protocol.arm_name)
         return hello_reply(name, msg)
