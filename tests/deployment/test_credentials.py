@@ -17,8 +17,9 @@ def test_credentials_chain_hosts_and_site_keys(tmp_path):
     server = x509.load_pem_x509_certificate(written["server.pem"].read_bytes())
     server.verify_directly_issued_by(ca)  # raises when the server certificate is not the CA's
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
-    assert names.get_values_for_type(x509.DNSName) == ["server.example"]
+    # the names the sites dial, and loopback, where the server's own commands dial its SuperLink
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["server.example", "localhost"]
     for site in ("site-a", "site_b"):
         public = serialization.load_ssh_public_key(written[f"site:{site}.pub"].read_bytes())
         assert isinstance(public.curve, ec.SECP384R1)  # Flower admits NIST curves only
@@ -41,3 +42,11 @@ def test_credentials_refuse_overwrite_and_bad_names(tmp_path):
     assert not (tmp_path / "d").exists()
     with pytest.raises(FileNotFoundError, match="no site public key"):
         site_public_keys(tmp_path)
+
+
+def test_the_servers_own_connection_dials_loopback_when_it_listens_everywhere(tmp_path):
+    from synthlearn.deployment.runner import write_connection
+
+    text = write_connection(tmp_path, "0.0.0.0:9300", tmp_path / "ca.crt").read_text()
+    assert 'address = "127.0.0.1:9300"' in text and "root-certificates" in text
+    assert 'address = "10.1.2.3:9300"' in write_connection(tmp_path, "10.1.2.3:9300", tmp_path / "ca.crt").read_text()

@@ -40,7 +40,8 @@ def make_credentials(out: str | Path, sites: Sequence[str], *, hosts: Sequence[s
         out: a new or empty folder.
         sites: the site names (one key pair each: ``sites/<site>.key`` and ``sites/<site>.pub``, OpenSSH format).
         hosts: the names and IP addresses the sites use to reach the server (the certificate's subject alternative
-            names; a site that dials another name is refused by TLS).
+            names; a site that dials another name is refused by TLS). 127.0.0.1 and localhost are always added:
+            the server's own commands dial the SuperLink there.
         days: validity of the certificates.
         name: the CA's common name.
 
@@ -80,6 +81,7 @@ def make_credentials(out: str | Path, sites: Sequence[str], *, hosts: Sequence[s
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
     alt: list[x509.GeneralName] = []
     for host in hosts:
         try:

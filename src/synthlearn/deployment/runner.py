@@ -65,7 +65,11 @@ def flower_command(name: str) -> str:
 
 def write_connection(flwr_home: str | Path, address: str, ca_cert: str | Path) -> Path:
     """Write ``FLWR_HOME/config.toml`` naming the SuperLink at ``address`` (TLS verified against ``ca_cert``) as the
-    default connection of the ``flwr`` commands."""
+    default connection of the ``flwr`` commands; a SuperLink listening on every interface (0.0.0.0, ::) is dialled
+    at 127.0.0.1, which its certificate always names."""
+    host, port = split_address(address)
+    if host in ("0.0.0.0", "::", ""):
+        address = f"127.0.0.1:{port}"
     path = Path(flwr_home) / "config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
