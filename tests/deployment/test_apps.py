@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from synthlearn.config import ConfigError
 from synthlearn.strategies.registry import deployable_arms, protocol_from_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,29 @@ def test_a_failed_federation_is_one_line_and_exit_code_3(tmp_path, capsys, monke
     assert code == 3, err
     assert "the federation failed: the SuperLink cannot listen on 127.0.0.1" in err and "another process" in err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_site_join_and_server_start_refuse_bad_input_and_write_nothing(tiny_study, tmp_path, capsys, monkeypatch):
+    from synthlearn.cli import main
+    from synthlearn.deployment.credentials import make_credentials
+
+    creds = tmp_path / "creds"
+    make_credentials(creds, ["tcga"])
+    monkeypatch.chdir(tmp_path)  # where a site's default state folder would go
+    join = ["site", "join", "--superlink", "127.0.0.1:9300", "--ca", str(creds / "ca.crt"), "--key",
+            str(creds / "sites" / "tcga.key")]
+    for args, words in (([*join, "--site", str(tiny_study / "tcga"), "--superlink", "server-without-port"],
+                         "expected an address host:port"),
+                        ([*join, "--site", str(creds / "ca.crt")], "found a file"),
+                        ([*join, "--site", str(creds / "sites")], "found no case folder"),
+                        ([*join, "--site", str(tiny_study / "tcga"), "--allow", "fedavg,centralized"],
+                         "['centralized'] are not arms that run deployed")):
+        assert main(args) == 2, args
+        assert words in capsys.readouterr().err
+    assert main([*join, "--site", str(tiny_study / "tcga"), "--dry-run"]) == 0
+    assert "flower-supernode" in capsys.readouterr().out
+    assert not (tmp_path / "synthlearn-site-state").exists()  # a dry run writes nothing
+    assert main(["server", "start", "--config", str(ROOT / "configs" / "study_tiny.toml"), "--arms", "fedavg",
+                 "--study", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--credentials", str(creds)]) == 2
+    assert "no such study folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the SuperLink started

@@ -33,6 +33,7 @@ def cmd_credentials(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from synthlearn.commands import check_output
     from synthlearn.commands.study import format_summary
+    from synthlearn.data.layouts import open_study
     from synthlearn.deployment.credentials import site_public_keys
     from synthlearn.deployment.runner import deployed_federate, register_sites, start_superlink, stop_process
     from synthlearn.strategies.registry import deployable_arms, get_arm
@@ -44,6 +45,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.arms:
         overrides["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
     cfg = load_study_config(args.config, overrides)
+    open_study(cfg.study)  # a missing or unreadable study fails before the SuperLink starts
     local = [a for a in cfg.arms if get_arm(a).protocol is None]
     if local:
         raise ValueError(f"server start runs the study's federated arms across machines; arms {local} train on the "
@@ -72,26 +74,36 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    import os
     import subprocess
     import sys
     import threading
 
-    from synthlearn.deployment.runner import check_site_files, flower_env, stop_process, supernode_command
+    from synthlearn.deployment.runner import (
+        check_site_files,
+        flower_env,
+        split_address,
+        stop_process,
+        supernode_command,
+    )
+    from synthlearn.strategies.registry import deployable_arms
 
+    split_address(args.superlink)
     check_site_files(args.site, args.ca, args.key)
-    state = Path(args.state or Path(args.site).resolve().parent / f".{Path(args.site).resolve().name}-synthlearn")
-    state.mkdir(parents=True, exist_ok=True)
+    name = args.name or Path(args.site).resolve().name
+    state = Path(args.state or Path("synthlearn-site-state") / name)
     allow = [a.strip() for a in (args.allow or "").split(",") if a.strip()]
+    unknown = sorted(set(allow) - set(deployable_arms()))
+    if unknown:
+        raise ValueError(f"--allow {args.allow}: {unknown} are not arms that run deployed; choose among "
+                         f"{', '.join(deployable_arms())}")
     cmd = supernode_command(args.superlink, args.ca, args.key, args.site, state, port=args.port, name=args.name,
                             allow=allow, max_wait_s=args.max_wait)
-    env = flower_env(args.flwr_home or state / "flower")
-    print(f"site {args.name or Path(args.site).resolve().name}: serving {args.site} to {args.superlink} (state in "
-          f"{state}); Ctrl-C to leave", flush=True)
+    print(f"site {name}: serving {args.site} to {args.superlink} (state in {state}); Ctrl-C to leave", flush=True)
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    os.environ.update(env)
+    state.mkdir(parents=True, exist_ok=True)
+    env = flower_env(args.flwr_home or state / "flower")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     gave_up = threading.Event()
 
@@ -164,7 +176,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     join.add_argument("--ca", required=True, help="the consortium's CA certificate (ca.crt)")
     join.add_argument("--key", required=True, help="this site's private key (sites/<site>.key)")
     join.add_argument("--name", default="", help="the site's name in the study (default: the folder's name)")
-    join.add_argument("--state", help="private state folder (default: .<site>-synthlearn beside the site folder)")
+    join.add_argument("--state", help="private state folder (default: synthlearn-site-state/<site> in the working "
+                                      "folder)")
     join.add_argument("--port", type=int, default=9094, help="the SuperNode's local port for its app (default 9094)")
     join.add_argument("--allow", help="comma-separated arms this site agrees to run (default: all deployable)")
     join.add_argument("--max-wait", type=float, help="give up after this many seconds without the server")

@@ -2,7 +2,7 @@
 
 - :func:`start_superlink`: the server's Flower SuperLink with TLS and SuperNode authentication (a child process);
 - :func:`register_sites`: the site public keys it admits (``flwr supernode register``);
-- :func:`start_supernode`: a hospital's SuperNode serving one site folder (``synthlearn site join``);
+- :func:`supernode_command`: a hospital's SuperNode serving one site folder (``synthlearn site join``);
 - :func:`deployed_federate`: the study runner's ``federate`` for a deployed study (``synthlearn server start``):
   each federation is one Flower run submitted to the SuperLink (``flwr run``), whose ServerApp runs the protocol's
   rounds (:mod:`synthlearn.deployment.apps`) and checkpoints them where this process reads the result back.
@@ -271,22 +271,23 @@ def supernode_command(superlink: str, ca_cert: str | Path, key: str | Path, site
 
 
 def check_site_files(site_dir: str | Path, ca_cert: str | Path, key: str | Path) -> None:
-    """Refuse to start a SuperNode whose site folder, CA certificate or key is missing (names the file)."""
+    """Refuse to start a SuperNode whose site folder, CA certificate or key is missing or of the wrong kind.
+
+    Raises:
+        FileNotFoundError: naming the missing path.
+        ValueError: naming the path, what was expected and what was found.
+    """
     for what, path in (("site folder", site_dir), ("CA certificate", ca_cert), ("site key", key)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: the {what} does not exist")
-
-
-def start_supernode(superlink: str, ca_cert: str | Path, key: str | Path, site_dir: str | Path,
-                    state_dir: str | Path, flwr_home: str | Path, log_file: str | Path, **kwargs) -> subprocess.Popen:
-    """Start a SuperNode (:func:`supernode_command`) as a child process logging to ``log_file``."""
-    check_site_files(site_dir, ca_cert, key)
-    log_file = Path(log_file)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as out:
-        return subprocess.Popen(supernode_command(superlink, ca_cert, key, site_dir, state_dir, **kwargs), stdout=out,
-                                stderr=subprocess.STDOUT, env=flower_env(flwr_home), start_new_session=True)
+    site = Path(site_dir)
+    if not site.is_dir() or not any(p.is_dir() and not p.name.startswith(".") for p in site.iterdir()):
+        found = "a file" if not site.is_dir() else f"no case folder ({sorted(p.name for p in site.iterdir())[:8]})"
+        raise ValueError(f"--site {site}: expected a site folder of case folders (<case>/<sequence>.nii.gz), found "
+                         f"{found}")
+    for what, path in (("CA certificate", ca_cert), ("site key", key)):
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: expected the {what} file, found a folder")
 
 
 def deployed_federate(flwr_home: str | Path, *, submit_timeout_s: float | None = None):
@@ -360,5 +361,5 @@ def deployed_federate(flwr_home: str | Path, *, submit_timeout_s: float | None =
 
 __all__ = ["APP_MODULE", "CONNECTION", "deployed_federate", "flower_command", "flower_env", "free_local_ports",
            "register_sites",
-           "split_address", "start_superlink", "start_supernode", "stop_process", "supernode_command",
+           "split_address", "start_superlink", "stop_process", "supernode_command",
            "write_connection", "write_flower_app"]
