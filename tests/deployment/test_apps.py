@@ -144,6 +144,7 @@ def test_site_join_and_server_start_refuse_bad_input_and_write_nothing(tiny_stud
     assert "flower-supernode" in capsys.readouterr().out
     assert not (tmp_path / "synthlearn-site-state").exists()  # a dry run writes nothing
     assert main(["server", "start", "--config", str(ROOT / "configs" / "study_tiny.toml"), "--arms", "fedavg",
-                 "--study", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--credentials", str(creds)]) == 2
+                 "--study", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
+                 "--credentials", str(creds)]) == 2
     assert "no such study folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the SuperLink started
