@@ -78,7 +78,6 @@ log = logging.getLogger(__name__)
 RECOGNITION_REFERENCE = "centralized"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class CatphishingConfig:
     """The CATphishing arm (``[catphishing]`` of a study config).
@@ -653,11 +652,6 @@ def run(ctx: ArmContext) -> ArmOutput:
                      rounds=1, extra=extra)
 
 
-def _upload_protocol(setup, cfg: CatphishingConfig):
-    """The arm's round protocol at a deployed site: the artifact upload (``transport = "flower"``)."""
-    return ArtifactUploadProtocol(setup, cfg)
-
-
 def _deploy_check(cfg: CatphishingConfig) -> None:
     if cfg.transport != "flower" or cfg.audit:
         raise ValueError("catphishing across machines (the training sites' cases are not at the server) needs "
@@ -674,7 +668,7 @@ def _signature(cfg: CatphishingConfig, task: str) -> dict[str, Any]:
 
 
 ARM = ArmSpec(name="catphishing", run=run, config=CatphishingConfig, needs=(RECOGNITION_REFERENCE,), check=_check,
-              signature=_signature, generic_data=False, protocol=_upload_protocol, deploy_check=_deploy_check,
+              signature=_signature, generic_data=False, protocol=ArtifactUploadProtocol, deploy_check=_deploy_check,
               description="a generator trained at each site, shipped once; the server trains on its synthetic cases only "
               "(paper 000)")
 
