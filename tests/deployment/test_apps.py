@@ -102,7 +102,7 @@ def test_server_start_refuses_what_would_need_the_sites_cases_before_starting(tm
     assert not out.exists()
 
 
-def test_a_failed_federation_is_one_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
+def test_a_failed_federation_is_one_line_and_exit_code_3(tiny_study, tmp_path, capsys):
     """A SuperLink that cannot start (its port taken) ends `server start` with one line naming it, not a traceback."""
     import socket
 
@@ -114,7 +114,8 @@ def test_a_failed_federation_is_one_line_and_exit_code_3(tmp_path, capsys, monke
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["server", "start", "--config", "configs/study_tiny.toml", "--arms", "fedavg", "--out",
+        code = main(["server", "start", "--config", "configs/study_tiny.toml", "--study", str(tiny_study),
+                     "--arms", "fedavg", "--out",
                      str(tmp_path / "run"), "--credentials", str(tmp_path / "creds"), "--address",
                      f"127.0.0.1:{port}", "-q"])
     err = capsys.readouterr().err

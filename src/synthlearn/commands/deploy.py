@@ -45,7 +45,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.arms:
         overrides["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
     cfg = load_study_config(args.config, overrides)
-    open_study(cfg.study)  # a missing or unreadable study fails before the SuperLink starts
     local = [a for a in cfg.arms if get_arm(a).protocol is None]
     if local:
         raise ValueError(f"server start runs the study's federated arms across machines; arms {local} train on the "
@@ -55,6 +54,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         spec = get_arm(arm)
         if spec.deploy_check is not None:
             spec.deploy_check(cfg.arm_config(arm))
+    open_study(cfg.study)  # a missing or unreadable study fails before the SuperLink starts
     check_output(args.out, "folder")
     keys = site_public_keys(args.credentials)
     out = Path(args.out)
