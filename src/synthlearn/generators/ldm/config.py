@@ -22,6 +22,7 @@ from synthlearn.models.autoencoder import (
 )
 from synthlearn.models.diffusion import DiffusionConfig
 from synthlearn.models.superres import SuperResConfig
+from synthlearn.generators.ldm.dp import PrivacyConfig
 
 
 
@@ -92,6 +93,7 @@ class GeneratorConfig:
         latent_shape: spatial shape of the latent (paper: 16x32x32 for 128x192x192).
         autoencoder, superres, diffusion: the three stages.
         sampling: defaults for synthesis.
+        privacy: DP-SGD for the autoencoder and the diffusion model (:mod:`synthlearn.generators.ldm.dp`).
         augment_flip: random left-right flips (the brain is roughly symmetric; paper: augmentation).
         tumour_patch_fraction: share of training patches centred on a tumour voxel (when patches are used).
         grad_clip: gradient-norm clipping in every stage (paper: gradient clipping against over-fitting).
@@ -115,6 +117,7 @@ class GeneratorConfig:
     superres: SuperResConfig = dataclasses.field(default_factory=SuperResConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     augment_flip: bool = True
     tumour_patch_fraction: float = 0.5
     grad_clip: float = 1.0
@@ -164,6 +167,20 @@ class GeneratorConfig:
             raise ValueError(f"tumour_patch_fraction must be in [0, 1], found {self.tumour_patch_fraction}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, found {self.grad_clip}")
+        if self.privacy.dp_sgd:
+            refused = []
+            if self.autoencoder.kind == "space_to_depth":
+                refused.append("autoencoder.kind = space_to_depth (nothing to train privately; not supported)")
+            if self.autoencoder.adv_weight > 0:
+                refused.append(f"autoencoder.adv_weight = {self.autoencoder.adv_weight} (its discriminator reads the "
+                               f"members' images without noise; set 0)")
+            if self.autoencoder.patch_size is not None:
+                refused.append("autoencoder.patch_size (a batch's patch is placed on one case's tumour; use whole "
+                               "cases)")
+            if self.superres.epochs:
+                refused.append(f"superres.epochs = {self.superres.epochs} (stage 2 has no DP-SGD yet; set 0)")
+            if refused:
+                raise ValueError("privacy.dp_sgd = true refuses " + "; ".join(refused))
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -253,9 +253,12 @@ def _reduce(sums: dict[str, float], count: int, rt: Runtime) -> tuple[dict[str, 
 def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: GeneratorConfig, rt: Runtime, *,
                        seed: int, ckpt: Path, progress: bool,
                        classes: torch.Tensor | None = None,
-                       on_epoch: EpochHook | None = None) -> dict[str, list[float]]:
+                       on_epoch: EpochHook | None = None,
+                       dp_reports: dict[str, Any] | None = None) -> dict[str, list[float]]:
     """Stage 1 on ``x_work`` ``(N, 5, *working_shape)`` (``classes`` ``(N,)``, -1 = unknown: what a
-    class-conditional decoder decodes with); returns the per-epoch loss history."""
+    class-conditional decoder decodes with); returns the per-epoch loss history. With ``privacy.dp_sgd``
+    (:mod:`synthlearn.generators.ldm.dp`) every step is DP-SGD over cases and the component's accounting goes into
+    ``dp_reports["autoencoder"]``."""
     from monai.losses import PatchAdversarialLoss
 
     acfg = cfg.autoencoder
@@ -270,6 +273,12 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
     history: dict[str, list[float]] = {}
     start = 0
+    n = x_work.shape[0]
+    dpt = None
+    if cfg.privacy.dp_sgd:
+        from synthlearn.generators.ldm.dp import DPTraining
+
+        dpt = DPTraining(_AutoencoderStep(ae), opt, cfg.privacy, "autoencoder", n, acfg.batch_size, acfg.epochs)
     if ckpt.is_file():
         state = load_checkpoint(ckpt, map_location=rt.device)
         ae.ae.load_state_dict(state["model"])
@@ -277,10 +286,21 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
         if disc is not None:
             disc.load_state_dict(state["discriminator"])
             opt_d.load_state_dict(state["disc_optimizer"])
+        if dpt is not None:
+            dpt.load_state_dict(state["dp"])
         history, start = state["history"], int(state["epoch"])
         if start < acfg.epochs:
             log.info("autoencoder: resuming from epoch %d/%d (%s)", start, acfg.epochs, ckpt)
     if start >= acfg.epochs:
+        if dpt is not None:
+            dp_reports["autoencoder"] = dpt.report()
+            dpt.close()
+        return history
+    if dpt is not None:
+        history = _train_autoencoder_dp(ae, x_work, cfg, rt, dpt, seed=seed, ckpt=ckpt, progress=progress,
+                                        classes=classes, on_epoch=on_epoch, history=history, start=start)
+        dp_reports["autoencoder"] = dpt.report()
+        dpt.close()
         return history
     # On CPU, oneDNN's 3D convolutions run ~25 % faster on channels-last tensors (benchmarks/bench_ae_batch.py);
     # the weights go back to the default layout when the stage ends, so nothing downstream sees the difference.
@@ -292,7 +312,6 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
     disc_run = rt.wrap(disc) if disc is not None else None
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     f = acfg.downsample_factor
-    n = x_work.shape[0]
     for epoch in range(start, acfg.epochs):
         gen = torch_generator(seed, "autoencoder", epoch)
         step_ae.train()
@@ -368,6 +387,84 @@ def _train_autoencoder(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: Gene
         if on_epoch is not None:
             on_epoch("autoencoder", epoch + 1, acfg.epochs)
     ae.ae.to(memory_format=torch.contiguous_format)
+    return history
+
+
+def _per_case_autoencoder_loss(recon: torch.Tensor, xb: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                               cfg: GeneratorConfig, perceptual: nn.Module | None) -> tuple[torch.Tensor, dict]:
+    """Stage 1's loss as the batch mean of per-case losses (DP-SGD: a case's gradient depends on that case alone);
+    returns it and the batch means of its terms."""
+    acfg = cfg.autoencoder
+    terms: dict[str, list[torch.Tensor]] = {"l1": [], "kl": [], "mask_dice": []}
+    if perceptual is not None:
+        terms["perceptual"] = []
+    total = []
+    for i in range(xb.shape[0]):
+        r, x = recon[i : i + 1], xb[i : i + 1]
+        l1 = reconstruction_l1(r, x, acfg.mask_weight, acfg.tumour_weight, acfg.enhancement_weight)
+        kl = kl_loss(mu[i : i + 1], sigma[i : i + 1])
+        dice = mask_dice_loss(r, x)
+        loss = l1 + acfg.kl_weight * kl + acfg.mask_dice_weight * dice
+        terms["l1"].append(l1)
+        terms["kl"].append(kl)
+        terms["mask_dice"].append(dice)
+        if perceptual is not None:
+            p_loss = perceptual(r, x)
+            loss = loss + acfg.perceptual_weight * p_loss
+            terms["perceptual"].append(p_loss)
+        total.append(loss)
+    return torch.stack(total).mean(), {k: float(torch.stack(v).mean().detach()) for k, v in terms.items()}
+
+
+def _train_autoencoder_dp(ae: GeneratorAutoencoder, x_work: torch.Tensor, cfg: GeneratorConfig, rt: Runtime,
+                          dpt: Any, *, seed: int, ckpt: Path, progress: bool, classes: torch.Tensor | None,
+                          on_epoch: EpochHook | None, history: dict[str, list[float]], start: int
+                          ) -> dict[str, list[float]]:
+    """Stage 1 with DP-SGD (:class:`synthlearn.generators.ldm.dp.DPTraining`): Poisson batches of cases, the
+    per-case loss, per-case clipping and noise; no adversarial term (refused by the config)."""
+    acfg = cfg.autoencoder
+    perceptual = make_perceptual_loss(acfg)
+    if perceptual is not None:
+        perceptual = perceptual.to(rt.device)
+    f = acfg.downsample_factor
+    n = x_work.shape[0]
+    for epoch in range(start, acfg.epochs):
+        gen = torch_generator(seed, "autoencoder", epoch)
+        noise = torch_generator(seed, "autoencoder-dp-noise", epoch)
+        dpt.model.train()
+        sums: dict[str, float] = {}
+        batches = dpt.epoch_batches(n, gen)
+        count = 0
+        for i, idx in enumerate(_progress(batches, len(batches), f"autoencoder (DP) {epoch + 1}/{acfg.epochs}",
+                                          progress)):
+            if acfg.lr_schedule == "poly":
+                _set_lr(dpt.optimizer, poly_lr(acfg.lr, epoch * len(batches) + i, acfg.epochs * len(batches)))
+            if len(idx) == 0:
+                dpt.step(None, noise)
+                continue
+            xb = x_work[idx]
+            cb = classes[idx].to(rt.device) if classes is not None else None
+            if cfg.augment_flip:
+                xb = _random_flip(xb, gen)
+            eps = _latent_eps((xb.shape[0], acfg.latent_channels, *(s // f for s in xb.shape[-3:])), gen)
+            xb, eps = xb.to(rt.device), eps.to(rt.device)
+            with rt.autocast():
+                recon, mu, sigma = dpt.model(xb, eps, cb)
+                loss, terms = _per_case_autoencoder_loss(recon.float(), xb, mu, sigma, cfg, perceptual)
+            dpt.step(loss, noise)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            count += len(idx)
+        means = _epoch_means(history, sums, count, rt)
+        log.info("autoencoder (DP) epoch %d/%d: %s; epsilon %.3g", epoch + 1, acfg.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in means.items()), dpt.epsilon())
+        if rt.is_main:
+            save_checkpoint(ckpt, {"epoch": epoch + 1, "model": ae.ae.state_dict(),
+                                   "optimizer": dpt.optimizer.original_optimizer.state_dict(), "history": history,
+                                   "dp": dpt.state_dict()})
+        rt.barrier()
+        if on_epoch is not None:
+            on_epoch("autoencoder", epoch + 1, acfg.epochs)
     return history
 
 
@@ -610,13 +707,15 @@ def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) ->
 def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      scale: float | tuple[torch.Tensor, torch.Tensor], cfg: GeneratorConfig, rt: Runtime, *,
                      seed: int, ckpt: Path, progress: bool, tumour: torch.Tensor | None = None,
-                     on_epoch: EpochHook | None = None,
+                     on_epoch: EpochHook | None = None, dp_reports: dict[str, Any] | None = None,
                      ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor] | None]:
     """Stage 3: DDPM noise (or velocity) prediction on scaled latents; ``classes`` -1 = unknown (trained as the
     null class). ``scale``: one factor, or ``(shift, scale)`` per channel ``(C,)`` each (the model sees
     ``(z - shift) * scale``; :func:`latent_normalisation`). ``tumour``: :func:`latent_tumour_map` of the same
     latents; with ``diffusion.tumour_weight`` != 1 the loss at each position is weighted ``1 + (tumour_weight - 1)
-    * map`` (ignored when None)."""
+    * map`` (ignored when None). With ``privacy.dp_sgd``: DP-SGD over *cases* (the ``N' = copies * N`` latents
+    are ``copies`` blocks of the N cases, :func:`encode_site`'s order; a step draws cases and one latent of each),
+    the accounting in ``dp_reports["diffusion"]``."""
     if isinstance(scale, tuple):
         shift_c, scale_c = (t.float().view(1, -1, *([1] * (mu.dim() - 2))) for t in scale)
     else:
@@ -628,21 +727,34 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if dcfg.ema_decay > 0 else None
     history: dict[str, list[float]] = {}
     start = 0
+    n = mu.shape[0]
+    copies = 2 if cfg.augment_flip else 1
+    dpt = None
+    if cfg.privacy.dp_sgd:
+        from synthlearn.generators.ldm.dp import DPTraining
+
+        if n % copies:
+            raise ValueError(f"DP-SGD: expected {copies} latents per case, found {n} latents")
+        dpt = DPTraining(model, opt, cfg.privacy, "diffusion", n // copies, dcfg.batch_size, dcfg.epochs)
     if ckpt.is_file():
         state = load_checkpoint(ckpt, map_location=rt.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
             ema = state["ema"]
+        if dpt is not None:
+            dpt.load_state_dict(state["dp"])
         history, start = state["history"], int(state["epoch"])
         if start < dcfg.epochs:
             log.info("diffusion: resuming from epoch %d/%d (%s)", start, dcfg.epochs, ckpt)
     if start >= dcfg.epochs:
+        if dpt is not None:
+            dp_reports["diffusion"] = dpt.report()
+            dpt.close()
         return history, ema
-    run = rt.wrap(model)
+    run = rt.wrap(model) if dpt is None else dpt.model
     null = model.null_class
     targets = torch.where(classes >= 0, classes, torch.full_like(classes, null))
-    n = mu.shape[0]
     weights = None
     if tumour is not None and dcfg.tumour_weight != 1.0:
         if tumour.shape != (n, 1, *mu.shape[2:]):
@@ -654,8 +766,16 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
         run.train()
         sums = {"mse": 0.0}
         count = 0
-        batches = _batches(n, dcfg.batch_size, gen, rt)
+        if dpt is None:
+            batches = _batches(n, dcfg.batch_size, gen, rt)
+        else:  # cases by Poisson sampling, then one of each case's latents (the case or its mirror image)
+            noise_gen = torch_generator(seed, "diffusion-dp-noise", epoch)
+            batches = [cases + (n // copies) * torch.randint(0, copies, cases.shape, generator=gen)
+                       for cases in dpt.epoch_batches(n // copies, gen)]
         for idx in _progress(batches, len(batches), f"diffusion {epoch + 1}/{dcfg.epochs}", progress):
+            if dpt is not None and len(idx) == 0:
+                dpt.step(None, noise_gen)
+                continue
             z = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=gen) - shift_c) * scale_c
             noise = torch.randn(z.shape, generator=gen)
             t = torch.randint(0, dcfg.num_train_timesteps, (z.shape[0],), generator=gen)
@@ -665,13 +785,22 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
             noisy, target, t, cls = noisy.to(rt.device), target.to(rt.device), t.to(rt.device), cls.to(rt.device)
             with rt.autocast():
                 pred = run(noisy, t, cls).float()
-                loss = weighted_mse(pred, target, None if weights is None else weights[idx].to(rt.device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            _clip(model, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+                w = None if weights is None else weights[idx].to(rt.device)
+                if dpt is None:
+                    loss = weighted_mse(pred, target, w)
+                else:  # the batch mean of per-case losses
+                    loss = torch.stack([weighted_mse(pred[i : i + 1], target[i : i + 1],
+                                                     None if w is None else w[i : i + 1])
+                                        for i in range(pred.shape[0])]).mean()
+            if dpt is None:
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                _clip(model, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                dpt.step(loss, noise_gen)
             if ema is not None:
                 _ema_update(ema, model, dcfg.ema_decay)
             sums["mse"] += float(loss.detach()) * len(idx)
@@ -684,10 +813,15 @@ def _train_diffusion(model: ClassConditionedUNet, mu: torch.Tensor, sigma: torch
                        "history": history}
             if ema is not None:
                 payload["ema"] = ema
+            if dpt is not None:
+                payload["dp"] = dpt.state_dict()
             save_checkpoint(ckpt, payload)
         rt.barrier()
         if on_epoch is not None:
             on_epoch("diffusion", epoch + 1, dcfg.epochs)
+    if dpt is not None:
+        dp_reports["diffusion"] = dpt.report()
+        dpt.close()
     return history, ema
 
 

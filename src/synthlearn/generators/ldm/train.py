@@ -44,6 +44,7 @@ from synthlearn.training.seeding import torch_generator
 
 
 from synthlearn.generators.ldm.config import GeneratorConfig
+from synthlearn.generators.ldm.dp import manifest_entry
 from synthlearn.generators.ldm.data import load_site_tensors, open_site
 from synthlearn.generators.ldm.stages import (
     _train_autoencoder,
@@ -152,8 +153,12 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
 
     x_work = ae.to_working(data.x) if ae.working_shape != tuple(cfg.shape) else data.x
     histories: dict[str, dict[str, list[float]]] = {}
+    if cfg.privacy.dp_sgd and rt.world_size > 1:
+        raise ValueError("privacy.dp_sgd runs on one process; DDP (torchrun) with DP-SGD is not supported")
+    dp_reports: dict[str, Any] = {}
     histories["autoencoder"] = _train_autoencoder(ae, x_work, cfg, rt, seed=seed, ckpt=ckpt_dir / "autoencoder.pt",
-                                                  progress=progress, classes=data.class_index, on_epoch=on_epoch)
+                                                  progress=progress, classes=data.class_index, on_epoch=on_epoch,
+                                                  dp_reports=dp_reports)
     histories["superres"] = _train_superres(ae, sr, data.x, cfg, rt, seed=seed, ckpt=ckpt_dir / "superres.pt",
                                             progress=progress, classes=data.class_index, on_epoch=on_epoch)
     mu, sigma = encode_site(ae, data.x, rt, flips=cfg.augment_flip)
@@ -165,7 +170,8 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
     tumour = latent_tumour_map(data.x, cfg.latent_shape, flips=cfg.augment_flip, mode=cfg.diffusion.tumour_weighting)
     histories["diffusion"], ema = _train_diffusion(
         dm, mu, sigma, classes, (torch.tensor(norm["latent_shift"]), torch.tensor(norm["latent_scale"])), cfg, rt,
-        seed=seed, ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour, on_epoch=on_epoch)
+        seed=seed, ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour, on_epoch=on_epoch,
+        dp_reports=dp_reports)
     if not rt.is_main:
         rt.barrier()
         return out
@@ -203,6 +209,7 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
                            "then brain 0.5th/99.5th percentiles -> 0.2/1.0, clipped to [0.2, 1.5]; "
                            "background 0 (synthlearn.synthesis.cases.generator_intensities)",
         "perceptual_loss": perceptual_note,
+        "privacy": manifest_entry(cfg.privacy, dp_reports),
         "training": {"epochs": {s: len(next(iter(h.values()), [])) for s, h in histories.items()},
                      "final_losses": finals, "history": histories,
                      "wall_time_s": round(time.perf_counter() - t0, 1), "device": str(rt.device),
