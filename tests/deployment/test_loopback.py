@@ -47,7 +47,9 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
     make_credentials(other, ["tcga"])
     config = tmp_path / "study.toml"  # FedAvg, and CATphishing's artifacts uploaded over the same channel
     config.write_text(f'base = "{Path("configs/study_tiny.toml").resolve()}"\narms = ["fedavg", "catphishing"]\n'
-                      '[catphishing]\ntransport = "flower"\naudit = false\nper_class = 2\n')
+                      '[catphishing]\ntransport = "flower"\naudit = false\nper_class = 2\n'
+                      '[catphishing.gate]\nn_per_class = 2\nsteps = 2\nloss_timesteps = 2\nloss_noises = 1\n'
+                      'n_bootstrap = 50\n')  # the release gate runs at every site (on by default over Flower)
     link, *ports = free_local_ports(6)
     address = f"127.0.0.1:{link}"
     procs: list[subprocess.Popen] = []
@@ -101,7 +103,10 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
         assert agreed == ["catphishing", "fedavg"]
         # FedAvg: hello + 2 rounds; CATphishing: hello + the upload
         assert (tmp_path / f"{site}.log").read_text().count("Receiving: train message") == 5
-        assert (tmp_path / "run" / "catphishing" / "artifacts" / site / "manifest.json").is_file()
+        manifest = json.loads((tmp_path / "run" / "catphishing" / "artifacts" / site / "manifest.json").read_text())
+        assert manifest["release_gate"]["released"]  # gated at the site before it left; the decision travelled
+        assert list((tmp_path / "state" / site).glob("protocol-*/*/release_gate.json"))
+        assert json.loads((tmp_path / "state" / site / "site_policy.json").read_text()) == {"release_override": ""}
         assert list((tmp_path / "state" / site).glob("protocol-*/*/holdout.json"))  # the holdout stayed at the site
     for name in ("unregistered", "wrong_ca"):  # never admitted, never sent a message
         text = (tmp_path / f"{name}.log").read_text()

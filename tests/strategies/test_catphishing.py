@@ -290,3 +290,30 @@ def test_site_generators_report_per_site_epoch_progress(capsys):
     err = capsys.readouterr().err
     assert "12/12" in err and "epoch" in err, err[-500:]
     assert "diffusion 3/3" in err or "done" in err
+
+
+def test_the_release_gate_stops_the_arm_until_a_reason_is_recorded(tiny_study, tmp_path):
+    """The folder transport with the gate on and set to refuse (every member below the held-out mean loss counts
+    as exposed): the study stops with the site and the failed check named, no artifact carries a decision; with
+    ``release_gate_override`` the arm runs and every manifest and results.json record the override."""
+    from synthlearn.generators.ldm.release_gate import ReleaseRefused
+
+    gate = {"n_per_class": 2, "steps": 2, "loss_timesteps": 2, "loss_noises": 1, "n_bootstrap": 50,
+            "outlier_z": 1e-9}
+    over = {"study": str(tiny_study), "arms": ["catphishing"], "train_sites": ["tcga", "utsw"],
+            "test_sites": ["nyu"], "catphishing": {"per_class": 2, "audit": False, "release_gate": True,
+                                                   "gate": gate, "task_epochs": 1}}
+    with pytest.raises(ReleaseRefused, match=r"catphishing: site \w+: .*exposed_members"):
+        run_study(load_study_config(DEMO_TINY, over), tmp_path / "refused", progress=False)
+    for manifest in (tmp_path / "refused" / "catphishing" / "artifacts").glob("*/manifest.json"):
+        assert "release_gate" not in json.loads(manifest.read_text())
+    over["catphishing"]["release_gate_override"] = "tiny phantom, no patient"
+    # the same run folder: the unfinished arm resumes with its generators and gates them again
+    results = run_study(load_study_config(DEMO_TINY, over), tmp_path / "refused", progress=False)
+    for site, entry in results["arms"]["catphishing"]["generators"].items():
+        assert entry["release_gate"]["overridden"] and "exposed_members" in entry["release_gate"]["failed"]
+        assert entry["release_gate"]["override_reason"] == "tiny phantom, no patient"
+        assert entry["privacy"] == {"dp_sgd": False}
+        manifest = verify_artifact(tmp_path / "refused" / "catphishing" / "artifacts" / site)
+        assert manifest["release_gate"]["override_reason"] == "tiny phantom, no patient"
+        assert (tmp_path / "refused" / "catphishing" / "release_gate" / site / "release_gate.json").is_file()

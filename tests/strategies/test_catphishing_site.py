@@ -62,7 +62,8 @@ def test_the_server_round_accepts_only_the_artifact_group(artifact, tmp_path):
     from synthlearn.study import load_study_config
 
     protocol = ArtifactUploadProtocol(load_study_config("configs/study_tiny.toml").setup,
-                                      CatphishingConfig(transport="flower"), received_dir=tmp_path / "artifacts")
+                                      CatphishingConfig(transport="flower", release_gate=False),
+                                      received_dir=tmp_path / "artifacts")
     files = pack_artifact(artifact)
     state, entry = protocol.aggregate(1, {}, [SiteReply("tcga", {GROUP: files}, {"training-cases": 5,
                                                                                  "holdout-cases": 1})])
@@ -71,3 +72,49 @@ def test_the_server_round_accepts_only_the_artifact_group(artifact, tmp_path):
     with pytest.raises(FederationError, match="expected one 'artifact' group"):
         protocol.aggregate(1, {}, [SiteReply("utsw", {GROUP: files, "weights": {"w": torch.zeros(2)}}, {})])
     assert protocol.spec()["arm"] == "catphishing"
+
+
+def test_with_the_gate_on_the_server_refuses_an_ungated_artifact(artifact, tmp_path):
+    from synthlearn.generators.artifact import amend_manifest
+    from synthlearn.strategies.catphishing import CatphishingConfig
+    from synthlearn.study import load_study_config
+
+    cfg = CatphishingConfig(transport="flower")
+    assert cfg.gate_on and not CatphishingConfig().gate_on  # on by default over Flower, off for the folder copy
+    protocol = ArtifactUploadProtocol(load_study_config("configs/study_tiny.toml").setup, cfg,
+                                      received_dir=tmp_path / "artifacts")
+    with pytest.raises(FederationError, match="carries no release-gate decision"):
+        protocol.aggregate(1, {}, [SiteReply("tcga", {GROUP: pack_artifact(artifact)}, {})])
+    assert not (tmp_path / "artifacts" / "tcga").exists()
+    amend_manifest(artifact, "release_gate", {"passed": True, "released": True, "failed": [], "checks": {}})
+    _, entry = protocol.aggregate(1, {}, [SiteReply("tcga", {GROUP: pack_artifact(artifact)}, {})])
+    assert entry["artifacts"]["tcga"]["release_gate"]["passed"]
+    with pytest.raises(ValueError, match="holdout_fraction > 0"):
+        CatphishingConfig(transport="flower", holdout_fraction=0.0)
+
+
+def test_a_deployed_site_takes_the_release_override_from_itself_never_from_the_server(tiny_study, tmp_path):
+    """A gate set to refuse (every member below the held-out mean loss counts as exposed): the server's override in
+    the arm settings is ignored at a deployed site; the site's own releases the artifact with its reason."""
+    from synthlearn.data.layouts import open_site
+    from synthlearn.generators.ldm.release_gate import ReleaseGateConfig, ReleaseRefused
+    from synthlearn.strategies.catphishing import CatphishingConfig
+    from synthlearn.strategies.catphishing_site import SITE_POLICY
+    from synthlearn.study import load_study_config
+
+    gate = ReleaseGateConfig(n_per_class=2, steps=2, loss_timesteps=2, loss_noises=1, n_bootstrap=50,
+                             outlier_z=1e-9)
+    cfg = CatphishingConfig(generator="configs/generator_tiny.toml", transport="flower", holdout_fraction=0.5,
+                            gate=gate, release_gate_override="the server says so")
+    protocol = ArtifactUploadProtocol(load_study_config("configs/study_tiny.toml").setup, cfg)
+    site = open_site(tiny_study / "tcga")
+    with pytest.raises(ReleaseRefused, match="exposed_members"):
+        protocol.site_round(site, 1, {}, {}, state_dir=tmp_path / "state", memory={SITE_POLICY: {"release_override": ""}})
+    assert "release_gate" not in json.loads((tmp_path / "state" / "artifact" / "manifest.json").read_text())
+    decision = json.loads((tmp_path / "state" / "release_gate.json").read_text())  # kept at the site, in full
+    assert not decision["passed"] and decision["failed"] == ["exposed_members"]
+    out, _ = protocol.site_round(site, 1, {}, {}, state_dir=tmp_path / "state",
+                                 memory={SITE_POLICY: {"release_override": "our board approved it"}})
+    manifest = json.loads(bytes(out[GROUP]["manifest.json"].tolist()).decode())
+    assert manifest["release_gate"]["overridden"]
+    assert manifest["release_gate"]["override_reason"] == "our board approved it"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -103,6 +104,13 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     state.mkdir(parents=True, exist_ok=True)
+    from synthlearn.deployment.apps import POLICY_FILE
+
+    # this site's own policy, read by its app each round (rewritten every join: an old override does not linger)
+    (state / POLICY_FILE).write_text(json.dumps({"release_override": args.release_override or ""}, indent=1))
+    if args.release_override:
+        print(f"site {name}: a generator the release gate refuses will be sent anyway, with the reason "
+              f"{args.release_override!r} recorded in its manifest", flush=True)
     env = flower_env(args.flwr_home or state / "flower")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     gave_up = threading.Event()
@@ -125,6 +133,40 @@ def cmd_join(args: argparse.Namespace) -> int:
         return 130
     finally:
         stop_process(proc)  # with the SuperExec Flower starts detached
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from synthlearn.config import load_toml
+    from synthlearn.generators.ldm.release_gate import (
+        ReleaseGateConfig,
+        ReleaseRefused,
+        describe_refusal,
+        record_release,
+        release_gate,
+    )
+
+    holdout_path = Path(args.holdout)
+    if not holdout_path.is_file():
+        raise FileNotFoundError(f"--holdout {holdout_path}: no such file")
+    try:
+        split = json.loads(holdout_path.read_text())
+        members, holdout = [str(c) for c in split["members"]], [str(c) for c in split["holdout"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"--holdout {holdout_path}: expected JSON with 'members' and 'holdout' lists of case ids, "
+                         f"found {type(exc).__name__}: {exc}") from None
+    cfg = load_toml(ReleaseGateConfig, args.config) if args.config else ReleaseGateConfig()
+    decision = release_gate(args.artifact, args.site, members, holdout, cfg, seed=args.seed, progress=not args.quiet)
+    if args.out:
+        Path(args.out).write_text(json.dumps(decision, indent=1))
+    try:
+        record_release(args.artifact, decision, args.override_reason)
+    except ReleaseRefused as exc:
+        print(f"release gate: REFUSED: {describe_refusal(exc.decision)}; the artifact is unchanged and stays at the "
+              f"site (--override-reason REASON releases it with the reason recorded)", flush=True)
+        return 4
+    state = "passed" if decision["passed"] else f"refused, released with the override {args.override_reason!r}"
+    print(f"release gate: {state}; decision written to {Path(args.artifact) / 'manifest.json'} (release_gate)")
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -183,5 +225,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     join.add_argument("--max-wait", type=float, help="give up after this many seconds without the server")
     join.add_argument("--flwr-home", help="this site's Flower home (default: in the state folder)")
     join.add_argument("--dry-run", action="store_true", help="print the SuperNode command and exit")
+    join.add_argument("--release-override", metavar="REASON", default="",
+                      help="send a CATphishing generator even when the release gate refuses it, recording REASON in "
+                           "its manifest (the server cannot set this; default: a refused generator stays here)")
     join.set_defaults(handler=cmd_join)
+
+    gate = ssub.add_parser(
+        "gate", help="run the release gate on a generator artifact at its site",
+        description="Attack the artifact with the site's own cases before it leaves (SSIM membership inference with "
+                    "its negative and positive controls, copy rate, white-box diffusion-loss attack) and write the "
+                    "decision into its manifest. Exit 0: passed (or overridden with --override-reason); 4: refused, "
+                    "the artifact unchanged.")
+    gate.add_argument("--artifact", required=True, help="the generator artifact folder")
+    gate.add_argument("--site", required=True, help="the site folder it was trained on")
+    gate.add_argument("--holdout", required=True,
+                      help="JSON with the 'members' (cases the generator trained on) and 'holdout' (cases it never "
+                           "saw) ids, as the catphishing arm writes (holdout/<site>.json)")
+    gate.add_argument("--config", help="a TOML of gate settings (keys of ReleaseGateConfig; unknown keys refused)")
+    gate.add_argument("--seed", type=int, default=0, help="seed of the samples and the attacks (default 0)")
+    gate.add_argument("--override-reason", default="", metavar="REASON",
+                      help="release a refused artifact anyway, recording REASON in its manifest")
+    gate.add_argument("--out", help="also write the full decision here (JSON)")
+    gate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    gate.set_defaults(handler=cmd_gate)
     site.set_defaults(handler=lambda args: (site.print_help(), 2)[1])

@@ -137,7 +137,23 @@ def site_main(msg: Message, context) -> Message:
     site = open_site(site_dir, name=name, sequences=protocol.setup.sequences,
                      labels=protocol.setup.labels or GLIOMA_LABELS)
     memory = _MEMORY.setdefault((run_id, name), {})
+    from synthlearn.strategies.catphishing_site import SITE_POLICY
+
+    memory[SITE_POLICY] = read_site_policy(Path(str(node[STATE_DIR])))  # the site's own, never the server's
     return site_reply(protocol, site, msg, state_root / name, memory)
 
 
-__all__ = ["ALLOW", "SITE_DIR", "SITE_NAME", "SPEC_KEY", "STATE_DIR", "client_app", "read_job", "server_app"]
+#: the site's own settings, written by `synthlearn site join` into its state folder
+POLICY_FILE = "site_policy.json"
+
+
+def read_site_policy(state: Path) -> dict[str, Any]:
+    """The site's policy (``{"release_override": reason or ""}``) from its state folder; empty when absent."""
+    path = state / POLICY_FILE
+    if not path.is_file():
+        return {"release_override": ""}
+    policy = json.loads(path.read_text())
+    return {"release_override": str(policy.get("release_override", ""))}
+
+
+__all__ = ["POLICY_FILE", "ALLOW", "SITE_DIR", "SITE_NAME", "SPEC_KEY", "STATE_DIR", "client_app", "read_job", "read_site_policy", "server_app"]

@@ -108,6 +108,32 @@ def write_artifact(out: str | Path, *, weights: dict[str, dict[str, torch.Tensor
     return out
 
 
+def amend_manifest(artifact_dir: str | Path, key: str, value: Any) -> dict[str, Any]:
+    """Set one top-level manifest field of a verified artifact (e.g. the site's ``release_gate`` decision) and
+    re-digest the manifest; the files are untouched. The new manifest replaces the old one atomically.
+
+    Raises:
+        ArtifactError: the artifact does not verify, or ``key`` is one of the fields the format owns.
+        ValueError: ``value`` is not plain JSON (no NaN or infinity).
+    """
+    root = Path(artifact_dir)
+    manifest = verify_artifact(root)
+    if key in ("format", "format_version", "files", DIGEST_KEY):
+        raise ArtifactError(f"{root / MANIFEST}: {key!r} belongs to the artifact format and cannot be amended")
+    manifest[key] = json.loads(json.dumps(value, allow_nan=False))
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{MANIFEST}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     """The manifest of an artifact, without checking the files (use :func:`verify_artifact` for that)."""
     path = Path(artifact_dir) / MANIFEST

@@ -61,10 +61,13 @@ from synthlearn.audits.recognition import recognition_audit
 from synthlearn.config import to_dict
 from synthlearn.data.contract import CaseRecord, SiteRecord
 from synthlearn.data.io import write_json
+from synthlearn.generators.ldm.release_gate import ReleaseGateConfig, ReleaseRefused
 from synthlearn.strategies.base import ArmContext, ArmOutput
 from synthlearn.strategies.catphishing_site import (
     GENERATOR_LABEL,
     ArtifactUploadProtocol,
+    gate_artifact,
+    gate_summary,
     load_generator_for_task,
     privacy_holdout,
 )
@@ -130,6 +133,15 @@ class CatphishingConfig:
         start_timeout_s: ``flower``: seconds the server waits for every site to connect.
         upload_timeout_s: ``flower``: seconds the server waits for the artifacts (the sites' generator training
             counts in it).
+        release_gate: run the release gate at each site before its artifact leaves
+            (:mod:`synthlearn.generators.ldm.release_gate`: SSIM membership inference with its controls, copy rate,
+            white-box loss attack; a refused artifact stops the arm unless overridden). Absent: on with
+            ``transport = "flower"`` (artifacts leave over a network), off with ``folder`` (one machine; ``audit``
+            runs the same attacks after the fact). Needs ``holdout_fraction`` > 0 (>= 2 held-out cases a site).
+        release_gate_override: a reason to release a refused artifact anyway (recorded in its manifest). Applies
+            in simulation; a deployed site takes its override only from ``synthlearn site join --release-override``.
+        gate: the gate's sampling, attacks and thresholds (``[catphishing.gate]``,
+            :class:`synthlearn.generators.ldm.release_gate.ReleaseGateConfig`).
     """
 
     generator: str = "configs/generator_cpu.toml"
@@ -159,8 +171,22 @@ class CatphishingConfig:
     transport: Literal["folder", "flower"] = "folder"
     start_timeout_s: float = 120.0
     upload_timeout_s: float = 172800.0
+    release_gate: bool | None = None
+    release_gate_override: str = ""
+    gate: ReleaseGateConfig = dataclasses.field(default_factory=ReleaseGateConfig)
+
+    @property
+    def gate_on(self) -> bool:
+        """Whether the release gate runs (``release_gate``, or by default with the ``flower`` transport)."""
+        return self.release_gate if self.release_gate is not None else self.transport == "flower"
 
     def __post_init__(self) -> None:
+        if self.release_gate is not None and not isinstance(self.release_gate, bool):
+            raise ValueError(f"catphishing.release_gate must be true or false, found {self.release_gate!r}")
+        if self.gate_on and self.holdout_fraction <= 0:
+            raise ValueError("catphishing.release_gate needs held-out cases at every site (holdout_fraction > 0): the "
+                             "gate attacks the generator with members against cases it never saw; or set "
+                             "release_gate = false")
         if self.transport not in ("folder", "flower"):
             raise ValueError(f"catphishing.transport must be folder or flower, found {self.transport!r}")
         if self.start_timeout_s <= 0 or self.upload_timeout_s <= 0:
@@ -214,6 +240,18 @@ def _site_worker(site_dir: str, gcfg, out: str, seed: int, case_ids: list[str], 
     t0 = time.perf_counter()
     train_generator(Path(site_dir), gcfg, Path(out), seed=seed, case_ids=case_ids, progress=False, on_epoch=hook)
     return time.perf_counter() - t0
+
+
+def _gate_worker(artifact: str, site_dir: str, members: list[str], holdout: list[str], cfg: CatphishingConfig,
+                 seed: int, state_dir: str, threads: int) -> dict[str, Any]:
+    """Runs at a site, given that site's folder only: the release gate on its artifact (:func:`gate_artifact`)."""
+    from synthlearn.runtime import configure_threads
+
+    configure_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    entry = gate_artifact(artifact, site_dir, members, holdout, cfg, seed, cfg.release_gate_override, state_dir)
+    return {"wall_s": time.perf_counter() - t0, "entry": entry}
 
 
 def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: int | None, guidance: float | None,
@@ -326,6 +364,8 @@ def _run_jobs(jobs: dict[str, tuple], fn, cfg: CatphishingConfig, desc: str, pro
                 try:
                     results[site] = fut.result()
                 except Exception as exc:
+                    if isinstance(exc, ReleaseRefused):
+                        raise ReleaseRefused(f"catphishing: site {site}: {exc}", exc.decision) from None
                     raise RuntimeError(f"catphishing: {desc} failed at site {site}: {type(exc).__name__}: "
                                        f"{exc}") from exc
                 if queue is None:
@@ -556,6 +596,15 @@ def run(ctx: ArmContext) -> ArmOutput:
         learned_ae = gcfg.autoencoder.kind != "space_to_depth"  # a space-to-depth stage 1 has nothing to train
         stage_epochs = gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
         walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
+        if cfg.gate_on:  # before anything leaves a site: every artifact without a released decision is gated
+            from synthlearn.generators.artifact import read_manifest as _manifest
+
+            jobs = {name: (str(artifacts[name]), str(sites[name].path), members[name], holdout[name], cfg, seed,
+                           str(arm_dir / "release_gate" / name), cfg.threads_per_site)
+                    for name in sites if not (_manifest(artifacts[name]).get("release_gate") or {}).get("released")}
+            gate_t0 = time.perf_counter()
+            _run_jobs(jobs, _gate_worker, cfg, "release gate", ctx.progress)
+            log.info("catphishing: release gate at %d site(s) in %.0f s", len(jobs), time.perf_counter() - gate_t0)
     generator_wall = time.perf_counter() - t0
     shipped = {}
     for name in sites:
@@ -566,7 +615,9 @@ def run(ctx: ArmContext) -> ArmOutput:
                          "training_cases": counts.get("training_cases", len(members[name])),
                          "holdout_cases": counts.get("holdout_cases", len(holdout[name])),
                          "class_counts": manifest["class_counts"],
-                         "wall_s": walls.get(name, manifest["training"]["wall_time_s"])}
+                         "wall_s": walls.get(name, manifest["training"]["wall_time_s"]),
+                         "release_gate": gate_summary(manifest.get("release_gate")),
+                         "privacy": manifest.get("privacy", {"dp_sgd": False})}
 
     # 2. at the server: synthesize, filter, train the task model on the pooled kept cases
     syn_dirs = {name: arm_dir / "synthetic" / name for name in sites}

@@ -8,6 +8,12 @@ or unlisted file), refusing the round otherwise.
 
 What travels: the artifact's files as byte tensors (group ``artifact``, one tensor per file name) and the site's
 counts of training and held-out cases. The holdout's case ids stay at the site (its state folder).
+
+The release gate (:func:`gate_artifact`, :mod:`synthlearn.generators.ldm.release_gate`) runs at the site between
+training and sending when the arm's ``release_gate`` is on (by default with ``transport = "flower"``): a refused
+artifact is not sent unless a reason to override is given, and the decision travels in the manifest. A deployed
+site takes the override only from its own operator (``synthlearn site join --release-override``), never from the
+server's settings; the server refuses an artifact whose manifest lacks the decision.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ GENERATOR_LABEL = {"idh": "idh", "tumor_type": "tumor_type"}
 
 #: the reply's tensor group holding the artifact's files
 GROUP = "artifact"
+#: the key of a deployed site's own settings (its release override) in its protocol memory
+SITE_POLICY = "site-policy"
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -72,6 +80,41 @@ def privacy_holdout(site: SiteRecord, fraction: float, label: str, seed: int) ->
         ``(member_ids, holdout_ids)``, both sorted.
     """
     return stratified_holdout(site, fraction, lambda case: case.labels.get(label), seed)
+
+
+def gate_artifact(artifact: str | Path, site_dir: str | Path, members: Sequence[str], holdout: Sequence[str],
+                  cfg: Any, seed: int, override_reason: str, state_dir: str | Path | None = None) -> dict[str, Any]:
+    """The release gate at the site (:func:`synthlearn.generators.ldm.release_gate.release_gate` with the arm's
+    ``gate`` settings), its decision written into the artifact's manifest (:func:`record_release`) and, in full, to
+    ``state_dir/release_gate.json`` (stays at the site). An artifact whose manifest already holds a released
+    decision is not gated again (a repeated round).
+
+    Returns:
+        The manifest's ``release_gate`` entry.
+
+    Raises:
+        synthlearn.generators.ldm.release_gate.ReleaseRefused: refused and no ``override_reason``.
+    """
+    from synthlearn.generators.artifact import read_manifest
+    from synthlearn.generators.ldm.release_gate import record_release, release_gate
+
+    done = read_manifest(artifact).get("release_gate")
+    if isinstance(done, dict) and done.get("released"):
+        return done
+    decision = release_gate(artifact, site_dir, members, holdout, cfg.gate, seed=seed)
+    if state_dir is not None:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        (Path(state_dir) / "release_gate.json").write_text(json.dumps(decision, indent=1))
+    return record_release(artifact, decision, override_reason)["release_gate"]
+
+
+def gate_summary(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What results.json keeps of a manifest's ``release_gate`` entry (None: the artifact was not gated)."""
+    if not isinstance(entry, dict):
+        return None
+    return {"passed": bool(entry.get("passed")), "overridden": bool(entry.get("overridden")),
+            "override_reason": entry.get("override_reason"), "failed": list(entry.get("failed", [])),
+            "figures": {k: v.get("value") for k, v in entry.get("checks", {}).items() if k != "controls"}}
 
 
 def pack_artifact(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -159,6 +202,10 @@ class ArtifactUploadProtocol(RoundProtocol):
         t0 = time.perf_counter()
         if not (artifact / "manifest.json").is_file():
             train_generator(Path(site.path), gcfg, artifact, seed=self.setup.seed, case_ids=members, progress=False)
+        if self.cfg.gate_on:
+            policy = memory.get(SITE_POLICY)  # a deployed site's own settings: the server's override is ignored
+            reason = policy.get("release_override", "") if policy is not None else self.cfg.release_gate_override
+            gate_artifact(artifact, site.path, members, holdout, self.cfg, self.setup.seed, reason, state_dir)
         return {GROUP: pack_artifact(artifact)}, {"training-cases": len(members), "holdout-cases": len(holdout),
                                                   "generator-seconds": time.perf_counter() - t0}
 
@@ -173,7 +220,12 @@ class ArtifactUploadProtocol(RoundProtocol):
                 raise FederationError(f"site {reply.site}: expected one {GROUP!r} group in its reply, found "
                                       f"{sorted(reply.arrays)}")
             manifest = unpack_artifact(reply.arrays[GROUP], self.received_dir / reply.site, reply.site)
-            entry[reply.site] = {"bytes": int(sum(t.numel() for t in reply.arrays[GROUP].values())),
+            gate = manifest.get("release_gate")
+            if self.cfg.gate_on and not (isinstance(gate, dict) and gate.get("released")):
+                shutil.rmtree(self.received_dir / reply.site, ignore_errors=True)
+                raise FederationError(f"site {reply.site}: its artifact carries no release-gate decision, and this "
+                                      f"study requires one (catphishing.release_gate); refused")
+            entry[reply.site] = {"release_gate": gate_summary(gate),"bytes": int(sum(t.numel() for t in reply.arrays[GROUP].values())),
                                  "training_cases": int(reply.metrics.get("training-cases", -1)),
                                  "holdout_cases": int(reply.metrics.get("holdout-cases", -1)),
                                  "wall_s": float(reply.metrics.get("generator-seconds", 0.0)),
@@ -181,5 +233,5 @@ class ArtifactUploadProtocol(RoundProtocol):
         return {}, {"artifacts": entry}
 
 
-__all__ = ["GENERATOR_LABEL", "GROUP", "REPO_ROOT", "ArtifactUploadProtocol", "load_generator_for_task",
-           "pack_artifact", "privacy_holdout", "unpack_artifact"]
+__all__ = ["GENERATOR_LABEL", "GROUP", "REPO_ROOT", "SITE_POLICY", "ArtifactUploadProtocol", "gate_artifact",
+           "gate_summary", "load_generator_for_task", "pack_artifact", "privacy_holdout", "unpack_artifact"]
