@@ -317,3 +317,6 @@ def test_the_release_gate_stops_the_arm_until_a_reason_is_recorded(tiny_study, t
         manifest = verify_artifact(tmp_path / "refused" / "catphishing" / "artifacts" / site)
         assert manifest["release_gate"]["override_reason"] == "tiny phantom, no patient"
         assert (tmp_path / "refused" / "catphishing" / "release_gate" / site / "release_gate.json").is_file()
+    assert main(["study", "report", str(tmp_path / "refused")]) == 0
+    html = (tmp_path / "refused" / "report.html").read_text()
+    assert "Release gate at each site" in html and "tiny phantom, no patient" in html

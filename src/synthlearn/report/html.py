@@ -475,6 +475,32 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                   [[s, _num(g.get("training_cases")), _num(g.get("holdout_cases")),
                     ", ".join(f"{k} {v}" for k, v in (g.get("class_counts") or {}).items()), _bytes(g.get("bytes")),
                     _duration(g.get("wall_s"))] for s, g in gens.items()])
+        gated = {s: g["release_gate"] for s, g in gens.items() if isinstance(g.get("release_gate"), dict)}
+        if gated:
+            doc.h(2, f"Release gate at each site ({name})")
+            rows = []
+            for s, gate in gated.items():
+                fig = gate.get("figures") or {}
+                verdict = "passed" if gate.get("passed") else (
+                    f"refused ({', '.join(gate.get('failed', []))}); released with the reason: "
+                    f"{gate.get('override_reason')}" if gate.get("overridden") else "refused")
+                rows.append([s, verdict, _num(fig.get("copy_rate")), _num(fig.get("membership_ssim")),
+                             _num(fig.get("membership_loss")), _num(fig.get("exposed_members"), 0)])
+            doc.table(["site", "decision", "copy rate", "SSIM attack AUC", "loss attack AUC", "exposed members"], rows)
+            doc.p("Before its generator left, each site attacked it with its own members and held-out cases "
+                  "(synthlearn.generators.ldm.release_gate): black-box SSIM membership inference with its controls, "
+                  "the copy rate, and a white-box attack on the diffusion model's loss. A refused generator leaves "
+                  "only with a reason recorded in its manifest.")
+        dp = {s: g["privacy"] for s, g in gens.items() if isinstance(g.get("privacy"), dict) and g["privacy"].get("dp_sgd")}
+        if dp:
+            doc.h(2, f"Differential privacy of the generators ({name})")
+            doc.table(["site", "epsilon (autoencoder)", "epsilon (diffusion)", "epsilon per patient (sum)", "delta"],
+                      [[s, _num((p.get("components") or {}).get("autoencoder", {}).get("epsilon")),
+                        _num((p.get("components") or {}).get("diffusion", {}).get("epsilon")),
+                        _num(p.get("epsilon_total")) if p.get("epsilon_total") is not None else "∞ (no noise)",
+                        _num(p.get("delta"), 6)] for s, p in dp.items()])
+            doc.p("DP-SGD (Opacus; per-case clipping, Gaussian noise, Poisson sampling; RDP accountant). Not covered "
+                  "by the guarantee: " + "; ".join(next(iter(dp.values())).get("not_covered", [])) + ".")
     syn = arm.get("synthetic") or {}
     if syn:
         doc.h(2, f"Synthetic data and diversity filter ({name})")
