@@ -68,7 +68,8 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
             joins[site] = _start(["site", "join", "--site", str(tiny_study / site), "--superlink", address,
                                   "--ca", str(creds / "ca.crt"), "--key", str(creds / "sites" / f"{site}.key"),
                                   "--port", str(ports[i]), "--state", str(tmp_path / "state" / site),
-                                  "--max-wait", "240"], tmp_path / f"{site}.log")
+                                  "--max-wait", "240", "--release-override", f"loopback test at {site}"],
+                                 tmp_path / f"{site}.log")  # tiny generators on 3 cases fit them: the gate refuses
         unregistered = _start(["site", "join", "--site", str(tiny_study / "tcga"), "--superlink", address,
                                "--ca", str(creds / "ca.crt"), "--key", str(other / "sites" / "tcga.key"),
                                "--port", str(ports[3]), "--state", str(tmp_path / "state" / "intruder"),
@@ -104,9 +105,11 @@ def test_fedavg_across_a_superlink_and_three_supernodes(tiny_study, tmp_path):
         # FedAvg: hello + 2 rounds; CATphishing: hello + the upload
         assert (tmp_path / f"{site}.log").read_text().count("Receiving: train message") == 5
         manifest = json.loads((tmp_path / "run" / "catphishing" / "artifacts" / site / "manifest.json").read_text())
-        assert manifest["release_gate"]["released"]  # gated at the site before it left; the decision travelled
+        gate = manifest["release_gate"]  # gated at the site before it left; the decision travelled with it
+        assert gate["released"] and gate["override_reason"] == (None if gate["passed"] else f"loopback test at {site}")
         assert list((tmp_path / "state" / site).glob("protocol-*/*/release_gate.json"))
-        assert json.loads((tmp_path / "state" / site / "site_policy.json").read_text()) == {"release_override": ""}
+        assert json.loads((tmp_path / "state" / site / "site_policy.json").read_text()) == {
+            "release_override": f"loopback test at {site}"}
         assert list((tmp_path / "state" / site).glob("protocol-*/*/holdout.json"))  # the holdout stayed at the site
     for name in ("unregistered", "wrong_ca"):  # never admitted, never sent a message
         text = (tmp_path / f"{name}.log").read_text()
