@@ -11,7 +11,7 @@ privacy audit's generator positive control):
   blurred renderings, which the SSIM attack barely tells apart: the white-box attack's case).
 
 Every generator goes through the gate with its default settings (:class:`ReleaseGateConfig`) once per
-``--gate-seeds`` (a fresh sample draw and bootstrap each). A healthy generator refused is a false refusal; a
+``--gate-seeds`` (healthy demo generators) or ``--other-seeds`` (the others), a fresh sample draw and bootstrap each. A healthy generator refused is a false refusal; a
 memorising one passed is a miss. Each decision is kept (``OUT/decisions/*.json``; a rerun reads them back) and the
 summary goes to ``OUT/summary.json`` and ``OUT/table.md``.
 
@@ -70,7 +70,12 @@ def main() -> None:
     parser.add_argument("--healthy", type=Path, required=True, help="benchmarks/train_gate_generators.py's --out")
     parser.add_argument("--dp", type=Path, help="folder of the DP curve's study runs (eps*/catphishing/...)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--gate-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--gate-seeds", type=int, nargs="+", default=[0, 1], help="gate seeds of the healthy demo "
+                        "generators (a false refusal is the rare event)")
+    parser.add_argument("--other-seeds", type=int, nargs="+", default=[0], help="gate seeds of the memorising and the "
+                        "DP generators")
+    parser.add_argument("--memorise-from", nargs="+", default=None, metavar="SEED_FOLDER",
+                        help="make memorising generators from these healthy seed folders only (e.g. seed-0; default all)")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -90,6 +95,8 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = {}
         for _, name, artifact, site_dir, members, _ in healthy:
+            if args.memorise_from and name.split("/")[0] not in args.memorise_from:
+                continue
             for variant, kw in VARIANTS.items():
                 out = args.out / "memorising" / name / variant
                 futures[(name, variant)] = pool.submit(_memorise, str(artifact), str(site_dir), members, str(out),
@@ -99,7 +106,7 @@ def main() -> None:
         print(f"memorising generators ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         jobs = []
         for kind, name, artifact, site_dir, members, holdout in healthy + dp + memorising:
-            for seed in args.gate_seeds:
+            for seed in (args.gate_seeds if kind == "healthy" else args.other_seeds):
                 key = f"{kind}|{name}|seed {seed}"
                 out = args.out / "decisions" / f"{kind.replace(' ', '_')}__{name.replace('/', '__')}__{seed}.json"
                 jobs.append((kind, name, seed, pool.submit(_gate, key, str(artifact), str(site_dir), members,
