@@ -8,8 +8,11 @@ holdout (cases it never saw; :func:`synthlearn.strategies.catphishing_site.priva
 1. **Black-box**: ``n_per_class`` cases are sampled from the artifact and the privacy audit
    (:func:`synthlearn.audits.privacy.audit_site`) runs on them: the SSIM membership inference with its negative
    control (members vs members: at chance) and positive control (noisy copies of members: caught), and the copy
-   rate (the share of samples nearer a member than 95 % of held-out cases are). If a control fails the audit
-   cannot vouch for anything and the gate refuses.
+   rate (the share of samples nearer a member than 95 % of held-out cases are). If the positive control is missed,
+   the attack could not even catch copies, so its passing the generator means nothing: the gate refuses. The
+   negative control is reported, not gated on: it is a test at the 5 % level on a random split of the members (it
+   failed on 1 of the first 6 healthy demo decisions), and an attack biased off chance would refuse more, not
+   less.
 2. **White-box loss threshold** (Yeom et al. 2018; for diffusion models Matsumoto et al. 2023, Carlini et al.
    2023): each case's diffusion loss, the mean over ``loss_timesteps`` timesteps spread over the first half of the
    noise schedule and ``loss_noises`` noise draws, the same draws for every case, at the case's latent (the
@@ -19,7 +22,7 @@ holdout (cases it never saw; :func:`synthlearn.strategies.catphishing_site.priva
 
 Refused when any of: copy rate > ``max_copy_rate``; the SSIM attack's AUC above ``max_membership_auc`` with 95 %
 confidence (its bootstrap CI's low end above it); the same for the loss attack (``max_loss_auc``); more exposed
-members than ``max_exposed``; a failed control. The thresholds' defaults are measured on the phantom
+members than ``max_exposed``; a missed positive control. The thresholds' defaults are measured on the phantom
 (docs/benchmarks.md section 30: every deliberately memorising generator refused, healthy ones passed).
 
 What the manifest receives (``release_gate``; :func:`record_release`): the decision, every check's figure and
@@ -73,7 +76,7 @@ class ReleaseGateConfig:
         max_exposed: exposed members tolerated.
         loss_timesteps: timesteps of the loss attack (spread over the first half of the noise schedule).
         loss_noises: noise draws per timestep.
-        require_controls: refuse when the audit's negative control is off chance or its positive control missed.
+        require_controls: refuse when the audit's positive control (noisy copies of members) is missed.
         n_bootstrap: bootstrap resamples of the AUC intervals.
     """
 
@@ -250,9 +253,9 @@ def release_gate(artifact_dir: str | Path, site_dir: str | Path, members: Sequen
                                "positive_caught": audit["positive_control_caught"],
                                "negative_auc": audit["negative_control"]["auc"],
                                "positive_auc": audit["positive_control"]["auc"]},
-                     "passed": (audit["negative_control_ok"] and audit["positive_control_caught"])
-                     or not cfg.require_controls,
-                     "rule": "the audit's negative control at chance and its positive control caught"},
+                     "passed": audit["positive_control_caught"] or not cfg.require_controls,
+                     "rule": "the audit's positive control (noisy copies of members) caught; the negative control "
+                             "is reported only"},
     }
     failed = [name for name, check in checks.items() if not check["passed"]]
     decision = {"passed": not failed, "failed": failed, "checks": checks, "n_members": len(members),
@@ -272,8 +275,8 @@ def describe_refusal(decision: dict[str, Any]) -> str:
     for name in decision["failed"]:
         check = decision["checks"][name]
         if name == "controls":
-            lines.append(f"controls: negative at chance {check['value']['negative_at_chance']}, positive caught "
-                         f"{check['value']['positive_caught']}")
+            lines.append(f"controls: the positive control (copies of members) was not caught (AUC "
+                         f"{check['value']['positive_auc']:.3f})")
         elif "ci_low" in check:
             lines.append(f"{name}: AUC {check['value']:.3f} [95 % CI {check['ci_low']:.3f}, {check['ci_high']:.3f}] "
                          f"above {check['threshold']}")
