@@ -11,7 +11,7 @@ holdout (cases it never saw; :func:`synthlearn.strategies.catphishing_site.priva
    rate (the share of samples nearer a member than 95 % of held-out cases are). If the positive control is missed,
    the attack could not even catch copies, so its passing the generator means nothing: the gate refuses. The
    negative control is reported, not gated on: it is a test at the 5 % level on a random split of the members (it
-   failed on 1 of the first 6 healthy demo decisions), and an attack biased off chance would refuse more, not
+   was off chance in 3 of 12 healthy demo decisions), and an attack biased off chance would refuse more, not
    less.
 2. **White-box loss threshold** (Yeom et al. 2018; for diffusion models Matsumoto et al. 2023, Carlini et al.
    2023): each case's diffusion loss, the mean over ``loss_timesteps`` timesteps spread over the first half of the
