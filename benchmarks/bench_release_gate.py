@@ -11,7 +11,8 @@ privacy audit's generator positive control):
   blurred renderings, which the SSIM attack barely tells apart: the white-box attack's case).
 
 Every generator goes through the gate with its default settings (:class:`ReleaseGateConfig`) once per
-``--gate-seeds`` (healthy demo generators) or ``--other-seeds`` (the others), a fresh sample draw and bootstrap each. A healthy generator refused is a false refusal; a
+``--gate-seeds`` (healthy demo generators) or ``--other-seeds`` (the others), a fresh sample draw and bootstrap
+each. A healthy generator refused is a false refusal; a
 memorising one passed is a miss. Each decision is kept (``OUT/decisions/*.json``; a rerun reads them back) and the
 summary goes to ``OUT/summary.json`` and ``OUT/table.md``.
 
@@ -75,7 +76,8 @@ def main() -> None:
     parser.add_argument("--other-seeds", type=int, nargs="+", default=[0], help="gate seeds of the memorising and the "
                         "DP generators")
     parser.add_argument("--memorise-from", nargs="+", default=None, metavar="SEED_FOLDER",
-                        help="make memorising generators from these healthy seed folders only (e.g. seed-0; default all)")
+                        help="make memorising generators from these healthy seed folders only (e.g. seed-0; "
+                             "default all)")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -120,7 +122,8 @@ def main() -> None:
                          "ssim_ci_low": c["membership_ssim"]["ci_low"], "loss_auc": c["membership_loss"]["value"],
                          "loss_ci_low": c["membership_loss"]["ci_low"], "exposed": c["exposed_members"]["value"],
                          "member_min_z": c["exposed_members"]["member_min_z"], "wall_s": d["wall_s"]})
-            print(f"{kind:28s} {name:32s} seed {seed}: {'passed' if d['passed'] else 'REFUSED ' + ','.join(d['failed'])}"
+            verdict = "passed" if d["passed"] else "REFUSED " + ",".join(d["failed"])
+            print(f"{kind:28s} {name:32s} seed {seed}: {verdict}"
                   f" (copy {rows[-1]['copy_rate']:.2f}, SSIM AUC {rows[-1]['ssim_auc']:.2f}, loss AUC "
                   f"{rows[-1]['loss_auc']:.2f}, exposed {rows[-1]['exposed']}, min z {rows[-1]['member_min_z']:.1f})",
                   flush=True)
@@ -145,7 +148,8 @@ def main() -> None:
         r = s["ranges"]
         lines.append(f"| {kind} | {s['decisions']} | {s['refused']} ({s['refused_share']:.0%}) | "
                      f"{', '.join(f'{k} {v}' for k, v in s['refused_by_check'].items()) or '-'} | "
-                     f"{r['copy_rate'][0]:.2f}-{r['copy_rate'][1]:.2f} | {r['ssim_auc'][0]:.2f}-{r['ssim_auc'][1]:.2f} | "
+                     f"{r['copy_rate'][0]:.2f}-{r['copy_rate'][1]:.2f} | "
+                     f"{r['ssim_auc'][0]:.2f}-{r['ssim_auc'][1]:.2f} | "
                      f"{r['loss_auc'][0]:.2f}-{r['loss_auc'][1]:.2f} | {r['exposed'][0]}-{r['exposed'][1]} | "
                      f"{r['member_min_z'][0]:.1f} to {r['member_min_z'][1]:.1f} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=list(SITES))
     parser.add_argument("--jobs", type=int, default=3)
     args = parser.parse_args()
-    jobs = [(str(args.study / s), args.config, str(args.out / f"seed-{k}" / s), k) for k in args.seeds for s in args.sites]
+    jobs = [(str(args.study / s), args.config, str(args.out / f"seed-{k}" / s), k)
+            for k in args.seeds for s in args.sites]
     with ProcessPoolExecutor(args.jobs) as pool:
         for out, wall in pool.map(_train, *zip(*jobs)):
             print(f"{out}: {wall:.0f} s", flush=True)

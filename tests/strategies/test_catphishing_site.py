@@ -109,7 +109,8 @@ def test_a_deployed_site_takes_the_release_override_from_itself_never_from_the_s
     protocol = ArtifactUploadProtocol(load_study_config("configs/study_tiny.toml").setup, cfg)
     site = open_site(tiny_study / "tcga")
     with pytest.raises(ReleaseRefused, match="exposed_members"):
-        protocol.site_round(site, 1, {}, {}, state_dir=tmp_path / "state", memory={SITE_POLICY: {"release_override": ""}})
+        protocol.site_round(site, 1, {}, {}, state_dir=tmp_path / "state",
+                            memory={SITE_POLICY: {"release_override": ""}})
     assert "release_gate" not in json.loads((tmp_path / "state" / "artifact" / "manifest.json").read_text())
     decision = json.loads((tmp_path / "state" / "release_gate.json").read_text())  # kept at the site, in full
     assert not decision["passed"] and decision["failed"] == ["exposed_members"]

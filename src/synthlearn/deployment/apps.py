@@ -156,4 +156,5 @@ def read_site_policy(state: Path) -> dict[str, Any]:
     return {"release_override": str(policy.get("release_override", ""))}
 
 
-__all__ = ["POLICY_FILE", "ALLOW", "SITE_DIR", "SITE_NAME", "SPEC_KEY", "STATE_DIR", "client_app", "read_job", "read_site_policy", "server_app"]
+__all__ = ["ALLOW", "POLICY_FILE", "SITE_DIR", "SITE_NAME", "SPEC_KEY", "STATE_DIR", "client_app", "read_job",
+           "read_site_policy", "server_app"]

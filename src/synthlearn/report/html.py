@@ -491,7 +491,8 @@ def _synthetic_arm(doc: _Doc, name: str, arm: dict) -> None:
                   "(synthlearn.generators.ldm.release_gate): black-box SSIM membership inference with its controls, "
                   "the copy rate, and a white-box attack on the diffusion model's loss. A refused generator leaves "
                   "only with a reason recorded in its manifest.")
-        dp = {s: g["privacy"] for s, g in gens.items() if isinstance(g.get("privacy"), dict) and g["privacy"].get("dp_sgd")}
+        dp = {s: g["privacy"] for s, g in gens.items()
+              if isinstance(g.get("privacy"), dict) and g["privacy"].get("dp_sgd")}
         if dp:
             doc.h(2, f"Differential privacy of the generators ({name})")
             doc.table(["site", "epsilon (autoencoder)", "epsilon (diffusion)", "epsilon per patient (sum)", "delta"],

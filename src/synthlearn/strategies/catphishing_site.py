@@ -225,7 +225,8 @@ class ArtifactUploadProtocol(RoundProtocol):
                 shutil.rmtree(self.received_dir / reply.site, ignore_errors=True)
                 raise FederationError(f"site {reply.site}: its artifact carries no release-gate decision, and this "
                                       f"study requires one (catphishing.release_gate); refused")
-            entry[reply.site] = {"release_gate": gate_summary(gate),"bytes": int(sum(t.numel() for t in reply.arrays[GROUP].values())),
+            entry[reply.site] = {"release_gate": gate_summary(gate),
+                                 "bytes": int(sum(t.numel() for t in reply.arrays[GROUP].values())),
                                  "training_cases": int(reply.metrics.get("training-cases", -1)),
                                  "holdout_cases": int(reply.metrics.get("holdout-cases", -1)),
                                  "wall_s": float(reply.metrics.get("generator-seconds", 0.0)),

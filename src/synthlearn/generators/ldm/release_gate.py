@@ -26,8 +26,8 @@ members than ``max_exposed``; a missed positive control. The thresholds' default
 (docs/benchmarks.md section 30: every deliberately memorising generator refused, healthy ones passed).
 
 What the manifest receives (``release_gate``; :func:`record_release`): the decision, every check's figure and
-threshold, the numbers of members, held-out and sampled cases, and, for an override, the reason a person gave. No case id,
-path or image leaves: the figures are aggregate.
+threshold, the numbers of members, held-out and sampled cases, and, for an override, the reason a person gave. No
+case id, path or image leaves: the figures are aggregate.
 """
 
 from __future__ import annotations
