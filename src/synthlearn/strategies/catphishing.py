@@ -597,11 +597,9 @@ def run(ctx: ArmContext) -> ArmOutput:
         stage_epochs = gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
         walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
         if cfg.gate_on:  # before anything leaves a site: every artifact without a released decision is gated
-            from synthlearn.generators.artifact import read_manifest as _manifest
-
             jobs = {name: (str(artifacts[name]), str(sites[name].path), members[name], holdout[name], cfg, seed,
                            str(arm_dir / "release_gate" / name), cfg.threads_per_site)
-                    for name in sites if not (_manifest(artifacts[name]).get("release_gate") or {}).get("released")}
+                    for name in sites if not (read_manifest(artifacts[name]).get("release_gate") or {}).get("released")}
             gate_t0 = time.perf_counter()
             _run_jobs(jobs, _gate_worker, cfg, "release gate", ctx.progress)
             log.info("catphishing: release gate at %d site(s) in %.0f s", len(jobs), time.perf_counter() - gate_t0)
