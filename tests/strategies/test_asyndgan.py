@@ -57,6 +57,17 @@ def test_the_generator_maps_masks_to_images_and_its_dropout_is_the_noise(dims, s
         gen(torch.rand(1, 5, *(s + 2 for s in shape)))
 
 
+@pytest.mark.parametrize("dims,shape", [(2, (32, 32)), (3, (16, 16, 16))])
+def test_a_resize_convolution_generator_keeps_the_shape_and_has_no_transposed_convolution(dims, shape):
+    gen = ResnetGenerator(dims, 5, 2, features=8, n_blocks=1, upsampling="resize")
+    assert gen(torch.rand(2, 5, *shape)).shape == (2, 2, *shape)
+    transposed = (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    assert not any(isinstance(m, transposed) for m in gen.modules())
+    assert any(isinstance(m, transposed) for m in ResnetGenerator(dims, 5, 2, features=8, n_blocks=1).modules())
+    with pytest.raises(ValueError, match="upsampling"):
+        ResnetGenerator(dims, 5, 2, upsampling="bilinear")
+
+
 def test_conditioning_has_the_brain_each_tumour_region_and_each_label_value():
     seg = torch.tensor([[[0, 1], [2, 3]]])
     brain = torch.ones(1, 2, 2)
@@ -168,9 +179,47 @@ def test_a_site_that_stalls_is_left_out_of_the_step_at_the_timeout(tiny_study_2d
     assert time.monotonic() - t0 < 120
 
 
+def test_feature_matching_reads_the_real_batch_only_through_its_channel_means():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(2, 5, features=8, n_layers=2, norm="instance")
+    cond = (torch.rand(3, 4, 32, 32) > 0.5).float()
+    real, fake = torch.rand(3, 1, 32, 32) * 2 - 1, torch.rand(3, 1, 32, 32) * 0.2
+    plain, loss = adversarial_feedback(disc, cond, fake)
+    fm, fm_loss = adversarial_feedback(disc, cond, fake, feature_matching=10.0, real=real)
+    assert fm.shape == fake.shape and fm_loss == loss  # the reported loss stays the adversarial one
+    assert not torch.allclose(fm, plain)  # the term moves the feedback
+    # the real pairs in another order: the same per-channel means, so the same gradient (nothing per image)
+    order = torch.tensor([2, 0, 1])
+    shuffled, _ = adversarial_feedback(disc, cond, fake, feature_matching=10.0, real=real[order],
+                                       real_condition=cond[order])
+    assert torch.allclose(fm, shuffled, rtol=1e-4, atol=1e-8)
+    # generated pairs whose feature means equal the real ones': the term's gradient vanishes
+    same, _ = adversarial_feedback(disc, cond, real, feature_matching=10.0, real=real)
+    assert torch.allclose(same, adversarial_feedback(disc, cond, real)[0], atol=1e-7)
+    with pytest.raises(ValueError, match="real batch"):
+        adversarial_feedback(disc, cond, fake, feature_matching=1.0)
+
+
+def test_a_site_with_feature_matching_and_its_own_discriminator_rate_still_returns_one_gradient(tiny_study_2d,
+                                                                                                 tmp_path):
+    site = _site(tiny_study_2d)
+    fake = torch.rand(2, 4, 32, 32) * 2 - 1
+    index = torch.tensor([0, 1], dtype=torch.int32)
+    plain, _ = _reply(AsynDGANProtocol(SETUP_2D, CFG), site, 2, fake, index, tmp_path / "a")
+    cfg = dataclasses.replace(CFG, feature_matching=10.0, discriminator_lr=8e-4)
+    protocol = AsynDGANProtocol(SETUP_2D, cfg)
+    memory: dict = {}
+    out, _ = protocol.site_round(site, 2, {"fake": {"images": fake}, "batch": {"index": index}},
+                                 {"phase": "step"}, state_dir=tmp_path / "b", memory=memory)
+    assert set(out) == {"feedback"} and set(out["feedback"]) == {"grad"} and out["feedback"]["grad"].shape == fake.shape
+    assert not torch.allclose(out["feedback"]["grad"], plain["feedback"]["grad"])
+    assert memory["disc"][1].param_groups[0]["lr"] == 8e-4  # the sites' discriminators step at their own rate
+
+
 def test_config_checks():
     for bad in ({"iterations": 0}, {"feedback_noise": 1.0}, {"gan_loss": "wgan"}, {"dropout": 1.0},
-                {"round_timeout_s": 0}, {"audit_holdout": 1.0}, {"audit_holdout": -0.1}, {"fidelity_n": 1}):
+                {"round_timeout_s": 0}, {"audit_holdout": 1.0}, {"audit_holdout": -0.1}, {"fidelity_n": 1},
+                {"discriminator_lr": 0.0}, {"feature_matching": -1.0}, {"generator_upsampling": "bilinear"}):
         with pytest.raises(ValueError, match="asyndgan"):
             AsynDGANConfig(**bad)
     assert np.isclose(AsynDGANConfig().lr, 2e-4)  # the paper's Adam

@@ -3,8 +3,10 @@ in 2D and 3D.
 
 - :class:`ResnetGenerator` (Johnson et al. 2016, as paper 003 section 4 describes it): a 7x7 convolution, two
   stride-2 down-samplings, ``n_blocks`` residual blocks (nine in the paper), two transposed-convolution
-  up-samplings and a 7x7 convolution to the image channels with ``tanh``. Every convolution but the first and last
-  is 3x3 and every non-residual one is followed by a normalisation and ReLU. Dropout inside the residual blocks is
+  up-samplings (or, with ``upsampling = "resize"``, nearest-neighbour up-sampling then a 3x3 convolution: Odena et
+  al. 2016's cure for the transposed convolution's checkerboard) and a 7x7 convolution to the image channels with
+  ``tanh``. Every convolution but the first and last is 3x3 and every non-residual one is followed by a
+  normalisation and ReLU. Dropout inside the residual blocks is
   the generator's only noise source (pix2pix): it stays on when sampling (:func:`sampling_mode`).
 - :class:`PatchDiscriminator` (pix2pix's ``NLayerDiscriminator``): 4x4 convolutions, ``n_layers`` stride-2
   down-samplings, LeakyReLU 0.2; one logit per patch. With ``n_layers = 3`` each logit sees 70x70 pixels in 2D;
@@ -23,6 +25,7 @@ from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
 NormName = Literal["batch", "instance", "group"]
+Upsampling = Literal["transposed", "resize"]
 
 
 def _norm(kind: NormName, dims: int, channels: int) -> nn.Module:
@@ -72,15 +75,20 @@ class ResnetGenerator(nn.Module):
         dropout: dropout in each residual block (0.5 in pix2pix; the noise source, on when sampling too).
         edge_kernel: kernel of the first and last convolutions (7 in the paper; odd; 3 makes a 3D generator ~3x
             cheaper on a CPU, where the two 7^3 convolutions at full resolution dominate).
+        upsampling: ``transposed`` (the paper: stride-2 transposed 3x3 convolutions) or ``resize`` (nearest x2,
+            then a 3x3 convolution; no checkerboard pattern from uneven kernel overlap).
 
     Shapes:
         ``(B, in_channels, *S) -> (B, out_channels, *S)`` in ``[-1, 1]``; every side of ``S`` a multiple of 4.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, features: int = 64,
-                 n_blocks: int = 9, norm: NormName = "batch", dropout: float = 0.5, edge_kernel: int = 7):
+                 n_blocks: int = 9, norm: NormName = "batch", dropout: float = 0.5, edge_kernel: int = 7,
+                 upsampling: Upsampling = "transposed"):
         super().__init__()
         _check(spatial_dims, in_channels, out_channels)
+        if upsampling not in ("transposed", "resize"):
+            raise ValueError(f"upsampling must be transposed or resize, found {upsampling!r}")
         if features < 1 or n_blocks < 0 or not 0 <= dropout < 1 or edge_kernel < 1 or edge_kernel % 2 == 0:
             raise ValueError(f"features >= 1, n_blocks >= 0, dropout in [0, 1) and an odd edge_kernel expected, found "
                              f"{features}, {n_blocks}, {dropout}, {edge_kernel}")
@@ -95,8 +103,12 @@ class ResnetGenerator(nn.Module):
                        nn.ReLU(True)]
         layers += [ResidualBlock(d, f * 4, norm, dropout) for _ in range(n_blocks)]
         for i in (2, 1):
-            layers += [up(f * 2 ** i, f * 2 ** (i - 1), 3, stride=2, padding=1, output_padding=1),
-                       _norm(norm, d, f * 2 ** (i - 1)), nn.ReLU(True)]
+            if upsampling == "resize":
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                           conv(f * 2 ** i, f * 2 ** (i - 1), 3, padding=1)]
+            else:
+                layers += [up(f * 2 ** i, f * 2 ** (i - 1), 3, stride=2, padding=1, output_padding=1)]
+            layers += [_norm(norm, d, f * 2 ** (i - 1)), nn.ReLU(True)]
         layers += [conv(f, out_channels, k, padding=p, padding_mode="reflect"), nn.Tanh()]
         self.model = nn.Sequential(*layers)
         self.spatial_dims = d
@@ -143,6 +155,19 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activations after each LeakyReLU (the hidden layers; ``n_layers + 1`` maps), for feature matching.
+
+        Shapes:
+            ``(B, in_channels, *S) -> [(B, C_l, *P_l)]``.
+        """
+        out = []
+        for layer in self.model:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                out.append(x)
+        return out
+
 
 def receptive_field(n_layers: int) -> int:
     """Side of the input patch one :class:`PatchDiscriminator` logit sees (70 for ``n_layers = 3``)."""
@@ -164,4 +189,5 @@ def sampling_mode(generator: nn.Module) -> nn.Module:
     return generator
 
 
-__all__ = ["PatchDiscriminator", "ResidualBlock", "ResnetGenerator", "receptive_field", "sampling_mode"]
+__all__ = ["NormName", "PatchDiscriminator", "ResidualBlock", "ResnetGenerator", "Upsampling", "receptive_field",
+           "sampling_mode"]

@@ -10,7 +10,8 @@ What crosses the site boundary, per :class:`AsynDGANProtocol` round:
   sends each site its own batch (generated images and which of its masks they are for); the site updates its
   discriminator on (real, generated) pairs (:func:`discriminator_step`) and returns **only** the gradient of its
   adversarial loss with respect to the generated images (:func:`adversarial_feedback`), of the batch's shape,
-  optionally clipped and noised per sample at the site (GS-WGAN); the server averages the sites' gradients,
+  optionally clipped and noised per sample at the site (GS-WGAN), optionally with a feature-matching term
+  (``feature_matching``: it reads the real batch through one mean per discriminator channel); the server averages the sites' gradients,
   back-propagates them through the generator and steps it. No L1 or perceptual term against the real images is
   computed (the reference code's leak: PRIVACY.md) and neither network ever leaves where it lives.
 
@@ -71,7 +72,7 @@ from synthlearn.audits.privacy import audit_site, normalize_for_ssim, ssim_matri
 from synthlearn.data.contract import SEG_VALUES, SEQUENCES, CaseRecord, Labels, SiteRecord
 from synthlearn.data.io import CaseArrays, write_json
 from synthlearn.evaluate.radiomics import case_id_of
-from synthlearn.models.gan import NormName, PatchDiscriminator, ResnetGenerator, sampling_mode
+from synthlearn.models.gan import NormName, PatchDiscriminator, ResnetGenerator, Upsampling, sampling_mode
 from synthlearn.protocol import (
     Arrays,
     FederationError,
@@ -101,11 +102,20 @@ class AsynDGANConfig:
     Attributes:
         iterations: generator steps (rounds after the conditioning disclosure).
         batch_size: masks per site per step (paper: 3 on BraTS).
-        generator_features, generator_blocks, generator_norm, dropout, generator_edge_kernel:
-            :class:`ResnetGenerator` (paper: 64, 9, batch, 0.5, 7).
+        generator_features, generator_blocks, generator_norm, dropout, generator_edge_kernel, generator_upsampling:
+            :class:`ResnetGenerator` (paper: 64, 9, batch, 0.5, 7, transposed).
         discriminator_features, discriminator_layers, discriminator_norm: :class:`PatchDiscriminator` (paper: 64,
             3, batch).
         lr, beta1, beta2: Adam for both networks (paper: 2e-4, 0.5, 0.999).
+        discriminator_lr: the sites' discriminators' learning rate when it differs from the generator's (None =
+            ``lr``; a faster discriminator is the two-time-scale rule of Heusel et al. 2017).
+        feature_matching: weight of a feature-matching term in what a site returns (0 = none, the paper's pure
+            adversarial feedback): the squared distance between the per-channel means, over the batch and every
+            position, of each hidden layer of the site's discriminator on its real pairs and on the generated
+            pairs (Salimans et al. 2016). Its gradient is still with respect to the generated images only, and it
+            reads the real images only through one mean per channel and layer of the step's batch, never per
+            image or per position (unlike a paired L1 / perceptual term, which points each generated image at
+            its real source).
         gan_loss: ``vanilla`` (the paper's cross entropy; the generator's non-saturating form) or ``lsgan``.
         feedback_clip: per-sample L2 bound of the gradient a site returns (0 = none).
         feedback_noise: standard deviation of the Gaussian noise a site adds to each returned gradient, in units
@@ -140,12 +150,15 @@ class AsynDGANConfig:
     generator_norm: NormName = "batch"
     dropout: float = 0.5
     generator_edge_kernel: int = 7
+    generator_upsampling: Upsampling = "transposed"
     discriminator_features: int = 16
     discriminator_layers: int = 2
     discriminator_norm: NormName = "batch"
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    discriminator_lr: float | None = None
+    feature_matching: float = 0.0
     gan_loss: Literal["vanilla", "lsgan"] = "vanilla"
     feedback_clip: float = 0.0
     feedback_noise: float = 0.0
@@ -181,8 +194,15 @@ class AsynDGANConfig:
                 raise ValueError(f"asyndgan.{key} must be > 0, found {getattr(self, key)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"asyndgan.beta1 and beta2 must be in [0, 1), found {self.beta1}, {self.beta2}")
+        if self.generator_upsampling not in ("transposed", "resize"):
+            raise ValueError(f"asyndgan.generator_upsampling must be transposed or resize, found "
+                             f"{self.generator_upsampling!r}")
         if self.gan_loss not in ("vanilla", "lsgan"):
             raise ValueError(f"asyndgan.gan_loss must be vanilla or lsgan, found {self.gan_loss!r}")
+        if self.discriminator_lr is not None and not self.discriminator_lr > 0:
+            raise ValueError(f"asyndgan.discriminator_lr must be > 0, found {self.discriminator_lr}")
+        if self.feature_matching < 0:
+            raise ValueError(f"asyndgan.feature_matching must be >= 0, found {self.feature_matching}")
         if self.feedback_clip < 0 or self.feedback_noise < 0:
             raise ValueError("asyndgan.feedback_clip and feedback_noise must be >= 0")
         if self.feedback_noise > 0 and self.feedback_clip == 0:
@@ -354,7 +374,8 @@ def build_generator(setup: TrainingSetup, cfg: AsynDGANConfig) -> ResnetGenerato
     dims = len(setup.preprocess.shape)
     return ResnetGenerator(dims, condition_channels(label_sizes(setup, cfg)), len(setup.sequences),
                            features=cfg.generator_features, n_blocks=cfg.generator_blocks, norm=cfg.generator_norm,
-                           dropout=cfg.dropout, edge_kernel=cfg.generator_edge_kernel)
+                           dropout=cfg.dropout, edge_kernel=cfg.generator_edge_kernel,
+                           upsampling=cfg.generator_upsampling)
 
 
 def build_discriminator(setup: TrainingSetup, cfg: AsynDGANConfig) -> PatchDiscriminator:
@@ -364,8 +385,8 @@ def build_discriminator(setup: TrainingSetup, cfg: AsynDGANConfig) -> PatchDiscr
                               norm=cfg.discriminator_norm)
 
 
-def _adam(params, cfg: AsynDGANConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+def _adam(params, cfg: AsynDGANConfig, lr: float | None = None) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2))
 
 
 # ---------------------------------------------------------------------------------------------------- the losses
@@ -407,29 +428,59 @@ def discriminator_step(disc: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     return {"loss_d": float(loss.detach()), "d_real": prob(on_real.detach()), "d_fake": prob(on_fake.detach())}
 
 
+def feature_means(disc: torch.nn.Module, pairs: torch.Tensor) -> list[torch.Tensor]:
+    """Per hidden layer of ``disc``, the mean of each channel over the batch and every position.
+
+    Shapes:
+        ``(B, K + C, *S) -> [(C_l,)]``.
+    """
+    return [f.transpose(0, 1).flatten(1).mean(dim=1) for f in disc.features(pairs)]
+
+
+def feature_matching_loss(disc: torch.nn.Module, real_pairs: torch.Tensor, fake_pairs: torch.Tensor) -> torch.Tensor:
+    """Salimans et al.'s feature matching on a site's discriminator: the sum over hidden layers of the mean squared
+    difference between :func:`feature_means` of the real and of the generated pairs (the real side detached)."""
+    with torch.no_grad():
+        target = feature_means(disc, real_pairs)
+    return sum(F.mse_loss(f, t) for f, t in zip(feature_means(disc, fake_pairs), target, strict=True))
+
+
 def adversarial_feedback(disc: torch.nn.Module, condition: torch.Tensor | None, fake: torch.Tensor,
                          kind: str = "vanilla", *, clip: float = 0.0, noise: float = 0.0,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+                         generator: torch.Generator | None = None, feature_matching: float = 0.0,
+                         real: torch.Tensor | None = None, real_condition: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, float]:
     """What a site returns: the gradient of the generator's adversarial loss against this site's discriminator
     with respect to the generated images (and that loss). It reads the real images only through the
-    discriminator's weights.
+    discriminator's weights, and with ``feature_matching`` also through one mean per channel and hidden layer of
+    the real batch (:func:`feature_matching_loss`).
 
     Args:
         fake: ``(B, C, *S)`` generated images as received.
         clip: per-sample L2 bound (0 = none); noise: Gaussian noise std in units of ``clip`` (GS-WGAN).
+        feature_matching: weight of :func:`feature_matching_loss` added to the adversarial loss (0 = none).
+        real, real_condition: the site's real batch ``(B', C, *S)`` and its maps (default ``condition``), needed
+            with ``feature_matching``.
 
     Returns:
-        ``(grad, loss_g)``: ``grad`` of ``fake``'s shape.
+        ``(grad, loss_g)``: ``grad`` of ``fake``'s shape; ``loss_g`` the adversarial part.
     """
     x = fake.detach().clone().requires_grad_(True)
-    loss = gan_loss(disc(_pair(condition, x)), True, kind)
+    pairs = _pair(condition, x)
+    loss = gan_loss(disc(pairs), True, kind)
+    adversarial = float(loss.detach())
+    if feature_matching > 0:
+        if real is None:
+            raise ValueError("adversarial_feedback: feature_matching needs the site's real batch")
+        real_pairs = _pair(condition if real_condition is None else real_condition, real)
+        loss = loss + feature_matching * feature_matching_loss(disc, real_pairs, pairs)
     (grad,) = torch.autograd.grad(loss, x)
     if clip > 0:
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
         grad = grad * (clip / norms).clamp(max=1.0).view(-1, *([1] * (grad.ndim - 1)))
         if noise > 0:
             grad = grad + torch.randn(grad.shape, generator=generator) * (noise * clip)
-    return grad.detach(), float(loss.detach())
+    return grad.detach(), adversarial
 
 
 def generator_step(optimizer: torch.optim.Optimizer, feedback: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -646,7 +697,8 @@ class AsynDGANProtocol(RoundProtocol):
         stats = discriminator_step(disc, opt, cond, data.images[index], fake.float(), self.cfg.gan_loss)
         rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "noise", rnd, site.name))
         grad, loss_g = adversarial_feedback(disc, cond, fake.float(), self.cfg.gan_loss, clip=self.cfg.feedback_clip,
-                                            noise=self.cfg.feedback_noise, generator=rng)
+                                            noise=self.cfg.feedback_noise, generator=rng,
+                                            feature_matching=self.cfg.feature_matching, real=data.images[index])
         memory["round"] = rnd
         if self.should_checkpoint(rnd):
             save_checkpoint(Path(state_dir) / "discriminator.pt",
@@ -678,7 +730,8 @@ class AsynDGANProtocol(RoundProtocol):
         noise = torch.Generator().manual_seed(derive_seed(self.setup.seed, "asyndgan", "noise", rnd, site.name))
         grad, loss_g = adversarial_feedback(disc, fake_cond, fake.float(), self.cfg.gan_loss,
                                             clip=self.cfg.feedback_clip, noise=self.cfg.feedback_noise,
-                                            generator=noise)
+                                            generator=noise, feature_matching=self.cfg.feature_matching,
+                                            real=data.images[index], real_condition=real_cond)
         memory["round"] = rnd
         if self.should_checkpoint(rnd):
             save_checkpoint(Path(state_dir) / "discriminator.pt",
@@ -690,7 +743,7 @@ class AsynDGANProtocol(RoundProtocol):
         if "disc" not in memory:
             torch.manual_seed(derive_seed(self.setup.seed, "asyndgan", "discriminator", site))
             disc = build_discriminator(self.setup, self.cfg)
-            opt = _adam(disc.parameters(), self.cfg)
+            opt = _adam(disc.parameters(), self.cfg, self.cfg.discriminator_lr)
             path = Path(state_dir) / "discriminator.pt"
             if rnd > 2 and path.is_file():  # a resumed federation, or this site moved to a new process
                 saved = load_checkpoint(path, restore_rng=False)
