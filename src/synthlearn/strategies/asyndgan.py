@@ -11,9 +11,10 @@ What crosses the site boundary, per :class:`AsynDGANProtocol` round:
   discriminator on (real, generated) pairs (:func:`discriminator_step`) and returns **only** the gradient of its
   adversarial loss with respect to the generated images (:func:`adversarial_feedback`), of the batch's shape,
   optionally clipped and noised per sample at the site (GS-WGAN), optionally with a feature-matching term
-  (``feature_matching``: it reads the real batch through one mean per discriminator channel); the server averages the sites' gradients,
-  back-propagates them through the generator and steps it. No L1 or perceptual term against the real images is
-  computed (the reference code's leak: PRIVACY.md) and neither network ever leaves where it lives.
+  (``feature_matching``: it reads the real batch through one mean per discriminator channel); the server averages
+  the sites' gradients, back-propagates them through the generator and steps it. No L1 or perceptual term against
+  the real images is computed (the reference code's leak: PRIVACY.md) and neither network ever leaves where it
+  lives.
 
 A site that does not answer within ``round_timeout_s`` is left out of that step (the round goes on with the others;
 the history names it). A further task-model seed of a multi-seed study reuses the primary seed's generator and
