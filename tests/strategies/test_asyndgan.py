@@ -206,13 +206,15 @@ def test_a_site_with_feature_matching_and_its_own_discriminator_rate_still_retur
     fake = torch.rand(2, 4, 32, 32) * 2 - 1
     index = torch.tensor([0, 1], dtype=torch.int32)
     plain, _ = _reply(AsynDGANProtocol(SETUP_2D, CFG), site, 2, fake, index, tmp_path / "a")
-    cfg = dataclasses.replace(CFG, feature_matching=10.0, discriminator_lr=8e-4)
-    protocol = AsynDGANProtocol(SETUP_2D, cfg)
+    matched, _ = _reply(AsynDGANProtocol(SETUP_2D, dataclasses.replace(CFG, feature_matching=10.0)), site, 2, fake,
+                        index, tmp_path / "b")
+    assert set(matched) == {"feedback"} and set(matched["feedback"]) == {"grad"}
+    assert matched["feedback"]["grad"].shape == fake.shape
+    assert not torch.allclose(matched["feedback"]["grad"], plain["feedback"]["grad"])  # the term reached the site
+    protocol = AsynDGANProtocol(SETUP_2D, dataclasses.replace(CFG, discriminator_lr=8e-4))
     memory: dict = {}
-    out, _ = protocol.site_round(site, 2, {"fake": {"images": fake}, "batch": {"index": index}},
-                                 {"phase": "step"}, state_dir=tmp_path / "b", memory=memory)
-    assert set(out) == {"feedback"} and set(out["feedback"]) == {"grad"} and out["feedback"]["grad"].shape == fake.shape
-    assert not torch.allclose(out["feedback"]["grad"], plain["feedback"]["grad"])
+    protocol.site_round(site, 2, {"fake": {"images": fake}, "batch": {"index": index}}, {"phase": "step"},
+                        state_dir=tmp_path / "c", memory=memory)
     assert memory["disc"][1].param_groups[0]["lr"] == 8e-4  # the sites' discriminators step at their own rate
 
 
