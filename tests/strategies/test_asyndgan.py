@@ -165,6 +165,41 @@ class _Stalling(AsynDGANProtocol):
         return super().site_round(site, rnd, arrays, config, state_dir=state_dir, memory=memory)
 
 
+def test_the_same_seed_trains_the_same_generator_whatever_the_order_of_the_sites(tiny_study_2d, tmp_path):
+    """Flower lists its nodes in an order that varies from run to run: each site's batch draws its own dropout and
+    the feedback is summed in a fixed order, so the order of the sites changes nothing (batch norm included)."""
+    sites = list(open_study(tiny_study_2d).sites_with_role("train"))
+    cfg = dataclasses.replace(CFG, generator_norm="batch")
+    finals = []
+    for name, order in (("forward", sites), ("reversed", sites[::-1])):
+        state = run_protocol_inprocess(AsynDGANProtocol(SETUP_2D, cfg), order, tmp_path / name)
+        finals.append(state.states["generator"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_a_site_whose_round_runs_in_another_process_goes_on_from_its_last_step(tiny_study_2d, tmp_path):
+    """Flower's simulation may hand a site's round to another worker process: its discriminator must come from the
+    site's last step (its private folder), neither a fresh one nor a stale copy another process still holds."""
+    site = _site(tiny_study_2d)
+    protocol = AsynDGANProtocol(SETUP_2D, dataclasses.replace(CFG, checkpoint_every=50))
+    index = torch.tensor([0, 1], dtype=torch.int32)
+    a, b = {}, {}  # two worker processes' memories
+
+    def step(rnd, memory):
+        fake = torch.rand(2, 4, 32, 32, generator=torch.Generator().manual_seed(rnd)) * 2 - 1
+        protocol.site_round(site, rnd, {"fake": {"images": fake}, "batch": {"index": index}}, {"phase": "step"},
+                            state_dir=tmp_path / site.name, memory=memory)
+        return {k: v.clone() for k, v in memory["disc"][0].state_dict().items()}
+
+    after2 = step(2, a)
+    b["data"] = a["data"]
+    protocol._discriminator(site.name, 3, tmp_path / site.name, b)  # process b, round 3: from the folder
+    assert all(torch.equal(after2[k], v) for k, v in b["disc"][0].state_dict().items())
+    after3 = step(3, b)
+    protocol._discriminator(site.name, 4, tmp_path / site.name, a)  # process a again: its copy is of round 2
+    assert all(torch.equal(after3[k], v) for k, v in a["disc"][0].state_dict().items())
+
+
 def test_a_site_that_stalls_is_left_out_of_the_step_at_the_timeout(tiny_study_2d, tmp_path):
     from synthlearn.federated.simulation import run_protocol_simulation
 

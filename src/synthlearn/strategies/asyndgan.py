@@ -129,7 +129,8 @@ class AsynDGANConfig:
         start_timeout_s, round_timeout_s: seconds to wait for sites to connect / for a step's replies (a site
             later than that is left out of the step).
         threads_per_site, parallel_sites: as for FedAvg.
-        checkpoint_every: the server and the sites save their networks every this many steps.
+        checkpoint_every: the server saves its state every this many steps (each site keeps its discriminator on disk
+            after every step: a simulated site may run its next round in another process).
         task_epochs: epochs of the task model on the synthetic cases (None = the study's).
         audit_holdout: share of each site's cases (stratified by the first label column the task uses) the site
             keeps out of everything (masks never disclosed, never seen by its discriminator): the privacy audit's
@@ -587,6 +588,12 @@ class AsynDGANProtocol(RoundProtocol):
             self._live = (gen, opt)
         return self._live
 
+    def messages(self, rnd: int, state: Arrays, sites: Sequence[str]) -> dict[str, tuple[Arrays, dict[str, Any]]]:
+        """Each site's batch, generated in the sites' sorted order (the order Flower lists its nodes in varies from
+        run to run; a batch-norm generator's running statistics depend on it), each with its own seeded dropout
+        (:meth:`site_message`): the same seed gives the same run over Flower as in process."""
+        return super().messages(rnd, state, sorted(sites))
+
     def site_message(self, rnd: int, state: Arrays, site: str) -> tuple[Arrays, dict[str, Any]]:
         if rnd == 1:
             return {}, {"phase": "ready" if self.server_masks is not None else "masks"}
@@ -601,7 +608,9 @@ class AsynDGANProtocol(RoundProtocol):
         gen.train()
         cond = make_condition(masks["seg"][index].long(), masks["brain"][index], masks["codes"][index].long(),
                               self.sizes)
-        fake = gen(cond)
+        with torch.random.fork_rng(devices=[]):  # this batch's dropout draws: its own, whatever the order of sites
+            torch.manual_seed(derive_seed(self.setup.seed, "asyndgan", "dropout", rnd, site))
+            fake = gen(cond)
         self._pending[site] = (fake, rnd)
         if self.server_masks is not None:  # the site has no such masks: they travel with the images
             batch = {key: masks[key][index] for key in ("seg", "brain", "codes")}
@@ -621,7 +630,7 @@ class AsynDGANProtocol(RoundProtocol):
             return new, {"masks": counts}
         gen, opt = self.generator(state)
         used = []
-        for r in replies:
+        for r in sorted(replies, key=lambda reply: reply.site):  # a fixed sum order, however the replies arrived
             pending = self._pending.get(r.site)
             grad = r.arrays.get("feedback", {}).get("grad")
             if pending is None or pending[1] != rnd or grad is None:
@@ -700,10 +709,7 @@ class AsynDGANProtocol(RoundProtocol):
         grad, loss_g = adversarial_feedback(disc, cond, fake.float(), self.cfg.gan_loss, clip=self.cfg.feedback_clip,
                                             noise=self.cfg.feedback_noise, generator=rng,
                                             feature_matching=self.cfg.feature_matching, real=data.images[index])
-        memory["round"] = rnd
-        if self.should_checkpoint(rnd):
-            save_checkpoint(Path(state_dir) / "discriminator.pt",
-                            {"round": rnd, "network": disc.state_dict(), "optimizer": opt.state_dict()})
+        self._keep_discriminator(rnd, disc, opt, state_dir, memory)
         return {"feedback": {"grad": grad}}, {**stats, "loss_g": loss_g}
 
     def _step_on_server_masks(self, site: SiteRecord, rnd: int, arrays, data: SiteData, state_dir: Path,
@@ -733,28 +739,43 @@ class AsynDGANProtocol(RoundProtocol):
                                             clip=self.cfg.feedback_clip, noise=self.cfg.feedback_noise,
                                             generator=noise, feature_matching=self.cfg.feature_matching,
                                             real=data.images[index], real_condition=real_cond)
-        memory["round"] = rnd
-        if self.should_checkpoint(rnd):
-            save_checkpoint(Path(state_dir) / "discriminator.pt",
-                            {"round": rnd, "network": disc.state_dict(), "optimizer": opt.state_dict()})
+        self._keep_discriminator(rnd, disc, opt, state_dir, memory)
         return {"feedback": {"grad": grad}}, {**stats, "loss_g": loss_g}
 
     def _discriminator(self, site: str, rnd: int, state_dir: Path, memory: dict[str, Any]
                        ) -> tuple[PatchDiscriminator, torch.optim.Adam]:
-        if "disc" not in memory:
+        """The site's discriminator and optimizer as its last step left them.
+
+        A simulation's site may run each round in another worker process (Flower's Ray pool hands a site's round to
+        any free actor): ``memory`` is then another process's, or stale. So the networks in ``memory`` are used only
+        when this process ran the site's previous step; otherwise they are read from the site's private folder,
+        where every step leaves them (:meth:`_keep_discriminator`); a fresh discriminator only at the site's first
+        step."""
+        if "disc" in memory and memory.get("round") == rnd - 1:
+            return memory["disc"]
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.setup.seed, "asyndgan", "discriminator", site))
             disc = build_discriminator(self.setup, self.cfg)
-            opt = _adam(disc.parameters(), self.cfg, self.cfg.discriminator_lr)
-            path = Path(state_dir) / "discriminator.pt"
-            if rnd > 2 and path.is_file():  # a resumed federation, or this site moved to a new process
-                saved = load_checkpoint(path, restore_rng=False)
-                disc.load_state_dict(saved["network"])
-                opt.load_state_dict(saved["optimizer"])
-                if int(saved["round"]) != rnd - 1:
-                    log.warning("asyndgan site %s: discriminator of round %s resumed in round %d", site,
-                                saved["round"], rnd)
-            memory["disc"] = (disc, opt)
+        opt = _adam(disc.parameters(), self.cfg, self.cfg.discriminator_lr)
+        path = Path(state_dir) / "discriminator.pt"
+        if rnd > 2 and path.is_file():  # another process ran the last step, a resumed federation, or a moved site
+            saved = load_checkpoint(path, restore_rng=False)
+            disc.load_state_dict(saved["network"])
+            opt.load_state_dict(saved["optimizer"])
+            if int(saved["round"]) != rnd - 1:
+                log.warning("asyndgan site %s: discriminator of round %s resumed in round %d", site,
+                            saved["round"], rnd)
+        memory["disc"] = (disc, opt)
         return memory["disc"]
+
+    @staticmethod
+    def _keep_discriminator(rnd: int, disc: PatchDiscriminator, opt: torch.optim.Optimizer, state_dir: Path,
+                            memory: dict[str, Any]) -> None:
+        """After every step: the networks stay in this process's ``memory`` and are written to the site's private
+        folder (the next round may run in another process; :meth:`_discriminator`)."""
+        memory["round"] = rnd
+        save_checkpoint(Path(state_dir) / "discriminator.pt",
+                        {"round": rnd, "network": disc.state_dict(), "optimizer": opt.state_dict()})
 
 
 # --------------------------------------------------------------------------------------------------- synthesis
