@@ -591,7 +591,8 @@ class AsynDGANProtocol(RoundProtocol):
     def messages(self, rnd: int, state: Arrays, sites: Sequence[str]) -> dict[str, tuple[Arrays, dict[str, Any]]]:
         """Each site's batch, generated in the sites' sorted order (the order Flower lists its nodes in varies from
         run to run; a batch-norm generator's running statistics depend on it), each with its own seeded dropout
-        (:meth:`site_message`): the same seed gives the same run over Flower as in process."""
+        (:meth:`site_message`): the same seed gives the same run over Flower, run after run (in process, where the
+        sites compute on the server's threads, the same to about 1e-3)."""
         return super().messages(rnd, state, sorted(sites))
 
     def site_message(self, rnd: int, state: Arrays, site: str) -> tuple[Arrays, dict[str, Any]]:
