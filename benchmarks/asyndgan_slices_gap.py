@@ -46,6 +46,8 @@ def slice_stats(files: Sequence[tuple[Path, Path]]) -> dict[str, float]:
         lap = np.abs(4 * z[1:-1, 1:-1] - z[:-2, 1:-1] - z[2:, 1:-1] - z[1:-1, :-2] - z[1:-1, 2:])
         inside = brain[1:-1, 1:-1] & brain[:-2, 1:-1] & brain[2:, 1:-1] & brain[1:-1, :-2] & brain[1:-1, 2:]
         texture.append(lap[inside].mean())
+    if not contrast:
+        raise ValueError(f"no case with >= 5 tumour and >= 50 other brain voxels among {len(files)} cases")
     return {"cases": len(contrast), "contrast": float(np.mean(contrast)), "contrast_sd": float(np.std(contrast)),
             "texture": float(np.mean(texture))}
 
@@ -78,6 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reader-run", type=Path, required=True, help="a run of the check with a centralized arm")
     parser.add_argument("--synthetic", type=Path, nargs="+", required=True, help="<run>/<arm>/synthetic folders")
     args = parser.parse_args(argv)
+    model = args.reader_run / "centralized" / "model" / "model.json"
+    if not model.is_file():
+        parser.error(f"--reader-run {args.reader_run}: expected a run of the check with a finished centralized arm "
+                     f"({model}), found none")
+    for folder in args.synthetic:
+        if not (folder / "study.json").is_file():
+            parser.error(f"--synthetic {folder}: expected a synthetic study (<run>/<arm>/synthetic with study.json), "
+                         "found none")
     print("| set | images | reader Dice | reader sensitivity | tumour contrast (SD over images) | brain texture |")
     print("|---|---|---|---|---|---|")
     for label, roles in (("real training slices", ("train",)), ("real test slices", ("test",))):
