@@ -12,6 +12,8 @@ config, same test sites):
   generator.
 - ``recon``: the members encoded (posterior mean) and decoded by the site's shipped artifact (decoder +
   stage 2), written the same way: the ceiling the diffusion model can reach with this autoencoder.
+- ``refined``: the same reconstructions through the artifact's refiner stage (:mod:`synthlearn.models.refiner`,
+  trained on these very reconstructions: its best case), for generators that have one.
 - ``synthetic``: the arm's own kept synthetic cases (what the ``catphishing`` arm trained on), retrained
   here so that the three rows come from one process and one seed.
 - ``g<G>`` for each ``--guidance G``: as many cases per class per site as the run synthesized, drawn again
@@ -48,6 +50,7 @@ import time
 from pathlib import Path
 
 KINDS = ("real", "recon", "synthetic")
+OPTIONAL_KINDS = ("refined",)
 
 
 def _write_site(out: Path, cases: list[tuple[str, object, str]], label: str, shape, voxel_size) -> None:
@@ -157,6 +160,16 @@ def build_studies(run: Path, study_dir: Path, out: Path, kinds: tuple[str, ...],
                 with torch.no_grad():
                     decoded = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 4])[0],
                                                     data.class_index[i:i + 4]) for i in range(0, len(data.x), 4)])
+                if kind == "refined":  # the reconstructions through the artifact's refiner stage
+                    if gen.refiner is None:
+                        raise SystemExit(f"{arm / 'artifacts' / name}: --kinds refined needs a generator with a "
+                                         f"refiner stage (refiner.epochs > 0), found none")
+                    from synthlearn.training.seeding import derive_seed
+
+                    g = torch.Generator()
+                    g.manual_seed(derive_seed(0, "synthetic_gap", kind, name))
+                    decoded = torch.cat([gen.refine(decoded[i:i + 8].float(), data.class_index[i:i + 8], g)
+                                         for i in range(0, len(decoded), 8)])
             cases = [(f"{kind}-{c.case_id}", decoded[i].float().numpy(), cfg.class_names[int(data.class_index[i])])
                      for i, c in enumerate(members)]
             _write_site(tmp / f"{kind}_{name}", cases, cfg.label, cfg.shape, data.voxel_size)
@@ -229,7 +242,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--config", type=Path, required=True, help="the study config the run used (TOML)")
     parser.add_argument("--study", type=Path, default=None, help="the real study (default: the run's)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated subset of {KINDS + OPTIONAL_KINDS}")
     parser.add_argument("--guidance", type=float, nargs="*", default=[],
                         help="also draw the run's cases per class again at these guidance scales (one row each)")
     parser.add_argument("--test-blur", type=float, nargs="*", default=[],
@@ -243,9 +257,9 @@ def main(argv=None) -> list[dict]:
     if any(g < 0 for g in args.guidance):
         raise SystemExit(f"--guidance: expected scales >= 0, found {args.guidance}")
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in KINDS + OPTIONAL_KINDS]
     if bad:
-        raise SystemExit(f"--kinds: expected a subset of {KINDS}, found {bad}")
+        raise SystemExit(f"--kinds: expected a subset of {KINDS + OPTIONAL_KINDS}, found {bad}")
     for name in ("config.json", "run.json"):
         if not (args.run / name).is_file():
             raise SystemExit(f"--run {args.run}: expected a study run folder with {name}, found none")

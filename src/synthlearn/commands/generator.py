@@ -52,7 +52,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     check_output(args.out, "folder")
     out = synthesize(Path(args.artifact), args.per_class, Path(args.out), seed=args.seed, steps=args.steps,
                      guidance=args.guidance, guidance_interval=args.guidance_interval, scheduler=args.scheduler,
-                     batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                     batch_size=args.batch_size, refine=not args.no_refiner, device=args.device,
+                     progress=not args.quiet)
     print(f"synthetic site written to {out}")
     return 0
 
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-generator", help="train a site's CATphishing generator (autoencoder, stage 2, diffusion)",
         description="Runs at a site, on that site's data only: trains the autoencoder (4 sequences + whole-tumour "
-                    "mask), the super-resolution stage and the class-conditional latent diffusion model, then "
+                    "mask), the super-resolution stage and the class-conditional latent diffusion model (and, when the config "
+                    "asks, the tumour refiner), then "
                     "writes the artifact the site ships once (safetensors weights, manifest.json with the SHA-256 "
                     "of every file, loss curves). A killed run resumes when started again with the same "
                     "arguments.")
@@ -90,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", choices=("ddim", "ddpm"), default=None,
                    help="sampler (default: the artifact's, ddim); ddpm uses all training timesteps unless --steps")
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples per batch")
+    p.add_argument("--no-refiner", action="store_true",
+                   help="skip the artifact's refiner stage (when it has one): the decoded cases as they are")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_synthesize)

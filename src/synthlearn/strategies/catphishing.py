@@ -119,6 +119,9 @@ class CatphishingConfig:
             training steps near the other arms' (the model and everything else stay the same).
         privacy_control_generator: run the generator positive control of the membership audit (a generator
             deliberately over-fitted to a few members at each site must be caught; issue 5 item 3).
+        refiner: sample with the generators' refiner stage where they have one (``refiner.epochs`` > 0 in the
+            generator config; :mod:`synthlearn.models.refiner`); false draws the same latents without it, to
+            measure what the refiner adds on the same artifacts.
         privacy_control_cases: members it memorises per site (stratified by class). With 2 cases, 60 decoder
             and 300 diffusion steps the control was caught at all three demo sites of run 10 but not at one of
             run 11 (AUC 0.864), where 600 diffusion steps (the default) or 120 decoder steps caught it (1.000;
@@ -164,6 +167,7 @@ class CatphishingConfig:
     task_augment_intensity: float | None = None
     task_epochs: int | None = None
     privacy_control_generator: bool = True
+    refiner: bool = True
     privacy_control_cases: int = 2
     privacy_control_decoder_steps: int = 60
     privacy_control_steps: int = 600
@@ -255,7 +259,7 @@ def _gate_worker(artifact: str, site_dir: str, members: list[str], holdout: list
 
 
 def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: int | None, guidance: float | None,
-                   label: str, filter_cfg: tuple[bool, float, str] | None, threads: int) -> dict:
+                   label: str, filter_cfg: tuple[bool, float, str] | None, threads: int, refine: bool = True) -> dict:
     """Runs at the server: synthesize from one artifact, then the diversity filter on its cases."""
     from synthlearn.runtime import configure_threads
     from synthlearn.generators.ldm.sample import synthesize
@@ -265,7 +269,8 @@ def _server_worker(artifact: str, out: str, per_class: int, seed: int, steps: in
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     if not (Path(out) / "synthesis.json").is_file():
-        synthesize(Path(artifact), per_class, Path(out), seed=seed, steps=steps, guidance=guidance, progress=False)
+        synthesize(Path(artifact), per_class, Path(out), seed=seed, steps=steps, guidance=guidance, refine=refine,
+                   progress=False)
     t1 = time.perf_counter()
     if filter_cfg is not None and not (Path(out) / "diversity.json").is_file():
         _, percentile, threshold_from = filter_cfg
@@ -594,7 +599,8 @@ def run(ctx: ArmContext) -> ArmOutput:
         jobs = {name: (str(sites[name].path), gcfg, str(artifacts[name]), seed, members[name], cfg.threads_per_site)
                 for name in todo}
         learned_ae = gcfg.autoencoder.kind != "space_to_depth"  # a space-to-depth stage 1 has nothing to train
-        stage_epochs = gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
+        stage_epochs = (gcfg.autoencoder.epochs * learned_ae + gcfg.superres.epochs + gcfg.diffusion.epochs
+                        + gcfg.refiner.epochs)
         walls = _run_jobs(jobs, _site_worker, cfg, "site generators", ctx.progress, epochs_per_job=stage_epochs)
         if cfg.gate_on:  # before anything leaves a site: every artifact without a released decision is gated
             jobs = {name: (str(artifacts[name]), str(sites[name].path), members[name], holdout[name], cfg, seed,
@@ -621,7 +627,7 @@ def run(ctx: ArmContext) -> ArmOutput:
     syn_dirs = {name: arm_dir / "synthetic" / name for name in sites}
     filter_cfg = (True, cfg.diversity_percentile, cfg.diversity_threshold_from) if cfg.diversity_filter else None
     jobs = {name: (str(artifacts[name]), str(syn_dirs[name]), cfg.per_class, derive_seed(seed, "synthesize", name),
-                   cfg.steps, cfg.guidance, label, filter_cfg, cfg.threads_per_site)
+                   cfg.steps, cfg.guidance, label, filter_cfg, cfg.threads_per_site, cfg.refiner)
             for name in sites if not ((syn_dirs[name] / "synthesis.json").is_file()
                                       and (filter_cfg is None or (syn_dirs[name] / "diversity.json").is_file()))}
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from synthlearn.models.autoencoder import (
     working_shape,
 )
 from synthlearn.models.diffusion import DiffusionConfig
+from synthlearn.models.refiner import RefinerConfig
 from synthlearn.models.superres import SuperResConfig
 from synthlearn.generators.ldm.dp import PrivacyConfig
 
@@ -28,7 +29,7 @@ from synthlearn.generators.ldm.dp import PrivacyConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("autoencoder", "superres", "diffusion")
+STAGES = ("autoencoder", "superres", "diffusion", "refiner")
 CONDITION_LABELS = ("idh", "tumor_type")
 
 
@@ -91,7 +92,9 @@ class GeneratorConfig:
         shape: case grid ``(X, Y, Z)`` (cases are cropped to the brain and fitted to it).
         fit_mode: :class:`synthlearn.data.preprocess.PreprocessConfig` ``mode``.
         latent_shape: spatial shape of the latent (paper: 16x32x32 for 128x192x192).
-        autoencoder, superres, diffusion: the three stages.
+        autoencoder, superres, diffusion: the three stages of the paper.
+        refiner: an optional fourth, a class-conditional pixel-space diffusion refiner of the decoded tumour's crop
+            (:mod:`synthlearn.models.refiner`; ``refiner.epochs = 0``, the default, leaves it out).
         sampling: defaults for synthesis.
         privacy: DP-SGD for the autoencoder and the diffusion model (:mod:`synthlearn.generators.ldm.dp`).
         augment_flip: random left-right flips (the brain is roughly symmetric; paper: augmentation).
@@ -116,6 +119,7 @@ class GeneratorConfig:
     autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
     superres: SuperResConfig = dataclasses.field(default_factory=SuperResConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    refiner: RefinerConfig = dataclasses.field(default_factory=RefinerConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     augment_flip: bool = True
@@ -163,6 +167,8 @@ class GeneratorConfig:
         if any(s % f_dm for s in self.latent_shape):
             raise ValueError(f"latent_shape {self.latent_shape} must be divisible by 2**(len(diffusion.channels)-1) "
                              f"= {f_dm}")
+        if self.refiner.epochs and any(c > s for c, s in zip(self.refiner.crop, self.shape)):
+            raise ValueError(f"refiner.crop {list(self.refiner.crop)} must fit in shape {list(self.shape)}")
         if not 0.0 <= self.tumour_patch_fraction <= 1.0:
             raise ValueError(f"tumour_patch_fraction must be in [0, 1], found {self.tumour_patch_fraction}")
         if self.grad_clip < 0:
@@ -179,6 +185,8 @@ class GeneratorConfig:
                                "cases)")
             if self.superres.epochs:
                 refused.append(f"superres.epochs = {self.superres.epochs} (stage 2 has no DP-SGD yet; set 0)")
+            if self.refiner.epochs:
+                refused.append(f"refiner.epochs = {self.refiner.epochs} (the refiner has no DP-SGD yet; set 0)")
             if refused:
                 raise ValueError("privacy.dp_sgd = true refuses " + "; ".join(refused))
 

@@ -136,6 +136,8 @@ def train_memorising_generator(artifact_dir: str | Path, site_dir: str | Path, c
     weights = {"autoencoder.safetensors": gen.autoencoder.ae.state_dict(),
                "superres.safetensors": gen.superres.state_dict(),
                "diffusion.safetensors": gen.diffusion.state_dict()}
+    if gen.refiner is not None:  # shipped as it is: the control memorises through the decoder and the diffusion UNet
+        weights["refiner.safetensors"] = gen.refiner.state_dict()
     write_artifact(out, weights=weights, manifest=control_manifest, replace=True)
     log.info("memorising control: %d cases, %d steps, final mse %.4g -> %s (%.1f s)", n,
              control_manifest["positive_control"]["steps"], control_manifest["positive_control"]["final_mse"] or 0,

@@ -44,6 +44,7 @@ from synthlearn.generators.ldm.config import GeneratorConfig
 from synthlearn.generators.ldm.stages import latent_norm_tensors
 from synthlearn.models.autoencoder import GeneratorAutoencoder
 from synthlearn.models.diffusion import ClassConditionedUNet, DiffusionConfig, build_scheduler
+from synthlearn.models.refiner import TumourRefiner
 from synthlearn.models.superres import SuperResolution
 from synthlearn.runinfo import file_sha256
 from synthlearn.synthesis.cases import SYNTHETIC_TUMOUR_LABEL, centred_affine, postprocess_sample
@@ -172,14 +173,16 @@ class LoadedGenerator:
         autoencoder: :class:`synthlearn.models.autoencoder.GeneratorAutoencoder`.
         superres: :class:`synthlearn.models.superres.SuperResolution`.
         diffusion: :class:`synthlearn.models.diffusion.ClassConditionedUNet`.
+        refiner: :class:`synthlearn.models.refiner.TumourRefiner`, or None (no fourth stage).
     """
 
-    def __init__(self, cfg, manifest: dict[str, Any], autoencoder, superres, diffusion):
+    def __init__(self, cfg, manifest: dict[str, Any], autoencoder, superres, diffusion, refiner=None):
         self.cfg = cfg
         self.manifest = manifest
         self.autoencoder = autoencoder
         self.superres = superres
         self.diffusion = diffusion
+        self.refiner = refiner
 
     @property
     def class_names(self) -> list[str]:
@@ -196,6 +199,16 @@ class LoadedGenerator:
         """``(B, latent_channels, *latent_shape)`` at the autoencoder's scale -> ``(B, 5, *shape)``; ``classes``
         ``(B,)`` (the conditioned class of each latent) is needed when the decoder is class-conditional."""
         return self.superres(self.autoencoder.decode(latents, classes))
+
+    @torch.no_grad()
+    def refine(self, decoded: torch.Tensor, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Decoded cases ``(B, C, *shape)`` with the refiner's tumour crops (:func:`synthlearn.generators.ldm.refine.
+        refine_cases`; ``classes`` ``(B,)``, the noise from ``generator``); unchanged without a refiner."""
+        if self.refiner is None:
+            return decoded
+        from synthlearn.generators.ldm.refine import refine_cases
+
+        return refine_cases(self.refiner, self.cfg.refiner, decoded, classes, generator)
 
 
 def _finite_positive(value: Any) -> bool:
@@ -274,29 +287,34 @@ def load_generator(artifact_dir: str | Path, device: str | torch.device = "cpu")
     ae = GeneratorAutoencoder(cfg.autoencoder, cfg.shape, cfg.latent_shape, len(cfg.class_names), cfg.channels)
     sr = SuperResolution(cfg.superres, cfg.shape, cfg.channels)
     dm = ClassConditionedUNet(cfg.diffusion, cfg.autoencoder.latent_channels, len(cfg.class_names))
-    for module, name in ((ae.ae, "autoencoder.safetensors"), (sr, "superres.safetensors"),
-                         (dm, "diffusion.safetensors")):
+    modules = [(ae.ae, "autoencoder.safetensors"), (sr, "superres.safetensors"), (dm, "diffusion.safetensors")]
+    refiner = None
+    if cfg.refiner.epochs:
+        refiner = TumourRefiner(cfg.refiner, cfg.channels, len(cfg.class_names))
+        modules.append((refiner, "refiner.safetensors"))
+    for module, name in modules:
         state = load_weights(root, name)
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ArtifactError(f"{root / name}: weights do not fit the network of the manifest's config "
                                 f"({str(exc).splitlines()[0]})") from exc
-    for module in (ae, sr, dm):
+    for module in (ae, sr, dm) + ((refiner,) if refiner is not None else ()):
         module.to(device).eval()
-    return LoadedGenerator(cfg, manifest, ae, sr, dm)
+    return LoadedGenerator(cfg, manifest, ae, sr, dm, refiner)
 
 
 def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int | None = None,
                guidance: float | None = None, guidance_interval: Sequence[float] | None = None,
-               scheduler: str | None = None, batch_size: int | None = None,
+               scheduler: str | None = None, batch_size: int | None = None, refine: bool = True,
                device: str = "cpu", progress: bool = True):
     """Generate ``per_class`` cases of every class the site trained on and write them as a contract site.
 
     Runs at the server. The artifact is verified first (:func:`synthlearn.generators.artifact.verify_artifact`:
     a tampered or incomplete artifact is refused). For class ``c`` the latents come from the DDIM/DDPM loop of
     :func:`sample_latents` with a ``torch.Generator`` seeded from
-    ``(seed, "synthesize", c)``, are decoded (decoder + stage-2 module) and made into cases by
+    ``(seed, "synthesize", c)``, are decoded (decoder + stage-2 module; with a refiner, its tumour crops are drawn
+    from the same generator, :meth:`LoadedGenerator.refine`) and made into cases by
     :func:`postprocess_sample`; a sample whose largest tumour component is smaller than
     ``sampling.min_tumour_voxels`` is drawn again (at most ``max_draws_per_case`` draws per case; a shortfall
     is logged and recorded). Classes with no training case at the site are skipped (logged).
@@ -313,6 +331,8 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
         seed: same seed, same cases.
         steps, guidance, guidance_interval, scheduler, batch_size: override the artifact's ``sampling``
             defaults.
+        refine: apply the artifact's refiner stage when it has one (False: the decoded cases as they are, to
+            see what the refiner adds; ``synthesis.json`` records which).
         device: torch device for sampling.
         progress: tqdm bar over cases.
 
@@ -381,7 +401,10 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
                     scale_factor=latent_scale, shift=latent_shift, num_inference_steps=steps,
                     guidance_scale=guidance, scheduler=scheduler, eta=sampling.eta,
                     guidance_interval=interval)  # type: ignore[arg-type]
-                decoded = gen_model.decode(latents, labels).float().cpu().numpy()
+                decoded = gen_model.decode(latents, labels).float()
+                if refine:
+                    decoded = gen_model.refine(decoded, labels, generator)
+                decoded = decoded.cpu().numpy()
                 draws += b
                 for sample in decoded:
                     case = postprocess_sample(sample, mask_threshold=sampling.mask_threshold,
@@ -412,6 +435,9 @@ def synthesize(artifact_dir, per_class: int, out, seed: int = 0, *, steps: int |
             "artifact_manifest_sha256": file_sha256(Path(artifact_dir) / MANIFEST),
             "label": cfg.label, "per_class": per_class, "seed": seed, "scheduler": scheduler, "steps": steps,
             "guidance_scale": guidance, "guidance_interval": list(interval), "eta": sampling.eta,
+            "refiner": ({"applied": True, "steps": cfg.refiner.steps, "crop": list(cfg.refiner.crop),
+                         "sample_level": cfg.refiner.sample_level} if refine and gen_model.refiner is not None
+                        else {"applied": False}),
             "mask_threshold": sampling.mask_threshold, "brain_threshold": sampling.brain_threshold,
             "brain_from": "brain mask channel > 0.5" if cfg.background == "filled" else "mean of the sequences > "
                           "brain_threshold",

@@ -39,6 +39,7 @@ from synthlearn.models.autoencoder import (
     make_perceptual_loss,
 )
 from synthlearn.models.diffusion import ClassConditionedUNet
+from synthlearn.models.refiner import TumourRefiner
 from synthlearn.models.superres import SuperResolution
 from synthlearn.training.seeding import torch_generator
 
@@ -113,7 +114,8 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
             site process reports its progress with it).
 
     Returns:
-        ``out``, holding ``manifest.json``, three ``.safetensors`` files and ``loss_curves.png``.
+        ``out``, holding ``manifest.json``, three ``.safetensors`` files (four with a refiner) and
+        ``loss_curves.png``.
 
     Raises:
         FileNotFoundError / ValueError: bad site data, config or ``out`` (nothing is written).
@@ -172,6 +174,23 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
         dm, mu, sigma, classes, (torch.tensor(norm["latent_shift"]), torch.tensor(norm["latent_scale"])), cfg, rt,
         seed=seed, ckpt=ckpt_dir / "diffusion.pt", progress=progress, tumour=tumour, on_epoch=on_epoch,
         dp_reports=dp_reports)
+    refiner = None
+    if cfg.refiner.epochs:  # the fourth stage: on the main process only (small; its pairs need the whole site)
+        with torch.random.fork_rng():  # its initial weights from the seed, whatever the stages before drew
+            torch.manual_seed(seed)
+            refiner = TumourRefiner(cfg.refiner, cfg.channels, len(names))
+        if rt.is_main:
+            from synthlearn.generators.ldm.refine import reconstruction_pairs, train_refiner
+
+            ae.eval()
+            sr.eval()
+            real, decoded, pair_classes = reconstruction_pairs(
+                lambda v: ae.encode(v.to(rt.device))[0], lambda z, c: sr(ae.decode(z, c.to(rt.device))),
+                data.x, data.class_index, cfg.augment_flip)
+            refiner.to(rt.device)
+            histories["refiner"] = train_refiner(refiner, real, decoded, pair_classes, cfg.refiner, seed=seed,
+                                                 ckpt=ckpt_dir / "refiner.pt", device=rt.device, progress=progress,
+                                                 on_epoch=on_epoch)
     if not rt.is_main:
         rt.barrier()
         return out
@@ -222,6 +241,8 @@ def train_generator(site_dir: Path, cfg: GeneratorConfig, out: Path, seed: int =
         "superres.safetensors": sr.state_dict(),
         "diffusion.safetensors": ema if ema is not None else dm.state_dict(),
     }
+    if refiner is not None:
+        weights["refiner.safetensors"] = refiner.state_dict()
     write_artifact(out, weights=weights, manifest=manifest, files={"loss_curves.png": figure}, replace=True)
     log.info("generator artifact written to %s (%.1f s)", out, time.perf_counter() - t0)
     rt.barrier()
