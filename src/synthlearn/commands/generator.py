@@ -62,9 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-generator", help="train a site's CATphishing generator (autoencoder, stage 2, diffusion)",
         description="Runs at a site, on that site's data only: trains the autoencoder (4 sequences + whole-tumour "
-                    "mask), the super-resolution stage and the class-conditional latent diffusion model (and, when the config "
-                    "asks, the tumour refiner), then "
-                    "writes the artifact the site ships once (safetensors weights, manifest.json with the SHA-256 "
+                    "mask), the super-resolution stage and the class-conditional latent diffusion model (and, when "
+                    "the config asks, the tumour refiner), then writes the artifact the site ships once (safetensors weights, manifest.json with the SHA-256 "
                     "of every file, loss curves). A killed run resumes when started again with the same "
                     "arguments.")
     p.add_argument("--site", required=True, help="the site folder (case folders + labels.csv)")
