@@ -113,13 +113,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--study", type=Path, required=True, help="the real study (its test sites)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    ap.add_argument("--kinds", default="plain,refined,noise", help="which sets to train on, in this order")
     args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - {"plain", "refined", "noise"}:
+        raise SystemExit(f"--kinds: expected a subset of plain,refined,noise, found {args.kinds!r}")
     for run in (args.refined, args.plain):
         if not (run / "catphishing" / "synthetic").is_dir():
             raise SystemExit(f"{run}: expected a study run with a catphishing arm's synthetic sites, found none")
     studies = build(args.refined, args.plain, args.out, args.study, args.seed)
     rows = []
-    for kind, root in studies.items():
+    for kind in kinds:
+        root = studies[kind]
         run_dir = args.out / "runs" / kind
         if not (run_dir / "results.json").is_file():
             subprocess.run([sys.executable, "-m", "synthlearn.cli", "study", "run", "--config", str(args.config),
