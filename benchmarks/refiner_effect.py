@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cases", type=int, default=3, help="cases per class in the figure")
     args = ap.parse_args(argv)
+    if args.cases < 1:
+        raise SystemExit(f"--cases: expected at least 1 case per class in the figure, found {args.cases}")
 
     refined, plain = _syn_sites(args.refined), _syn_sites(args.plain)
     if set(refined) != set(plain):

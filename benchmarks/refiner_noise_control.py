@@ -38,11 +38,13 @@ SEQUENCES = ("t1", "t1c", "t2", "flair")
 
 
 def _kept(site: Path) -> list[str]:
+    """The site's case ids in labels.csv order, those its diversity filter kept when it ran."""
+    from synthlearn.synthesis.diversity import REPORT_NAME, read_kept_case_ids
+
     lines = (site / "labels.csv").read_text().splitlines()
     ids = [ln.split(",")[0] for ln in lines[1:] if ln.strip()]
-    div = site / "diversity.json"
-    if div.is_file():
-        keep = set(json.loads(div.read_text())["kept_case_ids"])
+    if (site / REPORT_NAME).is_file():
+        keep = set(read_kept_case_ids(site))
         ids = [i for i in ids if i in keep]
     return ids
 

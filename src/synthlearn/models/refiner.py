@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: index of the whole-tumour mask channel in a generator tensor (after the four sequences)
-_MASK = 4
+from synthlearn.models.autoencoder import MASK_CHANNEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +159,7 @@ def tumour_corners(cases: torch.Tensor, crop: tuple[int, int, int], jitter: int 
     size = torch.tensor(crop)
     if (size > shape).any():
         raise ValueError(f"refiner.crop {list(crop)} is larger than the case grid {list(cases.shape[-3:])}")
-    mask = cases[:, _MASK].detach().float().cpu()
+    mask = cases[:, MASK_CHANNEL].detach().float().cpu()
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in cases.shape[-3:]], indexing="ij")
     corners = []
     for m in mask:
