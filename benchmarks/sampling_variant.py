@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: exists; give a new run folder", file=sys.stderr)
         return 2
     settings = parse_settings(args.settings)
+    if args.reuse_synthetic and settings:
+        print("--reuse-synthetic keeps the source's draws, so --set would change nothing they hold; give one or the "
+              "other", file=sys.stderr)
+        return 2
     for site in sites:
         config = verify_artifact(src / "artifacts" / site)["config"]
         for section, values in settings.items():
