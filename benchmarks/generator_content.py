@@ -30,12 +30,15 @@ GUIDANCE = (("samples, artifact's guidance", None, None), ("samples, guidance 1"
 
 
 def contrast_rows(x, classes, class_names: list[str], tag: str) -> list[str]:
-    """``x`` ``(N, >=5, *shape)`` generator-scale cases (channel 4 the tumour mask), ``classes`` ``(N,)``: one line per
-    class with the tumour-minus-brain mean per sequence, the mean tumour volume and the brain's SD per sequence."""
+    """``x`` ``(N, >=5, *shape)`` generator-scale cases (the tumour mask in channel ``MASK_CHANNEL``), ``classes``
+    ``(N,)``: one line per class with the tumour-minus-brain mean per sequence, the mean tumour volume and the
+    brain's SD per sequence."""
     import torch
 
+    from synthlearn.models.autoencoder import MASK_CHANNEL
+
     x = x.float()
-    tumour = x[:, 4] > 0.5
+    tumour = x[:, MASK_CHANNEL] > 0.5
     brain = (x[:, :4].mean(1) > 0.1) & ~tumour
     lines = []
     for c, name in enumerate(class_names):
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     from synthlearn.generators.ldm.data import load_site_tensors, open_site
+    from synthlearn.generators.ldm.refine import reconstruction_pairs
     from synthlearn.generators.ldm.sample import load_generator, sample_latents
 
     gen = load_generator(args.artifact)
@@ -83,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_site_tensors(open_site(args.site, cfg, members), cfg)
     for line in contrast_rows(data.x, data.class_index, names, "real members"):
         print(line, flush=True)
-    with torch.no_grad():
-        recon = torch.cat([gen.decode(gen.autoencoder.encode(data.x[i:i + 4])[0], data.class_index[i:i + 4])
-                           for i in range(0, len(data.x), 4)])
+    _, recon, _ = reconstruction_pairs(lambda v: gen.autoencoder.encode(v)[0], gen.decode, data.x, data.class_index,
+                                       flips=False)
     for line in contrast_rows(recon, data.class_index, names, "reconstructions"):
         print(line, flush=True)
     shift, scale = gen.latent_norm
