@@ -61,6 +61,13 @@ def coerce(current, value: str):
     return value
 
 
+def compand_inverse(z, s: float, spread: float):
+    """Undo the probe's companding: ``s * sinh(z * spread / s)``."""
+    import torch
+
+    return s * torch.sinh(z * spread / s)
+
+
 def class_gap(x, classes, n_classes: int):
     """Per class and sequence: the mean tumour-minus-brain contrast ``(n_classes, 4)`` (NaN where no case)."""
     import torch
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                          "default: the artifact's)")
     ap.add_argument("--swap", action="store_true", help="SDEdit also with the other class asked (2 classes)")
     ap.add_argument("--seed", type=int, default=7, help="sampling seed")
+    ap.add_argument("--train-seed", type=int, default=None, help="seed of the retrained variants (default: the "
+                                                                   "artifact's)")
     args = ap.parse_args(argv)
     for path in (args.artifact, args.site):
         if not path.exists():
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = load_generator(args.artifact)
     cfg = gen.cfg
     names = list(cfg.class_names)
-    known = {f.name for f in dataclasses.fields(cfg.diffusion)}
+    known = {f.name for f in dataclasses.fields(cfg.diffusion)} | {"compand"}
     try:
         variants = [parse_variant(v, known) for v in (args.variant or ["artifact"])]
     except ValueError as exc:
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             extra[key] = (int(value) if key == "steps" else
                           tuple(float(v) for v in value.split("-")) if key == "guidance_interval" else float(value))
         samplings.append(extra)
-    seed = int(gen.manifest["seed"])
+    seed = int(gen.manifest["seed"]) if args.train_seed is None else args.train_seed
     data = load_site_tensors(open_site(args.site, cfg, None), cfg)
     real_gap = class_gap(data.x, data.class_index, len(names))
     for line in contrast_rows(data.x, data.class_index, names, "real cases"):
@@ -190,18 +199,33 @@ def main(argv: list[str] | None = None) -> int:
         if name == "artifact":
             model, dcfg, norm = gen.diffusion, cfg.diffusion, (shift, scale)
         else:
+            compand = float(settings.get("compand", 0.0))
             dcfg = dataclasses.replace(cfg.diffusion, **{k: coerce(getattr(cfg.diffusion, k), v)
-                                                         for k, v in settings.items()})
+                                                         for k, v in settings.items() if k != "compand"})
             vcfg = dataclasses.replace(cfg, diffusion=dcfg, device="cpu")
             norm = (shift, scale)
             if dcfg.latent_scaling != cfg.diffusion.latent_scaling:  # the variant's own normalisation, as training
                 got = latent_normalisation(mu, sigma, torch_generator(seed, "latent-scale"), dcfg.latent_scaling)
                 norm = (torch.tensor(got["latent_shift"]), torch.tensor(got["latent_scale"]))
+            train_mu, train_sigma, train_norm = mu, sigma, norm
+            if compand:  # probe only: the model sees s * asinh(z / s) of the normalised latents, re-standardised,
+                # so that the tumour's outliers (10-20 SD) come within a few SD; sampling inverts it
+                sh0 = norm[0].view(1, -1, 1, 1, 1)
+                sc0 = norm[1].view(1, -1, 1, 1, 1) if norm[1].numel() > 1 else norm[1]
+                zn = (mu - sh0) * sc0
+                zc = compand * torch.asinh(zn / compand)
+                spread = float(zc.std())
+                train_mu = zc / spread
+                train_sigma = sigma * sc0 / torch.sqrt(1 + (zn / compand) ** 2) / spread
+                train_norm = (torch.zeros(mu.shape[1]), torch.ones(mu.shape[1]))
+
+                def expand(z, sh0=sh0, sc0=sc0, spread=spread, s=compand):
+                    return compand_inverse(z, s, spread) / sc0 + sh0
             torch.manual_seed(seed)
             model = ClassConditionedUNet(dcfg, cfg.autoencoder.latent_channels, len(names))
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                history, ema = _train_diffusion(model, mu, sigma, classes, norm, vcfg, rt, seed=seed,
+                history, ema = _train_diffusion(model, train_mu, train_sigma, classes, train_norm, vcfg, rt, seed=seed,
                                                 ckpt=Path(tmp) / "diffusion.pt", progress=False, tumour=tumour)
             if ema is not None:
                 model.load_state_dict(ema)
@@ -209,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{history['mse'][-1]:.4f}", flush=True)
         model.eval()
         vshift, vscale = norm
+        if name != "artifact" and compand:
+            vshift, vscale = train_norm
         for extra in samplings:
             opts = {"steps": cfg.sampling.steps, "guidance_scale": cfg.sampling.guidance_scale,
                     "guidance_interval": tuple(cfg.sampling.guidance_interval), "eta": 0.0, **extra}
@@ -221,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                                               guidance_scale=opts["guidance_scale"], eta=opts["eta"],
                                               guidance_interval=opts["guidance_interval"])
                                for i in range(0, len(labels), 16)])
+                if name != "artifact" and compand:
+                    z = expand(z)
                 decoded = gen.decode(z, labels)
             report(f"{name}: samples {extra or ''} ({time.perf_counter() - t0:.0f} s)", decoded, labels)
             latent_rows("  their latents", z, decoded, labels)
-        for frac in fracs:  # SDEdit: the site's own latents noised to frac of the schedule, then denoised
+        sdedit = [] if name != "artifact" and compand else fracs  # (companded variants: samples only)
+        for frac in sdedit:  # SDEdit: the site's own latents noised to frac of the schedule, then denoised
             sched = build_scheduler(dcfg, "ddim")
             sched.set_timesteps(cfg.sampling.steps)
             steps = [int(t) for t in sched.timesteps if int(t) <= frac * dcfg.num_train_timesteps]
