@@ -1,19 +1,23 @@
 """Which diffusion-stage setting keeps the tumour's class contrast: the diffusion model alone, on one autoencoder.
 
 Section 33 of docs/benchmarks.md found the class (the mutant tumour's T1/T1c darkness) kept by the demo
-generator's autoencoder and lost in its diffusion samples. This probe isolates that stage: it takes a finished
-artifact's autoencoder (frozen), encodes the site's cases exactly as training does (posterior means and sigmas,
-mirror images, the artifact's latent normalisation and tumour map), trains the diffusion model again under each
-``--variant`` (``name:key=value;key=value`` of ``[diffusion]``, or ``artifact`` for the shipped weights, untrained)
-from the artifact's seed, and prints for each the tumour-minus-brain contrast per class and sequence of decoded
-samples (``generator_content.contrast_rows``), their class gap (mutant minus wildtype) and the share of the real
-gap it keeps. With ``--sdedit``, it also noises the site's own latents to those fractions of the schedule and lets
-the model bring them back (SDEdit): the noise level at which the class goes is where the model fails.
+generator's autoencoder and lost in its diffusion samples; section 34 holds what this probe measured. It takes a
+finished artifact's autoencoder (frozen), encodes the site's cases exactly as training does (posterior means and
+sigmas, mirror images, the artifact's latent normalisation and tumour map), trains the diffusion model again under
+each ``--variant`` (``name:key=value;key=value`` of ``[diffusion]``, or ``artifact`` for the artifact's own weights,
+untrained) from the artifact's seed (``--train-seed`` for another), draws 2 x ``--per-class`` samples with each
+``--sample`` setting and prints, per class and sequence, the tumour-minus-brain contrast of the decoded samples
+(``generator_content.contrast_rows``), their class gap (last class minus first: mutant minus wildtype) beside the
+real cases' and the reconstructions', and the latents' tumour signature (per channel, the tumour's latent positions
+minus the rest, and how many positions). ``--sdedit`` also noises the site's own latents to those fractions of the
+schedule and lets the model bring them back (``--swap``: asking for the other class), and reports the decoder's
+tolerance of jittered latents. ``compand=s`` (probe only, not a package setting) trains on ``s * asinh(z / s)`` of
+the normalised latents and inverts it after sampling.
 
-Run (one core; a variant of the demo's diffusion model trains in ~3-5 minutes)::
+Run (one core; a variant of the demo's diffusion model trains in ~5 minutes, sampling ~1 minute a setting)::
 
     PYTHONPATH=src python benchmarks/diffusion_stage.py --artifact <artifact> --site data/phantom/tcga \\
-        --variant artifact --variant "ema:ema_decay=0.995" --per-class 32
+        --variant artifact --variant "ema:ema_decay=0.995" --variant "c2:compand=2" --per-class 32
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seed", type=int, default=None, help="seed of the retrained variants (default: the "
                                                                    "artifact's)")
     args = ap.parse_args(argv)
+    if args.per_class < 1:
+        print("--per-class must be >= 1", file=sys.stderr)
+        return 2
     for path in (args.artifact, args.site):
         if not path.exists():
             print(f"{path}: not found", file=sys.stderr)
