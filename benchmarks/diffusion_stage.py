@@ -143,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--sample {text!r}: {key!r} is not steps, eta, guidance_scale or guidance_interval",
                       file=sys.stderr)
                 return 2
-            extra[key] = (int(value) if key == "steps" else
-                          tuple(float(v) for v in value.split("-")) if key == "guidance_interval" else float(value))
+            try:
+                extra[key] = (int(value) if key == "steps" else tuple(float(v) for v in value.split("-"))
+                              if key == "guidance_interval" else float(value))
+            except ValueError:
+                print(f"--sample {text!r}: {key} = {value!r} is not a number (guidance_interval: lo-hi)",
+                      file=sys.stderr)
+                return 2
         samplings.append(extra)
     seed = int(gen.manifest["seed"]) if args.train_seed is None else args.train_seed
     data = load_site_tensors(open_site(args.site, cfg, None), cfg)
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 report(f"decoded posterior means + {share:g} SD", gen.decode(mu[:n] + jitter, data.class_index),
                        data.class_index)
+
     def latent_rows(tag: str, lat, cases, cls) -> None:
         """Per channel: the latents' SD, and per class the tumour positions' mean minus the rest's (the tumour is
         where the case's mask, average-pooled to the latent grid, exceeds 0.5) and the tumour's latent positions."""
