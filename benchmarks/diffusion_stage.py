@@ -72,24 +72,6 @@ def compand_inverse(z, s: float, spread: float):
     return s * torch.sinh(z * spread / s)
 
 
-def class_gap(x, classes, n_classes: int):
-    """Per class and sequence: the mean tumour-minus-brain contrast ``(n_classes, 4)`` (NaN where no case)."""
-    import torch
-
-    from synthlearn.models.autoencoder import MASK_CHANNEL
-
-    x = x.float()
-    tumour = x[:, MASK_CHANNEL] > 0.5
-    brain = (x[:, :4].mean(1) > 0.1) & ~tumour
-    out = torch.full((n_classes, 4), float("nan"))
-    for c in range(n_classes):
-        idx = [int(i) for i in torch.nonzero(classes == c).flatten() if tumour[i].any() and brain[i].any()]
-        if idx:
-            out[c] = torch.tensor([[(x[i, s][tumour[i]].mean() - x[i, s][brain[i]].mean()).item() for s in range(4)]
-                                   for i in idx]).mean(0)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", required=True, type=Path)
@@ -117,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    from generator_content import SEQUENCES, contrast_rows
+    from generator_content import SEQUENCES, class_contrasts as class_gap, contrast_rows
     from synthlearn.generators.ldm.data import load_site_tensors, open_site
     from synthlearn.generators.ldm.sample import guided_noise, load_generator, sample_latents
     from synthlearn.generators.ldm.stages import (_train_diffusion, encode_site, latent_normalisation,

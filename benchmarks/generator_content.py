@@ -29,10 +29,10 @@ GUIDANCE = (("samples, artifact's guidance", None, None), ("samples, guidance 1"
             ("samples, guidance 3 throughout", 3.0, (0.0, 1.0)), ("samples, guidance 5 throughout", 5.0, (0.0, 1.0)))
 
 
-def contrast_rows(x, classes, class_names: list[str], tag: str) -> list[str]:
+def class_contrasts(x, classes, n_classes: int):
     """``x`` ``(N, >=5, *shape)`` generator-scale cases (the tumour mask in channel ``MASK_CHANNEL``), ``classes``
-    ``(N,)``: one line per class with the tumour-minus-brain mean per sequence, the mean tumour volume and the
-    brain's SD per sequence."""
+    ``(N,)``: ``(n_classes, 4)``, per class the mean over its cases of the tumour's mean minus the rest of the
+    brain's per sequence (NaN for a class with no case holding both)."""
     import torch
 
     from synthlearn.models.autoencoder import MASK_CHANNEL
@@ -40,17 +40,36 @@ def contrast_rows(x, classes, class_names: list[str], tag: str) -> list[str]:
     x = x.float()
     tumour = x[:, MASK_CHANNEL] > 0.5
     brain = (x[:, :4].mean(1) > 0.1) & ~tumour
+    out = torch.full((n_classes, 4), float("nan"))
+    for c in range(n_classes):
+        idx = [int(i) for i in torch.nonzero(classes == c).flatten() if tumour[i].any() and brain[i].any()]
+        if idx:
+            out[c] = torch.tensor([[(x[i, s][tumour[i]].mean() - x[i, s][brain[i]].mean()).item() for s in range(4)]
+                                   for i in idx]).mean(0)
+    return out
+
+
+def contrast_rows(x, classes, class_names: list[str], tag: str) -> list[str]:
+    """One line per class of ``x`` ``(N, >=5, *shape)`` / ``classes`` ``(N,)``: the tumour-minus-brain mean per
+    sequence (:func:`class_contrasts`), the mean tumour volume and the brain's SD per sequence."""
+    import torch
+
+    from synthlearn.models.autoencoder import MASK_CHANNEL
+
+    x = x.float()
+    tumour = x[:, MASK_CHANNEL] > 0.5
+    brain = (x[:, :4].mean(1) > 0.1) & ~tumour
+    contrasts = class_contrasts(x, classes, len(class_names))
     lines = []
     for c, name in enumerate(class_names):
         idx = [int(i) for i in torch.nonzero(classes == c).flatten() if tumour[i].any() and brain[i].any()]
         if not idx:
             lines.append(f"{tag:34s} {name:9s} (no case with a tumour)")
             continue
-        diff = torch.tensor([[(x[i, s][tumour[i]].mean() - x[i, s][brain[i]].mean()).item() for s in range(4)]
-                             for i in idx]).mean(0)
         sd = torch.stack([x[i, :4][:, brain[i]].std(1) for i in idx]).mean(0)
         vol = float(tumour[idx].flatten(1).sum(1).float().mean())
-        lines.append(f"{tag:34s} {name:9s} " + " ".join(f"{s} {d:+.3f}" for s, d in zip(SEQUENCES, diff.tolist()))
+        diff = contrasts[c].tolist()
+        lines.append(f"{tag:34s} {name:9s} " + " ".join(f"{s} {d:+.3f}" for s, d in zip(SEQUENCES, diff))
                      + f"  volume {vol:5.0f}  brain SD " + " ".join(f"{v:.3f}" for v in sd.tolist()))
     return lines
 
